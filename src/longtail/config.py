@@ -1,0 +1,315 @@
+"""Run configuration: nested dataclasses, YAML loading, dotted overrides, strict validation.
+
+A config is YAML with the sections below; every key is optional and falls back to the
+LDAM-DRW CIFAR recipe. `load_config(path, ["train.lr=0.05"])` returns a validated
+`RunConfig`; an unknown key, a wrong type or an invalid value raises `ConfigError` naming
+the key. Component parameters (`loss.params`, `sampler.params`, `model.params`,
+`method.params`) are checked by the registry when the component is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, did_you_mean
+
+PROFILES = ("exp", "step", "pareto", "none")
+SOURCES = ("cifar10", "cifar100", "imagefolder", "idx", "split_list", "digits", "arrays")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how the long tail is made."""
+
+    source: str = "cifar10"
+    root: str | None = None  # folder, archive (.tar/.tar.gz) or file, depending on source
+    profile: str = "exp"  # exp | step | pareto | none (use the source's counts as they are)
+    imbalance_ratio: float = 100.0  # n_max / n_min, >= 1
+    max_count: int | None = None  # n_max; None: the head class's available count
+    pareto_shape: float = 0.9  # shape a of the pareto profile (docs/data.md)
+    step_fraction: float = 0.5  # fraction of classes that keep n_max in the step profile
+    class_order: list | None = None  # head-to-tail order (class indices or names)
+    seed: int = 0  # seed of the long-tail subsampling and the splits
+    val_per_class: int = 0  # balanced validation split, k images per class (0: none)
+    test_per_class: int = 50  # digits / arrays without a test split: balanced test, k per class
+    image_size: int | None = None  # resize decoded images to a square of this side
+    cache_dir: str | None = None  # prepared store; default $LONGTAIL_CACHE or ~/.cache/longtail
+    train_list: str | None = None  # split_list: "relative/path label" per line
+    val_list: str | None = None
+    test_list: str | None = None
+    mean: list | None = None  # normalisation; None: the source's default or the train mean
+    std: list | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet32"
+    head: str = "linear"  # linear | cosine
+    params: dict = field(default_factory=dict)
+    weights: str | None = None  # a state_dict file to start from (e.g. torchvision weights)
+
+
+@dataclass
+class ComponentConfig:
+    name: str = ""
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReweightConfig:
+    """Per-class loss weights switched on at `start_epoch` (0: RW, later: DRW)."""
+
+    scheme: str = "none"  # none | effective_number | inverse_frequency
+    beta: float = 0.9999
+    start_epoch: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 4  # random crop with zero padding (0: off)
+    flip: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    nesterov: bool = False
+    lr_schedule: str = "step"  # step | cosine | constant
+    warmup_epochs: int = 5
+    milestones: list = field(default_factory=lambda: [160, 180])
+    lr_decay: float = 0.01  # step schedule: lr multiplied by this at each milestone
+    min_lr: float = 0.0  # cosine schedule floor
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    eval_batch_size: int = 100
+    progress: bool = True
+    deterministic: bool = True  # torch.use_deterministic_algorithms
+    channels_last: bool = True  # NHWC memory format: +36 % img/s for ResNet-32 on this CPU
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class EvalConfig:
+    many_threshold: int = 100  # many: n_train > many_threshold
+    few_threshold: int = 20  # few: n_train < few_threshold; medium in between
+    rare_threshold: int = 10  # four-group variant: rare: n_train < rare_threshold
+    ece_bins: int = 15
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: ComponentConfig = field(default_factory=lambda: ComponentConfig(name="ce"))
+    sampler: ComponentConfig = field(default_factory=lambda: ComponentConfig(name="instance"))
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    method: ComponentConfig = field(default_factory=lambda: ComponentConfig(name="standard"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {**vars(typing), "list": list, "dict": dict})  # noqa: S307
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation is list or origin is list:
+        return isinstance(value, list)
+    if annotation is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix or 'top level'}' must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key '{name}'{did_you_mean(key, known)}")
+        f = known[key]
+        hints = typing.get_type_hints(cls)
+        ann = hints[key]
+        if dataclasses.is_dataclass(ann):
+            kwargs[key] = _build(ann, value, f"{name}.")
+            continue
+        if not _type_ok(value, ann):
+            raise ConfigError(
+                f"config key '{name}' must be {_type_name(ann)}, got {type(value).__name__} {value!r}"
+            )
+        if isinstance(value, int) and not isinstance(value, bool) and ann is float:
+            value = float(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _check_values(cfg: RunConfig) -> None:
+    d, t, e = cfg.data, cfg.train, cfg.eval
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(d.source in SOURCES, f"config key 'data.source' must be one of {', '.join(SOURCES)}, got '{d.source}'{did_you_mean(d.source, SOURCES)}")
+    need(d.profile in PROFILES, f"config key 'data.profile' must be one of {', '.join(PROFILES)}, got '{d.profile}'{did_you_mean(d.profile, PROFILES)}")
+    need(math.isfinite(d.imbalance_ratio) and d.imbalance_ratio >= 1, f"config key 'data.imbalance_ratio' must be a number >= 1, got {d.imbalance_ratio}")
+    need(d.max_count is None or d.max_count >= 1, f"config key 'data.max_count' must be >= 1, got {d.max_count}")
+    need(0 < d.step_fraction < 1, f"config key 'data.step_fraction' must be in (0, 1), got {d.step_fraction}")
+    need(math.isfinite(d.pareto_shape) and d.pareto_shape > 0, f"config key 'data.pareto_shape' must be > 0, got {d.pareto_shape}")
+    need(d.val_per_class >= 0, f"config key 'data.val_per_class' must be >= 0, got {d.val_per_class}")
+    need(d.test_per_class >= 1, f"config key 'data.test_per_class' must be >= 1, got {d.test_per_class}")
+    need(d.image_size is None or d.image_size >= 1, f"config key 'data.image_size' must be >= 1, got {d.image_size}")
+    for key in ("mean", "std"):
+        v = getattr(d, key)
+        need(v is None or (len(v) in (1, 3) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)),
+             f"config key 'data.{key}' must be a list of 1 or 3 numbers, got {v!r}")
+    need(d.std is None or all(x > 0 for x in d.std), "config key 'data.std' must be positive")
+    need(t.epochs >= 1, f"config key 'train.epochs' must be >= 1, got {t.epochs}")
+    need(t.batch_size >= 1, f"config key 'train.batch_size' must be >= 1, got {t.batch_size}")
+    need(t.eval_batch_size >= 1, f"config key 'train.eval_batch_size' must be >= 1, got {t.eval_batch_size}")
+    need(math.isfinite(t.lr) and t.lr > 0, f"config key 'train.lr' must be > 0, got {t.lr}")
+    need(t.weight_decay >= 0, f"config key 'train.weight_decay' must be >= 0, got {t.weight_decay}")
+    need(0 <= t.momentum < 1, f"config key 'train.momentum' must be in [0, 1), got {t.momentum}")
+    schedules = ("step", "cosine", "constant")
+    need(t.lr_schedule in schedules, f"config key 'train.lr_schedule' must be one of {', '.join(schedules)}, got '{t.lr_schedule}'{did_you_mean(t.lr_schedule, schedules)}")
+    need(t.warmup_epochs >= 0, f"config key 'train.warmup_epochs' must be >= 0, got {t.warmup_epochs}")
+    need(all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in t.milestones) and t.milestones == sorted(t.milestones),
+         f"config key 'train.milestones' must be increasing non-negative integers, got {t.milestones!r}")
+    need(0 < t.lr_decay <= 1, f"config key 'train.lr_decay' must be in (0, 1], got {t.lr_decay}")
+    need(t.num_threads is None or t.num_threads >= 1, f"config key 'train.num_threads' must be >= 1, got {t.num_threads}")
+    need(t.augment.crop_padding >= 0, f"config key 'train.augment.crop_padding' must be >= 0, got {t.augment.crop_padding}")
+    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps",
+         f"config key 'train.device' must be cpu, cuda, cuda:N, mps or auto, got '{t.device}'")
+    schemes = ("none", "effective_number", "inverse_frequency")
+    r = cfg.reweight
+    need(r.scheme in schemes, f"config key 'reweight.scheme' must be one of {', '.join(schemes)}, got '{r.scheme}'{did_you_mean(r.scheme, schemes)}")
+    need(0 <= r.beta < 1, f"config key 'reweight.beta' must be in [0, 1), got {r.beta}")
+    need(r.start_epoch >= 0, f"config key 'reweight.start_epoch' must be >= 0, got {r.start_epoch}")
+    need(e.many_threshold >= e.few_threshold > 0 and e.few_threshold >= e.rare_threshold > 0,
+         f"eval thresholds must satisfy many_threshold >= few_threshold >= rare_threshold > 0, got {e.many_threshold}/{e.few_threshold}/{e.rare_threshold}")
+    need(e.ece_bins >= 1, f"config key 'eval.ece_bins' must be >= 1, got {e.ece_bins}")
+
+
+def config_from_dict(values: dict | None) -> RunConfig:
+    """Validate a plain dictionary into a RunConfig (raises ConfigError, nothing else)."""
+    try:
+        cfg = _build(RunConfig, values, "")
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid config: {err}") from err
+    for section in ("loss", "sampler", "method"):
+        if not getattr(cfg, section).name:
+            raise ConfigError(f"config key '{section}.name' must be a non-empty string")
+    _check_values(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err.problem})") from err
+    return key.split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides (values parsed as YAML) to a nested dict, in place."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return values
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (optional), apply dotted overrides, validate."""
+    values = read_yaml(path) if path is not None else {}
+    apply_overrides(values, list(overrides or []))
+    return config_from_dict(values)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def diff_configs(a: RunConfig, b: RunConfig) -> list[str]:
+    """Dotted keys whose values differ."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix[:-1])
+
+    walk(a.to_dict(), b.to_dict(), "")
+    return out

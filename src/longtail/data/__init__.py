@@ -1,0 +1,6 @@
+"""Data: sources, long-tail profiles, the prepared store, augmentation and samplers."""
+
+from .build import LTData, Split, build_data
+from .profiles import class_counts
+
+__all__ = ["LTData", "Split", "build_data", "class_counts"]

@@ -1,0 +1,12 @@
+"""Losses: one module per family, each an nn.Module(logits, target) built from class_counts."""
+
+from ..registry import LOSSES
+from . import ce  # noqa: F401  (registration)
+from .base import Loss, effective_number_weights, inverse_frequency_weights
+
+
+def build_loss(name: str, params: dict | None = None, *, class_counts) -> Loss:
+    return LOSSES.build(name, class_counts=class_counts, **(params or {}))
+
+
+__all__ = ["Loss", "build_loss", "effective_number_weights", "inverse_frequency_weights"]

@@ -1,0 +1,52 @@
+"""Base class of the losses: nn.Module(logits, target) built from class_counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def effective_number_weights(class_counts, beta: float) -> torch.Tensor:
+    """Class-balanced weights of Cui et al. (CVPR 2019), Eq. 3 / LDAM-DRW `cifar_train.py`.
+
+    w_c = (1 - beta) / (1 - beta^n_c), normalised so that sum_c w_c = C. beta = 0 gives
+    all ones; beta -> 1 approaches inverse frequency. Returns float32 (C,).
+    """
+    if not 0 <= beta < 1:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    n = np.asarray(class_counts, dtype=np.float64)
+    w = (1.0 - beta) / (1.0 - np.power(beta, n))
+    w = w / w.sum() * len(n)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def inverse_frequency_weights(class_counts) -> torch.Tensor:
+    """w_c proportional to 1 / n_c, normalised so that sum_c w_c = C."""
+    n = np.asarray(class_counts, dtype=np.float64)
+    w = 1.0 / np.maximum(n, 1.0)
+    return torch.tensor(w / w.sum() * len(n), dtype=torch.float32)
+
+
+class Loss(nn.Module):
+    """A loss over (B, C) logits and (B,) int64 targets; optional per-class weights.
+
+    `class_weight` is None (unweighted) or a (C,) tensor set by a re-weighting schedule
+    (RW from epoch 0, DRW from a later epoch) through `set_class_weight`.
+    """
+
+    def __init__(self, *, class_counts):
+        super().__init__()
+        self.register_buffer("class_counts", torch.as_tensor(np.asarray(class_counts), dtype=torch.float32))
+        self.class_weight: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_counts.numel())
+
+    def set_class_weight(self, weight: torch.Tensor | None) -> None:
+        if weight is not None:
+            weight = torch.as_tensor(weight, dtype=torch.float32, device=self.class_counts.device)
+            if weight.shape != (self.num_classes,):
+                raise ValueError(f"class weight must have shape ({self.num_classes},), got {tuple(weight.shape)}")
+        self.class_weight = weight

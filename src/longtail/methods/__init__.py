@@ -1,0 +1,12 @@
+"""Methods: recipes that configure model, loss, sampler and per-epoch hooks of the loop."""
+
+from ..registry import METHODS
+from . import standard  # noqa: F401  (registration)
+from .standard import Method, class_weight_for
+
+
+def build_method(cfg, data) -> Method:
+    return METHODS.build(cfg.method.name, cfg=cfg, data=data, **cfg.method.params)
+
+
+__all__ = ["Method", "build_method", "class_weight_for"]

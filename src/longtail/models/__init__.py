@@ -1,0 +1,44 @@
+"""Models: backbones with the forward_features / forward_head contract, and heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..registry import HEADS, MODELS
+from . import cifar_resnet, imagenet_resnet, small_cnn  # noqa: F401  (registration)
+from .base import Classifier
+from .heads import NormedLinear, build_head
+
+
+def build_model(name: str, *, num_classes: int, in_channels: int = 3, head: str = "linear",
+                params: dict | None = None) -> Classifier:
+    HEADS.get(head)  # unknown head -> ConfigError with a did-you-mean
+    return MODELS.build(name, num_classes=num_classes, in_channels=in_channels, head=head, **(params or {}))
+
+
+def load_weights(model: Classifier, path: str | Path) -> dict:
+    """Load a state_dict file (e.g. torchvision weights) with weights_only=True.
+
+    Tensors whose shape differs (a classifier for another number of classes) are skipped.
+    Returns {'loaded', 'skipped', 'missing'} key lists; nothing matching is an error.
+    """
+    from ..train.checkpoint import safe_torch_load
+
+    state = safe_torch_load(path)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state_dict")
+    own = model.state_dict()
+    loadable = {k: v for k, v in state.items() if k in own and getattr(v, "shape", None) == own[k].shape}
+    if not loadable:
+        raise CheckpointError(f"no parameter of {path} matches the model")
+    model.load_state_dict(loadable, strict=False)
+    return {"loaded": sorted(loadable), "skipped": sorted(k for k in state if k not in loadable),
+            "missing": sorted(k for k in own if k not in loadable)}
+
+
+__all__ = ["Classifier", "NormedLinear", "build_head", "build_model", "load_weights"]

@@ -1,0 +1,33 @@
+"""A small CNN for tiny images (scikit-learn digits, MNIST-sized inputs) and quick tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import MODELS
+from .base import Classifier
+from .heads import build_head
+
+
+def _block(i: int, o: int) -> list[nn.Module]:
+    return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+
+@MODELS.register("small_cnn")
+class SmallCNN(Classifier):
+    """Three 3x3 conv-BN-ReLU layers (width w, 2w, 2w) with one 2x2 max-pool; linear head."""
+
+    head_name = "fc"
+
+    def __init__(self, *, num_classes: int, in_channels: int = 1, head: str = "linear", width: int = 32):
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        self.features = nn.Sequential(*_block(in_channels, width), *_block(width, 2 * width), nn.MaxPool2d(2),
+                                      *_block(2 * width, 2 * width))
+        self.num_features = 2 * width
+        self.fc = build_head(head, in_features=self.num_features, num_classes=num_classes)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)

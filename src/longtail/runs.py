@@ -1,0 +1,146 @@
+"""Run folders: train into one, evaluate one. The CLI and the Python API both use these.
+
+A run folder holds::
+
+    config.yaml            the resolved config (written first)
+    data.json              class names, training counts, split sizes, normalisation
+    metrics.jsonl          one line per finished epoch
+    checkpoints/last.pt    model, optimiser, epoch, RNG state (atomic, each epoch)
+    checkpoints/best_val.pt  the best-on-validation weights (when a validation split is set)
+    predictions.npz        test logits and labels (+ best_val_logits)
+    eval.json              test metrics of the last epoch, and of best-on-validation
+
+Nothing is created before the config, the data and every component have been checked,
+and a run that fails before its first checkpoint removes the folder it created.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunConfig, config_from_dict, diff_configs, dump_config, read_yaml
+from .data.build import LTData, build_data
+from .errors import CheckpointError, ConfigError
+from .eval.metrics import compute_metrics
+from .eval.predict import predict
+from .methods import build_method
+from .train.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, safe_torch_load
+from .train.loop import BEST_VAL, CHECKPOINT, fit, resolve_device
+
+
+def data_info(data: LTData) -> dict:
+    return {"description": data.description, "class_names": data.class_names,
+            "class_counts": [int(v) for v in data.class_counts],
+            "source_counts": [int(v) for v in data.source_counts],
+            "num_train": len(data.train), "num_val": 0 if data.val is None else len(data.val),
+            "num_test": len(data.test), "mean": list(data.mean), "std": list(data.std),
+            "image_shape": list(data.image_shape), "channels": data.channels}
+
+
+def check_components(cfg: RunConfig, data: LTData) -> None:
+    """Build method, model, loss and sampler once, so bad names or parameters fail early."""
+    method = build_method(cfg, data)
+    method.build_model()
+    method.build_loss()
+    method.build_sampler()
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"not a run folder (no config.yaml): {run_dir}")
+    return config_from_dict(read_yaml(path))
+
+
+def train_run(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, evaluate: bool = True,
+              arrays: dict | None = None, log=print) -> dict:
+    """Train (or resume) into `out`, then evaluate; returns the eval.json content."""
+    out = Path(out)
+    created = False
+    if resume:
+        saved = load_run_config(out)
+        if cfg is not None and diff_configs(cfg, saved):
+            raise ConfigError(f"config differs from the one saved in {out}: {', '.join(diff_configs(cfg, saved))}")
+        cfg = saved
+        if not (out / CHECKPOINT).is_file():
+            resume = False  # crashed before the first checkpoint: start over in place
+    else:
+        if cfg is None:
+            raise ConfigError("a config is required to start a new run")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"run folder {out} already exists and is not empty; use --resume or another --out")
+    data = build_data(cfg.data, arrays=arrays, progress=cfg.train.progress)
+    check_components(cfg, data)
+    resolve_device(cfg.train.device)
+    log(data.summary())
+    if not out.exists():
+        out.mkdir(parents=True)
+        created = True
+    try:
+        if not resume:
+            atomic_write_text(out / "config.yaml", dump_config(cfg))
+            atomic_write_json(out / "data.json", data_info(data))
+        done = 0
+        if resume:
+            done = int(safe_torch_load(out / CHECKPOINT)["epoch"])
+        if done < cfg.train.epochs:
+            fit(cfg, data, out, resume=resume, log=log)
+    except BaseException:
+        if created and not (out / CHECKPOINT).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return evaluate_run(out, cfg=cfg, data=data, log=log) if evaluate else {}
+
+
+def _load_model(cfg: RunConfig, data: LTData, path: Path, device) -> torch.nn.Module:
+    model = build_method(cfg, data).build_model()
+    state = safe_torch_load(path)
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path} does not fit the run's model: {str(err).splitlines()[0]}") from None
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, int(state.get("epoch", 0))
+
+
+def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, data: LTData | None = None,
+                 arrays: dict | None = None, log=print) -> dict:
+    """Write predictions.npz and eval.json for the last epoch (and best-on-validation)."""
+    run_dir = Path(run_dir)
+    cfg = cfg or load_run_config(run_dir)
+    if not (run_dir / CHECKPOINT).is_file():
+        raise CheckpointError(f"no checkpoint in {run_dir} (train it first)")
+    data = data or build_data(cfg.data, arrays=arrays)
+    device = resolve_device(cfg.train.device)
+    e = cfg.eval
+    kw = dict(many_threshold=e.many_threshold, few_threshold=e.few_threshold, rare_threshold=e.rare_threshold,
+              ece_bins=e.ece_bins, class_names=data.class_names)
+    pkw = dict(mean=data.mean, std=data.std, batch_size=cfg.train.eval_batch_size, device=device,
+               channels_last=cfg.train.channels_last)
+    model, epoch = _load_model(cfg, data, run_dir / CHECKPOINT, device)
+    test = predict(model, data.test, **pkw)
+    result = {"run": str(run_dir), "split": "test", "checkpoint": "last", "epoch": epoch,
+              **compute_metrics(test["logits"], test["labels"], data.class_counts, **kw)}
+    arrays_out = {"logits": test["logits"], "labels": test["labels"]}
+    if data.val is not None and len(data.val):
+        val = predict(model, data.val, **pkw)
+        result["val"] = {k: v for k, v in compute_metrics(val["logits"], val["labels"], data.class_counts, **kw).items()
+                         if k in ("top1", "many", "medium", "few", "mcc", "nmi", "ece", "num_samples")}
+        if (run_dir / BEST_VAL).is_file():
+            best, best_epoch = _load_model(cfg, data, run_dir / BEST_VAL, device)
+            bt = predict(best, data.test, **pkw)
+            result["best_val"] = {"epoch": best_epoch, "selected_on": "validation top1",
+                                  **compute_metrics(bt["logits"], bt["labels"], data.class_counts, **kw)}
+            arrays_out["best_val_logits"] = bt["logits"]
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays_out)
+    atomic_write_bytes(run_dir / "predictions.npz", buffer.getvalue())
+    atomic_write_json(run_dir / "eval.json", result)
+    return result

@@ -1,0 +1,197 @@
+"""The training loop: one loop for every method, driven by the method's hooks.
+
+Per epoch: learning rate from the schedule, `method.on_epoch_start` (re-weighting), the
+sampler's order for (seed, epoch), batches augmented on the device with a generator seeded
+by (seed, epoch), SGD steps; then validation (if configured), `metrics.jsonl` and an
+atomic checkpoint. Randomness depends only on (seed, epoch) and the saved states, so
+`resume` from the last checkpoint ends with the same weights as an uninterrupted run
+(bitwise on CPU with train.deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RunConfig
+from ..data.augment import BatchAugment
+from ..data.build import LTData
+from ..errors import CheckpointError, LongtailError
+from ..eval.metrics import compute_metrics
+from ..eval.predict import predict
+from ..methods import build_method
+from .checkpoint import atomic_torch_save, atomic_write_text, safe_torch_load
+from .schedule import learning_rate
+
+CHECKPOINT = "checkpoints/last.pt"
+BEST_VAL = "checkpoints/best_val.pt"
+
+
+class TrainingError(LongtailError):
+    """Training cannot go on (non-finite loss)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LongtailError(f"train.device is '{name}' but CUDA is not available")
+    return torch.device(name)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, 7]).generate_state(1)[0])
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line from a crash
+    return rows
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False, disable=not enabled,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+class Trainer:
+    """Holds what one training run needs; `run()` trains the remaining epochs."""
+
+    def __init__(self, cfg: RunConfig, data: LTData, run_dir: str | Path, *, log=print):
+        self.cfg, self.data, self.run_dir, self.log = cfg, data, Path(run_dir), log
+        t = cfg.train
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        self.device = resolve_device(t.device)
+        torch.use_deterministic_algorithms(t.deterministic, warn_only=True)
+        torch.manual_seed(t.seed)
+        self.method = build_method(cfg, data)
+        self.model = self.method.build_model().to(self.device)
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = self.method.build_loss().to(self.device)
+        self.sampler = self.method.build_sampler()
+        self.optimizer = torch.optim.SGD(self.method.parameters(self.model), lr=t.lr, momentum=t.momentum,
+                                         weight_decay=t.weight_decay, nesterov=t.nesterov)
+        self.augment = BatchAugment(mean=data.mean, std=data.std, crop_padding=t.augment.crop_padding,
+                                    flip=t.augment.flip, device=self.device, channels_last=t.channels_last)
+        self.start_epoch = 0
+        self.best = {"epoch": None, "top1": -math.inf}
+
+    def resume(self) -> None:
+        """Restore model, optimiser, epoch, best-val and RNG state; drop metrics of unsaved epochs."""
+        path = self.run_dir / CHECKPOINT
+        ckpt = safe_torch_load(path)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.start_epoch = int(ckpt["epoch"])
+            self.best = {"epoch": ckpt["best_val_epoch"], "top1": float(ckpt["best_val_top1"])}
+            torch.set_rng_state(ckpt["torch_rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {str(err).splitlines()[0]}") from None
+        rows = [r for r in read_metrics(self.run_dir) if r.get("epoch", math.inf) < self.start_epoch]
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        self.log(f"resuming {self.run_dir} after epoch {self.start_epoch}/{self.cfg.train.epochs}")
+
+    def run(self) -> dict:
+        t = self.cfg.train
+        started = time.time()
+        bar = _progress((t.epochs - self.start_epoch) * len(self.sampler), "train", t.progress)
+        log = bar.write if t.progress and self.log is print else self.log  # keep the bar intact
+        try:
+            for epoch in range(self.start_epoch, t.epochs):
+                row = self.train_epoch(epoch, bar)
+                row.update(self.validate(epoch))
+                with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                self.save(epoch)
+                val_text = f", val top1 {row['val_top1']:.2f}" if "val_top1" in row else ""
+                log(f"epoch {epoch + 1}/{t.epochs}: lr {row['lr']:.2e}, loss {row['train_loss']:.4f}, "
+                    f"train top1 {row['train_top1']:.2f}{val_text}, {row['images_per_s']:.0f} img/s, "
+                    f"{row['seconds']:.1f}s")
+        finally:
+            bar.close()
+        return {"epochs": t.epochs, "best_val_epoch": self.best["epoch"], "seconds": time.time() - started}
+
+    def train_epoch(self, epoch: int, bar) -> dict:
+        t, data, device = self.cfg.train, self.data, self.device
+        lr = learning_rate(epoch, base_lr=t.lr, epochs=t.epochs, schedule=t.lr_schedule,
+                           warmup_epochs=t.warmup_epochs, milestones=t.milestones, decay=t.lr_decay, min_lr=t.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.method.on_epoch_start(epoch, self.loss_fn)
+        self.model.train()
+        order = self.sampler.indices(epoch)
+        gen = torch.Generator().manual_seed(_epoch_seed(t.seed, epoch))
+        tic = time.time()
+        loss_sum, correct, seen, last_finite = 0.0, 0, 0, None
+        bar.set_description(f"epoch {epoch + 1}/{t.epochs}")
+        for step, start in enumerate(range(0, len(order), t.batch_size)):
+            pos = order[start:start + t.batch_size]
+            target = torch.from_numpy(data.train.labels[pos]).to(device)
+            images = self.augment(torch.from_numpy(data.train.batch(pos)).to(device), gen)
+            loss, logits = self.method.training_loss(self.model, images, target, self.loss_fn)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1}; last finite loss "
+                    f"{'none' if last_finite is None else f'{last_finite:.6g}'} - lower train.lr or check the data"
+                )
+            last_finite = value
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += value * len(pos)
+            correct += int((logits.detach().argmax(1) == target).sum())
+            seen += len(pos)
+            bar.update(len(pos))
+            bar.set_postfix(loss=f"{value:.3f}", img_s=f"{seen / max(time.time() - tic, 1e-9):.0f}", refresh=False)
+        seconds = time.time() - tic
+        return {"epoch": epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1),
+                "train_top1": 100.0 * correct / max(seen, 1), "seconds": seconds, "images_per_s": seen / seconds}
+
+    def validate(self, epoch: int) -> dict:
+        """Validation metrics; saves best_val.pt when val top-1 improves. {} without a val split."""
+        data, t, e = self.data, self.cfg.train, self.cfg.eval
+        if data.val is None or not len(data.val):
+            return {}
+        out = predict(self.model, data.val, mean=data.mean, std=data.std, batch_size=t.eval_batch_size,
+                      device=self.device, channels_last=t.channels_last)
+        vm = compute_metrics(out["logits"], out["labels"], data.class_counts, many_threshold=e.many_threshold,
+                             few_threshold=e.few_threshold, rare_threshold=e.rare_threshold, ece_bins=e.ece_bins)
+        if vm["top1"] > self.best["top1"]:
+            self.best = {"epoch": epoch, "top1": vm["top1"]}
+            atomic_torch_save({"model": self.model.state_dict(), "epoch": epoch + 1, "val_top1": vm["top1"]},
+                              self.run_dir / BEST_VAL)
+        return {f"val_{k}": vm[k] for k in ("top1", "many", "medium", "few")}
+
+    def save(self, epoch: int) -> None:
+        atomic_torch_save({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch + 1,
+            "best_val_epoch": self.best["epoch"], "best_val_top1": self.best["top1"],
+            "torch_rng": torch.get_rng_state(), "config": self.cfg.to_dict(),
+            "class_counts": torch.as_tensor(self.data.class_counts),
+        }, self.run_dir / CHECKPOINT)
+
+
+def fit(cfg: RunConfig, data: LTData, run_dir: str | Path, *, resume: bool = False, log=print) -> dict:
+    """Train per `cfg` into `run_dir` (continuing from its checkpoint with `resume`)."""
+    trainer = Trainer(cfg, data, run_dir, log=log)
+    if resume:
+        trainer.resume()
+    return trainer.run()

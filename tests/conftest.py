@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny datasets written in the real formats, and the ../shared location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LONGTAIL_SHARED", REPO.parent / "shared"))
+CIFAR10_JPEG = SHARED / "data" / "cifar10-jpeg.tar.gz"
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test writes its prepared stores into a private cache, never ~/.cache."""
+    monkeypatch.setenv("LONGTAIL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def needs_shared():
+    return pytest.mark.skipif(not CIFAR10_JPEG.is_file(),
+                              reason=f"needs ../shared/data/cifar10-jpeg.tar.gz (not found at {CIFAR10_JPEG})")
+
+
+def tiny_arrays(num_classes: int = 4, per_class: int = 40, test_per_class: int = 6, size: int = 8, seed: int = 0,
+                channels: int = 3) -> dict:
+    """Class-dependent images (brightness by class), so a tiny model can learn them."""
+    rs = np.random.RandomState(seed)
+
+    def make(n):
+        labels = np.repeat(np.arange(num_classes), n)
+        base = (labels * (200 // max(num_classes - 1, 1)))[:, None, None, None]
+        noise = rs.randint(0, 40, size=(len(labels), size, size, channels))
+        return np.clip(base + noise, 0, 255).astype(np.uint8), labels
+
+    tr_x, tr_y = make(per_class)
+    te_x, te_y = make(test_per_class)
+    return {"train_images": tr_x, "train_labels": tr_y, "test_images": te_x, "test_labels": te_y}
+
+
+def tiny_config(**over) -> dict:
+    cfg = {
+        "data": {"source": "arrays", "profile": "exp", "imbalance_ratio": 4, "seed": 0},
+        "model": {"name": "small_cnn", "params": {"width": 4}},
+        "loss": {"name": "ce"},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 0.05, "warmup_epochs": 1, "milestones": [1],
+                  "progress": False, "eval_batch_size": 32, "augment": {"crop_padding": 1, "flip": True}},
+    }
+    for key, value in over.items():
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return cfg

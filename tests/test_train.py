@@ -1,0 +1,134 @@
+"""Tiny end-to-end CPU runs: loss values, resume == uninterrupted, run-folder contents, failures."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_arrays, tiny_config
+from longtail.config import config_from_dict
+from longtail.errors import ConfigError, DataError
+from longtail.runs import evaluate_run, train_run
+from longtail.train.checkpoint import safe_torch_load
+from longtail.train.loop import Trainer, TrainingError
+from longtail.train.schedule import learning_rate
+
+
+def quiet(*a):
+    pass
+
+
+def test_ldam_schedule():
+    lr = [learning_rate(e, base_lr=0.1, epochs=200, warmup_epochs=5, milestones=[160, 180]) for e in range(200)]
+    assert lr[0] == pytest.approx(0.02) and lr[4] == pytest.approx(0.1) and lr[159] == pytest.approx(0.1)
+    assert lr[160] == pytest.approx(1e-3) and lr[179] == pytest.approx(1e-3) and lr[180] == pytest.approx(1e-5)
+    budget = [learning_rate(e, base_lr=0.1, epochs=30, warmup_epochs=1, milestones=[24, 27]) for e in range(30)]
+    assert budget[23] == pytest.approx(0.1) and budget[24] == pytest.approx(1e-3) and budget[27] == pytest.approx(1e-5)
+    cos = [learning_rate(e, base_lr=1.0, epochs=10, schedule="cosine") for e in range(10)]
+    assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5) and all(a > b for a, b in zip(cos, cos[1:]))
+
+
+def test_run_folder_contents(tmp_path):
+    cfg = config_from_dict(tiny_config(**{"data.val_per_class": 2}))
+    result = train_run(cfg, tmp_path / "run", arrays=tiny_arrays(), log=quiet)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "data.json", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best_val.pt",
+                 "predictions.npz", "eval.json"):
+        assert (run / name).is_file(), name
+    ev = json.loads((run / "eval.json").read_text())
+    for key in ("top1", "many", "medium", "few", "per_class", "mcc", "nmi", "ece", "confusion", "four_group"):
+        assert key in ev
+    assert ev == json.loads(json.dumps(result))
+    assert ev["checkpoint"] == "last" and ev["best_val"]["selected_on"] == "validation top1"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and "val_top1" in rows[0]
+    preds = np.load(run / "predictions.npz")
+    assert preds["logits"].shape == (24, 4) and preds["best_val_logits"].shape == (24, 4)
+    assert (preds["logits"].argmax(1) == preds["labels"]).mean() * 100 == pytest.approx(ev["top1"])
+
+
+def test_stored_loss_values(tmp_path):
+    """Loss curve regression: a fixed tiny run gives the same per-epoch losses (CPU, 1 thread)."""
+    cfg = config_from_dict(tiny_config(**{"train.channels_last": False}))
+    train_run(cfg, tmp_path / "run", arrays=tiny_arrays(), log=quiet)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [round(r["train_loss"], 4) for r in rows]
+    assert losses == pytest.approx(STORED_LOSSES, abs=2e-3), losses
+
+
+STORED_LOSSES = [1.0133, 0.7763]
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    arrays = tiny_arrays()
+    cfg = tiny_config(**{"train.epochs": 3, "data.val_per_class": 2})
+    train_run(config_from_dict(cfg), tmp_path / "full", arrays=arrays, log=quiet)
+
+    original_save = Trainer.save
+
+    def save_then_stop(self, epoch):
+        original_save(self, epoch)
+        if epoch == 0:
+            raise KeyboardInterrupt  # interrupted right after the first checkpoint
+
+    monkeypatch.setattr(Trainer, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config_from_dict(cfg), tmp_path / "cut", arrays=arrays, log=quiet)
+    monkeypatch.setattr(Trainer, "save", original_save)
+    assert safe_torch_load(tmp_path / "cut/checkpoints/last.pt")["epoch"] == 1
+    train_run(None, tmp_path / "cut", resume=True, arrays=arrays, log=quiet)
+
+    a = safe_torch_load(tmp_path / "full/checkpoints/last.pt")
+    b = safe_torch_load(tmp_path / "cut/checkpoints/last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["best_val_epoch"] == b["best_val_epoch"]
+
+    def losses(run):
+        return [json.loads(r)["train_loss"] for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses("full") == losses("cut") and len(losses("cut")) == 3
+    full_eval = json.loads((tmp_path / "full/eval.json").read_text())
+    cut_eval = json.loads((tmp_path / "cut/eval.json").read_text())
+    assert full_eval["per_class"] == cut_eval["per_class"] and full_eval["best_val"]["top1"] == cut_eval["best_val"]["top1"]
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    cfg = tiny_config()
+    train_run(config_from_dict(cfg), tmp_path / "run", arrays=tiny_arrays(), log=quiet)
+    with pytest.raises(ConfigError, match="differs from the one saved.*train.lr"):
+        train_run(config_from_dict(tiny_config(**{"train.lr": 0.2})), tmp_path / "run", resume=True,
+                  arrays=tiny_arrays(), log=quiet)
+
+
+def test_non_finite_loss_stops_with_location(tmp_path):
+    cfg = config_from_dict(tiny_config(**{"train.lr": 1e30, "train.warmup_epochs": 0}))
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at epoch \d+, step \d+; last finite loss"):
+        train_run(cfg, tmp_path / "run", arrays=tiny_arrays(), log=quiet)
+
+
+def test_bad_inputs_write_nothing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="unknown loss"):
+        train_run(config_from_dict(tiny_config(**{"loss.name": "foca"})), out, arrays=tiny_arrays(), log=quiet)
+    with pytest.raises(ConfigError, match="has no parameter"):
+        train_run(config_from_dict(tiny_config(**{"loss.params": {"gamma": 2}})), out, arrays=tiny_arrays(), log=quiet)
+    with pytest.raises(DataError, match="dataset path does not exist"):
+        train_run(config_from_dict({"data": {"source": "imagefolder", "root": str(tmp_path / "none")}}), out, log=quiet)
+    assert not out.exists()
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match="already exists"):
+        train_run(config_from_dict(tiny_config()), out, arrays=tiny_arrays(), log=quiet)
+
+
+def test_eval_rewrites_without_training(tmp_path):
+    cfg = config_from_dict(tiny_config())
+    first = train_run(cfg, tmp_path / "run", arrays=tiny_arrays(), log=quiet)
+    (tmp_path / "run" / "eval.json").unlink()
+    again = evaluate_run(tmp_path / "run", arrays=tiny_arrays(), log=quiet)
+    assert again["top1"] == first["top1"] and again["confusion"] == first["confusion"]
