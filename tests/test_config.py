@@ -66,3 +66,11 @@ def test_unknown_choice_suggests():
         config_from_dict({"train": {"lr_schedule": "cosin"}})
     with pytest.raises(ConfigError, match="data.source"):
         config_from_dict({"data": {"source": "cifar1000"}})
+
+
+def test_exponent_floats_that_yaml_reads_as_strings():
+    # PyYAML reads 1e-3 (no dot) as a string; where a float is expected it is converted
+    assert config_from_dict({"train": {"lr": "1e-3"}}).train.lr == 0.001
+    assert load_config(None, ["train.weight_decay=5e-4"]).train.weight_decay == 0.0005
+    with pytest.raises(ConfigError, match="must be float, got str"):
+        config_from_dict({"train": {"lr": "fast"}})

@@ -150,27 +150,42 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return True
 
 
+def _coerce_float(value: Any, annotation: Any) -> Any:
+    """'1e-3' -> 0.001 where a float is expected: PyYAML (YAML 1.1) reads 1e-3 as a string."""
+    if isinstance(value, str) and _type_ok(1.5, annotation) and not _type_ok(value, annotation):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def _build(cls: type, values: Any, prefix: str) -> Any:
+def _build(cls: type, values: Any, prefix: str, base: Any = None) -> Any:
+    """`base` (default: cls()) with the keys of `values` replaced, recursively and type-checked.
+
+    Sections start from their defaults, so `loss: {params: {...}}` keeps the default name.
+    """
+    base = cls() if base is None else base
     if values is None:
-        values = {}
+        return base
     if not isinstance(values, dict):
-        raise ConfigError(f"config section '{prefix or 'top level'}' must be a mapping, got {type(values).__name__}")
-    known = {f.name: f for f in fields(cls)}
+        raise ConfigError(f"config section '{prefix[:-1] or 'top level'}' must be a mapping, got {type(values).__name__}")
+    known = {f.name for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in known:
             raise ConfigError(f"unknown config key '{name}'{did_you_mean(key, known)}")
-        f = known[key]
-        hints = typing.get_type_hints(cls)
         ann = hints[key]
         if dataclasses.is_dataclass(ann):
-            kwargs[key] = _build(ann, value, f"{name}.")
+            kwargs[key] = _build(ann, value, f"{name}.", getattr(base, key))
             continue
+        value = _coerce_float(value, ann)
         if not _type_ok(value, ann):
             raise ConfigError(
                 f"config key '{name}' must be {_type_name(ann)}, got {type(value).__name__} {value!r}"
@@ -178,7 +193,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool) and ann is float:
             value = float(value)
         kwargs[key] = value
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _check_values(cfg: RunConfig) -> None:
@@ -199,14 +214,16 @@ def _check_values(cfg: RunConfig) -> None:
     need(d.image_size is None or d.image_size >= 1, f"config key 'data.image_size' must be >= 1, got {d.image_size}")
     for key in ("mean", "std"):
         v = getattr(d, key)
-        need(v is None or (len(v) in (1, 3) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)),
+        need(v is None or (len(v) in (1, 3) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                     and math.isfinite(x) for x in v)),
              f"config key 'data.{key}' must be a list of 1 or 3 numbers, got {v!r}")
     need(d.std is None or all(x > 0 for x in d.std), "config key 'data.std' must be positive")
     need(t.epochs >= 1, f"config key 'train.epochs' must be >= 1, got {t.epochs}")
     need(t.batch_size >= 1, f"config key 'train.batch_size' must be >= 1, got {t.batch_size}")
     need(t.eval_batch_size >= 1, f"config key 'train.eval_batch_size' must be >= 1, got {t.eval_batch_size}")
     need(math.isfinite(t.lr) and t.lr > 0, f"config key 'train.lr' must be > 0, got {t.lr}")
-    need(t.weight_decay >= 0, f"config key 'train.weight_decay' must be >= 0, got {t.weight_decay}")
+    need(math.isfinite(t.weight_decay) and t.weight_decay >= 0, f"config key 'train.weight_decay' must be >= 0, got {t.weight_decay}")
+    need(math.isfinite(t.min_lr) and t.min_lr >= 0, f"config key 'train.min_lr' must be >= 0, got {t.min_lr}")
     need(0 <= t.momentum < 1, f"config key 'train.momentum' must be in [0, 1), got {t.momentum}")
     schedules = ("step", "cosine", "constant")
     need(t.lr_schedule in schedules, f"config key 'train.lr_schedule' must be one of {', '.join(schedules)}, got '{t.lr_schedule}'{did_you_mean(t.lr_schedule, schedules)}")

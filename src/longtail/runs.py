@@ -67,6 +67,8 @@ def train_run(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, e
         if cfg is not None and diff_configs(cfg, saved):
             raise ConfigError(f"config differs from the one saved in {out}: {', '.join(diff_configs(cfg, saved))}")
         cfg = saved
+        for stale in [*out.glob(".*.tmp"), *out.glob("checkpoints/.*.tmp")]:
+            stale.unlink()  # temporary files of a write that a crash interrupted
         if not (out / CHECKPOINT).is_file():
             resume = False  # crashed before the first checkpoint: start over in place
     else:

@@ -163,7 +163,10 @@ def _folder_entries(root: Path) -> dict[str, list[tuple[str, Path, int, int]]]:
             for f in files:
                 p = Path(dirpath) / f
                 rel = p.relative_to(root).as_posix()
-                st = p.stat()
+                try:
+                    st = p.stat()
+                except OSError as err:
+                    raise DataError(f"cannot read image {rel}: {err.strerror}") from None
                 entries.append((rel, p, st.st_size, st.st_mtime_ns))
         out[split] = sorted(entries)
     return out

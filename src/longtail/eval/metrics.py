@@ -13,7 +13,6 @@ scikit-learn.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, matthews_corrcoef, normalized_mutual_info_score
 
 
 def shot_groups(class_counts, *, many_threshold: int = 100, few_threshold: int = 20,
@@ -68,6 +67,8 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, class_counts, *, man
         labels: (N,) int.
         class_counts: (C,) training counts (for the shot groups).
     """
+    from sklearn.metrics import confusion_matrix, matthews_corrcoef, normalized_mutual_info_score
+
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     C = logits.shape[1]

@@ -49,6 +49,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log file (a torn last line is dropped when the log is read back)."""
+    try:
+        with open(path, "a") as fh:
+            fh.write(line.rstrip("\n") + "\n")
+    except OSError as err:
+        raise LongtailError(f"cannot write {path}: {err.strerror or err}") from None
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)

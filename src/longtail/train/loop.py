@@ -25,7 +25,7 @@ from ..errors import CheckpointError, LongtailError
 from ..eval.metrics import compute_metrics
 from ..eval.predict import predict
 from ..methods import build_method
-from .checkpoint import atomic_torch_save, atomic_write_text, safe_torch_load
+from .checkpoint import append_line, atomic_torch_save, atomic_write_text, safe_torch_load
 from .schedule import learning_rate
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -117,8 +117,7 @@ class Trainer:
             for epoch in range(self.start_epoch, t.epochs):
                 row = self.train_epoch(epoch, bar)
                 row.update(self.validate(epoch))
-                with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                append_line(self.run_dir / "metrics.jsonl", json.dumps(row))
                 self.save(epoch)
                 val_text = f", val top1 {row['val_top1']:.2f}" if "val_top1" in row else ""
                 log(f"epoch {epoch + 1}/{t.epochs}: lr {row['lr']:.2e}, loss {row['train_loss']:.4f}, "
