@@ -256,3 +256,11 @@ def test_any_override_applies_or_raises_config_error(overrides):
         config_from_dict(apply_overrides({}, overrides))
     except ConfigError:
         pass
+
+
+def test_unreadable_dataset_path(tmp_path, folder, monkeypatch, capsys):
+    # running as root, chmod cannot make a folder unreadable: simulate the permission check
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == folder else real_access(p, mode))
+    assert _train_folder(tmp_path, folder) == 2
+    assert f"dataset path is not readable: {folder}" in capsys.readouterr().err

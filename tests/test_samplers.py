@@ -37,3 +37,46 @@ def test_class_aware_is_balanced():
 def test_unknown_sampler():
     with pytest.raises(ConfigError, match="unknown sampler 'instanse' \\(did you mean 'instance'\\?\\)"):
         build_sampler("instanse", {}, labels=LABELS, class_counts=COUNTS, seed=0)
+
+
+def _freq(name, params, labels, epoch=0, epochs=1):
+    s = build_sampler(name, params, labels=labels, class_counts=np.bincount(labels), seed=0, epochs=epochs)
+    return np.bincount(labels[s.indices(epoch)], minlength=labels.max() + 1) / len(labels)
+
+
+BIG = np.repeat(np.arange(4), [4000, 1600, 400, 100])
+
+
+def test_square_root_frequencies():
+    n = np.array([4000, 1600, 400, 100.0])
+    assert np.allclose(_freq("square_root", {}, BIG), np.sqrt(n) / np.sqrt(n).sum(), atol=0.01)
+
+
+def test_progressive_moves_from_instance_to_balanced():
+    n = np.array([4000, 1600, 400, 100.0])
+    assert np.allclose(_freq("progressive", {}, BIG, epoch=0, epochs=10), n / n.sum(), atol=0.01)
+    # t = 5/10: halfway between instance-balanced and class-balanced
+    assert np.allclose(_freq("progressive", {}, BIG, epoch=5, epochs=10), 0.5 * n / n.sum() + 0.125, atol=0.01)
+
+
+def test_resample_is_really_rebalanced_and_deferrable():
+    n = np.array([4000, 1600, 400, 100.0])
+    eff = (1 - 0.9999) / (1 - 0.9999 ** n)
+    target = eff * n / (eff * n).sum()
+    assert np.allclose(_freq("resample", {}, BIG), target, atol=0.01)
+    assert np.allclose(_freq("resample", {"start_epoch": 3}, BIG, epoch=2), n / n.sum(), atol=1e-9)  # DRS
+    with pytest.raises(ValueError, match="beta"):
+        build_sampler("resample", {"beta": 1.5}, labels=BIG, class_counts=np.bincount(BIG), seed=0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_are_disjoint_and_cover_the_epoch(world):
+    from longtail.data.samplers import shard_indices
+
+    order = build_sampler("instance", {}, labels=LABELS, class_counts=COUNTS, seed=0).indices(1)
+    shards = [shard_indices(order, r, world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1
+    flat = np.concatenate(shards)
+    assert set(flat.tolist()) == set(order.tolist())
+    pad = len(flat) - len(order)
+    assert pad < world and len(flat) - len(set(flat.tolist())) == pad

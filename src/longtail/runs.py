@@ -29,7 +29,8 @@ from .errors import CheckpointError, ConfigError
 from .eval.metrics import compute_metrics
 from .eval.predict import predict
 from .methods import build_method
-from .train.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, safe_torch_load
+from .train.checkpoint import (atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                               safe_torch_load)
 from .train.loop import BEST_VAL, CHECKPOINT, fit, resolve_device
 
 
@@ -90,13 +91,28 @@ def train_run(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, e
         done = 0
         if resume:
             done = int(safe_torch_load(out / CHECKPOINT)["epoch"])
-        if done < cfg.train.epochs:
+        if not build_method(cfg, data).trains:
+            if not resume:
+                fit_posthoc_run(cfg, data, out, log=log)
+        elif done < cfg.train.epochs:
             fit(cfg, data, out, resume=resume, log=log)
     except BaseException:
         if created and not (out / CHECKPOINT).exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
     return evaluate_run(out, cfg=cfg, data=data, log=log) if evaluate else {}
+
+
+def fit_posthoc_run(cfg: RunConfig, data: LTData, out: Path, *, log=print) -> dict:
+    """Post-hoc methods (tau_norm, ncm): fit on train / validation data, save as epoch 0."""
+    device = resolve_device(cfg.train.device)
+    method = build_method(cfg, data)
+    model = method.build_model().to(device)
+    info = method.fit_posthoc(model, device)
+    atomic_write_json(out / "posthoc.json", info)
+    atomic_torch_save({"model": model.state_dict(), "epoch": 0, "posthoc": info}, out / CHECKPOINT)
+    log(f"{cfg.method.name}: {', '.join(f'{k} {v}' for k, v in info.items() if not isinstance(v, list))}")
+    return info
 
 
 def _load_model(cfg: RunConfig, data: LTData, path: Path, device) -> torch.nn.Module:

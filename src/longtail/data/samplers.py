@@ -1,8 +1,14 @@
 """Samplers: which training positions an epoch visits, in which order.
 
 A sampler is built from the training labels and `class_counts` and maps an epoch number
-to an int64 array of positions (0..N-1). The order depends only on (seed, epoch), so a
-resumed run sees the same batches as an uninterrupted one.
+to an int64 array of N positions (0..N-1, N = training-set size). The order depends only
+on (seed, epoch), so a resumed run sees the same batches as an uninterrupted one, and
+every rank of a distributed run computes the same global order and takes its own shard
+(`shard_indices`).
+
+Class-level sampling (Kang et al., ICLR 2020, Eq. 1): class j is drawn with probability
+p_j = n_j^q / sum_i n_i^q; q = 1 is instance-balanced, q = 0 class-balanced, q = 1/2
+square-root. Weighted samplers draw N positions with replacement.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
 class Sampler:
     """Base class: subclasses implement `indices(epoch)`."""
 
-    def __init__(self, *, labels: np.ndarray, class_counts: np.ndarray, seed: int = 0):
+    def __init__(self, *, labels: np.ndarray, class_counts: np.ndarray, seed: int = 0, epochs: int = 1):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_counts = np.asarray(class_counts, dtype=np.int64)
         self.seed = int(seed)
+        self.epochs = int(epochs)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,8 +56,8 @@ class ClassAwareSampler(Sampler):
     after N / B steps.
     """
 
-    def __init__(self, *, labels, class_counts, seed: int = 0, samples_per_class: int = 4):
-        super().__init__(labels=labels, class_counts=class_counts, seed=seed)
+    def __init__(self, *, labels, class_counts, seed: int = 0, epochs: int = 1, samples_per_class: int = 4):
+        super().__init__(labels=labels, class_counts=class_counts, seed=seed, epochs=epochs)
         if not isinstance(samples_per_class, int) or samples_per_class < 1:
             raise ValueError(f"samples_per_class must be a positive integer, got {samples_per_class!r}")
         self.samples_per_class = samples_per_class
@@ -79,5 +86,86 @@ class ClassAwareSampler(Sampler):
         return np.concatenate(out)[: len(self.labels)]
 
 
-def build_sampler(name: str, params: dict, *, labels, class_counts, seed: int) -> Sampler:
-    return SAMPLERS.build(name, labels=labels, class_counts=class_counts, seed=seed, **params)
+class WeightedSampler(Sampler):
+    """Draws N positions with replacement from per-sample weights (`sample_weights(epoch)`)."""
+
+    def sample_weights(self, epoch: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def indices(self, epoch: int) -> np.ndarray:
+        w = np.asarray(self.sample_weights(epoch), dtype=np.float64)
+        return epoch_rng(self.seed, epoch).choice(len(self.labels), size=len(self.labels), replace=True, p=w / w.sum())
+
+
+def _class_power_weights(labels: np.ndarray, counts: np.ndarray, q: float) -> np.ndarray:
+    """Per-sample weights giving class probabilities p_j proportional to n_j^q."""
+    n = np.maximum(counts.astype(np.float64), 1.0)
+    return (n ** (q - 1.0))[labels]
+
+
+@SAMPLERS.register("square_root")
+class SquareRootSampler(WeightedSampler):
+    """Square-root sampling (Mahajan et al. 2018; Kang et al. 2020): p_j ~ n_j^(1/2)."""
+
+    def sample_weights(self, epoch: int) -> np.ndarray:
+        return _class_power_weights(self.labels, self.class_counts, 0.5)
+
+
+@SAMPLERS.register("progressive")
+class ProgressiveSampler(WeightedSampler):
+    """Progressively-balanced sampling (Kang et al. 2020, Eq. 2):
+    p_j(t) = (1 - t/T) * p_j^IB + (t/T) * p_j^CB with t the 0-idx epoch and T = train.epochs."""
+
+    def sample_weights(self, epoch: int) -> np.ndarray:
+        t = min(epoch / max(self.epochs, 1), 1.0)
+        n = np.maximum(self.class_counts.astype(np.float64), 1.0)
+        p_class = (1 - t) * n / n.sum() + t / len(n)
+        return (p_class / n)[self.labels]
+
+
+@SAMPLERS.register("resample")
+class EffectiveNumberResampler(WeightedSampler):
+    """Re-sampling (RS) of LDAM-DRW (`ImbalancedDatasetSampler` in `cifar_train.py`).
+
+    Per-sample weight (1 - beta) / (1 - beta^n_y), beta = 0.9999 (not 1/n); N draws with
+    replacement. Before `start_epoch` it samples instance-balanced (deferred re-sampling,
+    DRS, when start_epoch > 0). Unlike the official script, which builds this sampler but
+    never passes it to its DataLoader (LDAM-DRW issue #7), the loop really uses it.
+    """
+
+    def __init__(self, *, labels, class_counts, seed: int = 0, epochs: int = 1, beta: float = 0.9999,
+                 start_epoch: int = 0):
+        super().__init__(labels=labels, class_counts=class_counts, seed=seed, epochs=epochs)
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 <= beta < 1:
+            raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
+        if not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"start_epoch must be a non-negative integer, got {start_epoch!r}")
+        self.beta, self.start_epoch = float(beta), start_epoch
+
+    def sample_weights(self, epoch: int) -> np.ndarray:
+        n = self.class_counts.astype(np.float64)
+        per_class = (1.0 - self.beta) / (1.0 - np.power(self.beta, n))
+        return per_class[self.labels]
+
+    def indices(self, epoch: int) -> np.ndarray:
+        if epoch < self.start_epoch:
+            return epoch_rng(self.seed, epoch).permutation(len(self.labels))
+        return super().indices(epoch)
+
+
+def shard_indices(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """This rank's share of an epoch's global order, as torch's DistributedSampler.
+
+    The order is padded by wrapping around to a multiple of world_size, then rank r takes
+    positions r, r + W, r + 2W, ...; every rank gets the same number of items, and the
+    shards of one epoch are disjoint except for the padding.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    total = -(-len(order) // world_size) * world_size
+    padded = np.concatenate([order, order[: total - len(order)]]) if total > len(order) else order
+    return padded[rank::world_size]
+
+
+def build_sampler(name: str, params: dict, *, labels, class_counts, seed: int, epochs: int = 1) -> Sampler:
+    return SAMPLERS.build(name, labels=labels, class_counts=class_counts, seed=seed, epochs=epochs, **params)

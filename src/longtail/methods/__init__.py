@@ -1,8 +1,8 @@
 """Methods: recipes that configure model, loss, sampler and per-epoch hooks of the loop."""
 
 from ..registry import METHODS
-from . import standard  # noqa: F401  (registration)
-from .standard import Method, class_weight_for
+from . import decoupled, isda, standard  # noqa: F401  (registration)
+from .base import Method, class_weight_for
 
 
 def build_method(cfg, data) -> Method:

@@ -99,6 +99,8 @@ class Trainer:
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.loss_fn.load_state_dict(ckpt.get("loss", {}), strict="loss" in ckpt)
+            self.method.load_state_dict(ckpt.get("method", {}))
             self.start_epoch = int(ckpt["epoch"])
             self.best = {"epoch": ckpt["best_val_epoch"], "top1": float(ckpt["best_val_top1"])}
             torch.set_rng_state(ckpt["torch_rng"])
@@ -134,7 +136,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.method.on_epoch_start(epoch, self.loss_fn)
-        self.model.train()
+        self.method.set_train_mode(self.model)
         order = self.sampler.indices(epoch)
         gen = torch.Generator().manual_seed(_epoch_seed(t.seed, epoch))
         tic = time.time()
@@ -144,7 +146,7 @@ class Trainer:
             pos = order[start:start + t.batch_size]
             target = torch.from_numpy(data.train.labels[pos]).to(device)
             images = self.augment(torch.from_numpy(data.train.batch(pos)).to(device), gen)
-            loss, logits = self.method.training_loss(self.model, images, target, self.loss_fn)
+            loss, logits = self.method.training_loss(self.model, images, target, self.loss_fn, gen)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingError(
@@ -184,6 +186,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch + 1,
             "best_val_epoch": self.best["epoch"], "best_val_top1": self.best["top1"],
             "torch_rng": torch.get_rng_state(), "config": self.cfg.to_dict(),
+            "loss": self.loss_fn.state_dict(), "method": self.method.state_dict(),
             "class_counts": torch.as_tensor(self.data.class_counts),
         }, self.run_dir / CHECKPOINT)
 
