@@ -70,13 +70,18 @@ def test_resample_is_really_rebalanced_and_deferrable():
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_shards_are_disjoint_and_cover_the_epoch(world):
-    from longtail.data.samplers import shard_indices
+def test_split_batches_cover_the_epoch_exactly_once(world):
+    from longtail.data.samplers import split_batch
 
     order = build_sampler("instance", {}, labels=LABELS, class_counts=COUNTS, seed=0).indices(1)
-    shards = [shard_indices(order, r, world) for r in range(world)]
-    assert len({len(s) for s in shards}) == 1
-    flat = np.concatenate(shards)
-    assert set(flat.tolist()) == set(order.tolist())
-    pad = len(flat) - len(order)
-    assert pad < world and len(flat) - len(set(flat.tolist())) == pad
+    batch = 16
+    per_rank = [[split_batch(order[s:s + batch], r, world, order) for s in range(0, len(order), batch)]
+                for r in range(world)]
+    assert len({len(p) for p in per_rank}) == 1  # same number of steps on every rank
+    for step in range(len(per_rank[0])):  # the ranks' parts of a step are the single-process batch
+        union = np.sort(np.concatenate([per_rank[r][step] for r in range(world)]))
+        assert union.tolist() == sorted(order[step * batch:(step + 1) * batch].tolist())
+    seen = np.concatenate([np.concatenate(p) for p in per_rank])
+    assert sorted(seen.tolist()) == list(range(len(LABELS)))  # 70 = 4 * 16 + 6: no padding needed
+    short = split_batch(order[:1], 1, world, order)  # a last batch smaller than the world is filled up
+    assert len(short) == 1

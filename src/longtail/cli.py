@@ -93,6 +93,55 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_predict(args) -> int:
+    from .inference import load, rebalanced_training
+    from .predict_files import predict_paths
+
+    predictor = load(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    rows = predict_paths(predictor, args.paths, out=args.out, k=args.k, prior=args.prior, tau=args.tau,
+                         batch_size=args.batch_size, progress=not args.no_progress)
+    why = rebalanced_training(predictor.config)
+    if args.prior == "uniform" and args.tau > 0 and why:
+        print(f"longtail: note: the run was trained with re-balancing ({why}); --prior uniform adjusts it "
+              "again, --prior train leaves its logits as they are", file=sys.stderr)
+    shown = rows[:max(args.show, 0)]
+    width = max([len(r["path"]) for r in shown] + [4])
+    for r in shown:
+        if r["status"] == "ok":
+            top = "  ".join(f"{c} {p:.3f}" for c, p in zip(r["classes"][:3], r["probs"][:3], strict=True))
+            print(f"{r['path']:<{width}}  {top}")
+        else:
+            print(f"{r['path']:<{width}}  error: {r['error']}")
+    errors = sum(r["status"] == "error" for r in rows)
+    more = f" ({len(rows) - len(shown)} more rows in the file)" if len(rows) > len(shown) else ""
+    print(f"wrote {args.out}: {len(rows) - errors} classified, {errors} unreadable{more}; prior {args.prior}, "
+          f"tau {args.tau:g}")
+    if errors:
+        print(f"longtail: warning: {errors} file(s) could not be read; see the error column of {args.out}",
+              file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_run
+
+    meta = export_run(args.run_dir, args.out, checkpoint=args.checkpoint)
+    print(f"wrote {args.out}: torch.export program, input {meta['input']}, output {meta['output']}, "
+          f"{len(meta['class_names'])} classes (metadata in the extra file longtail.json)")
+    return 0
+
+
+def _cmd_doctor(args) -> int:
+    from .doctor import format_report, run_doctor
+
+    report = run_doctor(args.spec, out=args.out, overrides=args.overrides, features=args.features,
+                        checkpoint=args.checkpoint, many_threshold=args.many_threshold,
+                        few_threshold=args.few_threshold, min_ratio=args.min_ratio, top=args.top,
+                        max_per_class=args.max_per_class, device=args.device, progress=not args.no_progress)
+    print(format_report(report, limit=args.top))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longtail", description="Long-tailed image recognition toolkit.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -131,6 +180,43 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
     v.set_defaults(func=_cmd_validate)
+
+    pr = sub.add_parser("predict", help="classify image files and folders with a trained run -> CSV")
+    pr.add_argument("run_dir", help="a trained run folder")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders (walked recursively)")
+    pr.add_argument("--out", default="predictions.csv", help="CSV file to write (default predictions.csv)")
+    pr.add_argument("--k", type=int, default=5, help="top-k classes per image (default 5, capped at C)")
+    pr.add_argument("--prior", default="uniform",
+                    help="target label distribution: uniform (default), train (no adjustment) or a file")
+    pr.add_argument("--tau", type=float, default=1.0, help="logit adjustment strength (default 1)")
+    pr.add_argument("--checkpoint", choices=["last", "best_val"], default="last")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    pr.add_argument("--show", type=int, default=10, help="rows to print (default 10)")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=_cmd_predict)
+
+    x = sub.add_parser("export", help="export a run's network for plain PyTorch (torch.export, .pt2)")
+    x.add_argument("run_dir")
+    x.add_argument("--out", required=True, help="file to write, e.g. model.pt2")
+    x.add_argument("--checkpoint", choices=["last", "best_val"], default="last")
+    x.set_defaults(func=_cmd_export)
+
+    dr = sub.add_parser("doctor", help="inspect a dataset before training: counts, imbalance, duplicates, "
+                                        "unreadable files, confusable head-tail pairs")
+    dr.add_argument("spec", metavar="DATA-SPEC", help="an image folder (train/<class>/* or <class>/*) or a YAML config")
+    dr.add_argument("overrides", nargs="*", help="dotted overrides for a config, e.g. data.imbalance_ratio=50")
+    dr.add_argument("--out", default="longtail-doctor", help="folder for doctor.json and class_counts.png")
+    dr.add_argument("--features", metavar="RUN_DIR", help="a trained run: rank confusable head-tail class pairs")
+    dr.add_argument("--checkpoint", choices=["last", "best_val"], default="last")
+    dr.add_argument("--many-threshold", type=int, help="many: n > this (default: the config's, else 100)")
+    dr.add_argument("--few-threshold", type=int, help="few: n < this (default: the config's, else 20)")
+    dr.add_argument("--min-ratio", type=float, default=2.0, help="pairs need n_head >= this x n_tail (default 2)")
+    dr.add_argument("--top", type=int, default=10, help="pairs and rows to print (default 10)")
+    dr.add_argument("--max-per-class", type=int, default=100, help="images per class for the prototypes (default 100)")
+    dr.add_argument("--device", default="auto")
+    dr.add_argument("--no-progress", action="store_true")
+    dr.set_defaults(func=_cmd_doctor)
 
     m = sub.add_parser("methods", help="list registered methods, losses, samplers, models, heads")
     m.set_defaults(func=_cmd_methods)

@@ -98,6 +98,7 @@ class TrainConfig:
     progress: bool = True
     deterministic: bool = True  # torch.use_deterministic_algorithms
     channels_last: bool = True  # NHWC memory format: +36 % img/s for ResNet-32 on this CPU
+    sync_bn: bool = False  # distributed runs: SyncBatchNorm across processes
     mixup_alpha: float = 0.0  # > 0: mixup batches with lam ~ Beta(alpha, alpha) (MiSLAS stage 1: 1.0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

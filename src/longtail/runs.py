@@ -29,6 +29,7 @@ from .errors import CheckpointError, ConfigError
 from .eval.metrics import compute_metrics
 from .eval.predict import predict
 from .methods import build_method
+from .train import distributed
 from .train.checkpoint import (atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text,
                                safe_torch_load)
 from .train.loop import BEST_VAL, CHECKPOINT, fit, resolve_device
@@ -60,16 +61,34 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 def train_run(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, evaluate: bool = True,
               arrays: dict | None = None, log=print) -> dict:
-    """Train (or resume) into `out`, then evaluate; returns the eval.json content."""
+    """Train (or resume) into `out`, then evaluate; returns the eval.json content.
+
+    Under torchrun every process calls this; all check the inputs before rank 0 creates
+    anything, only rank 0 writes, and only rank 0 evaluates (the others return {}).
+    """
     out = Path(out)
+    if cfg is None and resume:
+        cfg = load_run_config(out)
+    ctx = distributed.init(cfg.train.device if cfg is not None else "cpu")
+    try:
+        return _train_run(cfg, out, resume=resume, evaluate=evaluate, arrays=arrays, ctx=ctx,
+                          log=log if ctx.is_main else (lambda *a: None))
+    finally:
+        if ctx.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, log) -> dict:
     created = False
     if resume:
         saved = load_run_config(out)
         if cfg is not None and diff_configs(cfg, saved):
             raise ConfigError(f"config differs from the one saved in {out}: {', '.join(diff_configs(cfg, saved))}")
         cfg = saved
-        for stale in [*out.glob(".*.tmp"), *out.glob("checkpoints/.*.tmp")]:
-            stale.unlink()  # temporary files of a write that a crash interrupted
+        distributed.barrier()
+        if ctx.is_main:
+            for stale in [*out.glob(".*.tmp"), *out.glob("checkpoints/.*.tmp")]:
+                stale.unlink()  # temporary files of a write that a crash interrupted
         if not (out / CHECKPOINT).is_file():
             resume = False  # crashed before the first checkpoint: start over in place
     else:
@@ -77,22 +96,22 @@ def train_run(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, e
             raise ConfigError("a config is required to start a new run")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ConfigError(f"run folder {out} already exists and is not empty; use --resume or another --out")
-    data = build_data(cfg.data, arrays=arrays, progress=cfg.train.progress)
+    data = build_data(cfg.data, arrays=arrays, progress=cfg.train.progress and ctx.is_main)
     check_components(cfg, data)
     resolve_device(cfg.train.device)
     log(data.summary())
-    if not out.exists():
+    distributed.barrier()  # every process has checked its inputs before anything is created
+    if ctx.is_main and not out.exists():
         out.mkdir(parents=True)
         created = True
     try:
-        if not resume:
+        if not resume and ctx.is_main:
             atomic_write_text(out / "config.yaml", dump_config(cfg))
             atomic_write_json(out / "data.json", data_info(data))
-        done = 0
-        if resume:
-            done = int(safe_torch_load(out / CHECKPOINT)["epoch"])
+        distributed.barrier()
+        done = int(safe_torch_load(out / CHECKPOINT)["epoch"]) if resume else 0
         if not build_method(cfg, data).trains:
-            if not resume:
+            if not resume and ctx.is_main:
                 fit_posthoc_run(cfg, data, out, log=log)
         elif done < cfg.train.epochs:
             fit(cfg, data, out, resume=resume, log=log)
@@ -100,6 +119,8 @@ def train_run(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, e
         if created and not (out / CHECKPOINT).exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
+    if not ctx.is_main:
+        return {}
     return evaluate_run(out, cfg=cfg, data=data, log=log) if evaluate else {}
 
 

@@ -18,26 +18,33 @@ def to_float(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator, shard: tuple | None = None
+                ) -> torch.Tensor:
     """Zero-pad by `padding` and crop back to (H, W) at a random offset per image.
 
     Args:
         images: (B, C, H, W) any dtype.
+        shard: (rank, world_size, global_batch_size): the offsets are drawn for the
+            whole global batch and this rank takes rows rank::world_size, so a
+            distributed run crops exactly as one process would. None: (0, 1, B).
     """
     if padding == 0:
         return images
     B, C, H, W = images.shape
+    rank, world, total = shard or (0, 1, B)
     padded = F.pad(images, (padding, padding, padding, padding))
-    offsets = torch.randint(0, 2 * padding + 1, (2, B), generator=generator).to(images.device)
+    offsets = torch.randint(0, 2 * padding + 1, (2, total), generator=generator)[:, rank::world]
+    offsets = offsets.to(images.device)
     rows = offsets[0, :, None] + torch.arange(H, device=images.device)  # (B, H)
     cols = offsets[1, :, None] + torch.arange(W, device=images.device)  # (B, W)
     out = padded.gather(2, rows[:, None, :, None].expand(B, C, H, W + 2 * padding))
     return out.gather(3, cols[:, None, None, :].expand(B, C, H, W))
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each (B, C, H, W) image horizontally with probability 0.5."""
-    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+def random_flip(images: torch.Tensor, generator: torch.Generator, shard: tuple | None = None) -> torch.Tensor:
+    """Flip each (B, C, H, W) image horizontally with probability 0.5 (draws sharded as random_crop)."""
+    rank, world, total = shard or (0, 1, images.shape[0])
+    flip = (torch.rand(total, generator=generator)[rank::world] < 0.5).to(images.device)
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
@@ -54,13 +61,14 @@ class BatchAugment:
         self.flip = flip
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                 shard: tuple | None = None) -> torch.Tensor:
         """uint8 (B, H, W, C) on the device -> float (B, C, H, W)."""
         x = images.permute(0, 3, 1, 2)
         if generator is not None:
-            x = random_crop(x, self.crop_padding, generator)
+            x = random_crop(x, self.crop_padding, generator, shard)
             if self.flip:
-                x = random_flip(x, generator)
+                x = random_flip(x, generator, shard)
         x = x.float().div_(255.0)
         x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
         return x.contiguous(memory_format=self.memory_format)

@@ -36,7 +36,9 @@ def decode_image(data: bytes, name: str, *, channels: int = 3, size: int | None 
                 if size is not None and img.size != (size, size):
                     img = img.resize((size, size), Image.Resampling.BILINEAR)
                 array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except UnidentifiedImageError:
+        raise DataError(f"cannot decode image {name}: not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError) as err:
         raise DataError(f"cannot decode image {name}: {err}") from None
     if array.ndim == 2:
         array = array[:, :, None]

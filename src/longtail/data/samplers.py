@@ -153,18 +153,19 @@ class EffectiveNumberResampler(WeightedSampler):
         return super().indices(epoch)
 
 
-def shard_indices(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """This rank's share of an epoch's global order, as torch's DistributedSampler.
+def split_batch(global_batch: np.ndarray, rank: int, world_size: int, order: np.ndarray) -> np.ndarray:
+    """This rank's part of one global batch: positions rank, rank + W, rank + 2W, ...
 
-    The order is padded by wrapping around to a multiple of world_size, then rank r takes
-    positions r, r + W, r + 2W, ...; every rank gets the same number of items, and the
-    shards of one epoch are disjoint except for the padding.
+    Every process walks the same global order in global batches of train.batch_size, so the
+    union of the ranks' parts is exactly the single-process batch and every sample is seen
+    once per epoch. Only when the last global batch is smaller than the number of processes
+    is it filled up from the start of the epoch's order, so that no rank gets an empty batch.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    total = -(-len(order) // world_size) * world_size
-    padded = np.concatenate([order, order[: total - len(order)]]) if total > len(order) else order
-    return padded[rank::world_size]
+    if len(global_batch) < world_size:
+        global_batch = np.concatenate([global_batch, order[: world_size - len(global_batch)]])
+    return global_batch[rank::world_size]
 
 
 def build_sampler(name: str, params: dict, *, labels, class_counts, seed: int, epochs: int = 1) -> Sampler:

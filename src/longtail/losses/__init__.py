@@ -1,7 +1,18 @@
 """Losses: one module per family, each an nn.Module(logits, target) built from class_counts."""
 
 from ..registry import LOSSES
-from . import ce  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    balanced_softmax,
+    ce,
+    class_balanced,
+    eql,
+    focal,
+    ghm,
+    label_smoothing,
+    ldam,
+    logit_adjustment,
+    seesaw,
+)
 from .base import Loss, effective_number_weights, inverse_frequency_weights
 
 

@@ -15,7 +15,7 @@ def effective_number_weights(class_counts, beta: float) -> torch.Tensor:
     """
     if not 0 <= beta < 1:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
-    n = np.asarray(class_counts, dtype=np.float64)
+    n = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)  # an empty class would give 0/0
     w = (1.0 - beta) / (1.0 - np.power(beta, n))
     w = w / w.sum() * len(n)
     return torch.tensor(w, dtype=torch.float32)

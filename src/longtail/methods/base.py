@@ -68,20 +68,21 @@ class Method:
         weight = class_weight_for(r.scheme, self.data.class_counts, r.beta) if epoch >= r.start_epoch else None
         loss.set_class_weight(weight)
 
-    def logits(self, model: Classifier, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Training-time logits (B, C); ISDA overrides this to augment them."""
-        return model(images)
+    def logits(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Training-time logits (B, C). `forward(images) -> (pooled features, logits)` is the
+        (possibly DDP-wrapped) forward pass; `model` gives access to weights. ISDA overrides this."""
+        return forward(images)[1]
 
-    def training_loss(self, model: Classifier, images: torch.Tensor, target: torch.Tensor, loss: Loss,
+    def training_loss(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss: Loss,
                       generator: torch.Generator):
         """Returns (scalar loss, logits (B, C)). With train.mixup_alpha > 0 the batch is mixed
         (Zhang et al. 2018, as MiSLAS stage 1): loss = lam * L(z, y_a) + (1 - lam) * L(z, y_b)."""
         alpha = self.cfg.train.mixup_alpha
         if alpha > 0:
             images, target_b, lam = mixup_batch(images, target, alpha=alpha, generator=generator)
-            logits = self.logits(model, images, target)
+            logits = self.logits(model, forward, images, target)
             return lam * loss(logits, target) + (1.0 - lam) * loss(logits, target_b), logits
-        logits = self.logits(model, images, target)
+        logits = self.logits(model, forward, images, target)
         return loss(logits, target), logits
 
     # -- post-hoc methods

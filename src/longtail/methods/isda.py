@@ -24,6 +24,7 @@ import torch
 from ..errors import ConfigError
 from ..models import Classifier
 from ..registry import METHODS
+from ..train.distributed import all_gather_cat
 from .base import Method
 
 
@@ -103,15 +104,15 @@ class ISDA(Method):
         super().on_epoch_start(epoch, loss)
         self.lam = self.lambda0 * epoch / self.cfg.train.epochs
 
-    def logits(self, model: Classifier, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        features = model.forward_head(model.forward_features(images), pre_logits=True)
-        logits = model.head(features)
+    def logits(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        features, logits = forward(images)
         if self.estimator is None:
             self.estimator = CovarianceEstimator(logits.shape[1], features.shape[1], diagonal=self.diagonal)
             if self._pending_state is not None:
                 self.estimator.load_state_dict(self._pending_state)
             self.estimator.to(features.device)
-        self.estimator.update(features, target)
+        # distributed: every rank updates with the whole global batch, so estimates agree
+        self.estimator.update(all_gather_cat(features.detach()), all_gather_cat(target))
         return isda_logits(logits, model.head.weight, target, self.estimator.cov.to(logits.dtype), self.lam)
 
     def state_dict(self) -> dict:

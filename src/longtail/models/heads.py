@@ -89,4 +89,6 @@ class NCMHead(nn.Module):
         return F.normalize(features - self.feature_mean, dim=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return -torch.cdist(self.normalise(features), self.centroids).pow(2)
+        x = self.normalise(features)
+        # ||x - c||^2 written out: one matmul, and exportable with torch.export at any batch size
+        return -(x.pow(2).sum(1, keepdim=True) - 2 * x @ self.centroids.t() + self.centroids.pow(2).sum(1))

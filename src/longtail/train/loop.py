@@ -21,10 +21,12 @@ import torch
 from ..config import RunConfig
 from ..data.augment import BatchAugment
 from ..data.build import LTData
-from ..errors import CheckpointError, LongtailError
+from ..data.samplers import split_batch
+from ..errors import CheckpointError, ConfigError, LongtailError
 from ..eval.metrics import compute_metrics
 from ..eval.predict import predict
 from ..methods import build_method
+from . import distributed
 from .checkpoint import append_line, atomic_torch_save, atomic_write_text, safe_torch_load
 from .schedule import learning_rate
 
@@ -68,8 +70,27 @@ def _progress(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True, mininterval=0.5)
 
 
+class TrainForward(torch.nn.Module):
+    """images -> (pooled features (B, D), logits (B, C)); the module DDP wraps, so every
+    method's forward pass (ISDA needs the features) goes through DDP's gradient hooks."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        pooled = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+        return pooled, self.model.head(pooled)
+
+
 class Trainer:
-    """Holds what one training run needs; `run()` trains the remaining epochs."""
+    """Holds what one training run needs; `run()` trains the remaining epochs.
+
+    Under torchrun (docs/distributed.md) the forward pass runs through
+    DistributedDataParallel, each rank takes its shard of the global order and batch,
+    losses and accuracies are reduced over ranks, the ranks' parameters are compared after
+    every epoch, and only rank 0 validates and writes.
+    """
 
     def __init__(self, cfg: RunConfig, data: LTData, run_dir: str | Path, *, log=print):
         self.cfg, self.data, self.run_dir, self.log = cfg, data, Path(run_dir), log
@@ -91,6 +112,20 @@ class Trainer:
                                     flip=t.augment.flip, device=self.device, channels_last=t.channels_last)
         self.start_epoch = 0
         self.best = {"epoch": None, "top1": -math.inf}
+        self.dist = distributed.context()
+        self._sync_loss_statistics = getattr(self.loss_fn, "sync_statistics", None)
+        self.forward: torch.nn.Module = TrainForward(self.model)
+        if self.dist.enabled:
+            if t.batch_size % self.dist.world_size:
+                raise ConfigError(f"train.batch_size ({t.batch_size}) is the global batch and must be divisible "
+                                  f"by the number of processes ({self.dist.world_size})")
+            if t.sync_bn:
+                if self.device.type != "cuda":
+                    raise ConfigError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                self.forward = TrainForward(self.model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, device_ids=ids)
 
     def resume(self) -> None:
         """Restore model, optimiser, epoch, best-val and RNG state; drop metrics of unsaved epochs."""
@@ -106,21 +141,30 @@ class Trainer:
             torch.set_rng_state(ckpt["torch_rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {str(err).splitlines()[0]}") from None
-        rows = [r for r in read_metrics(self.run_dir) if r.get("epoch", math.inf) < self.start_epoch]
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        if self.dist.is_main:
+            rows = [r for r in read_metrics(self.run_dir) if r.get("epoch", math.inf) < self.start_epoch]
+            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         self.log(f"resuming {self.run_dir} after epoch {self.start_epoch}/{self.cfg.train.epochs}")
 
     def run(self) -> dict:
         t = self.cfg.train
         started = time.time()
-        bar = _progress((t.epochs - self.start_epoch) * len(self.sampler), "train", t.progress)
+        bar = _progress((t.epochs - self.start_epoch) * len(self.sampler), "train", t.progress and self.dist.is_main)
         log = bar.write if t.progress and self.log is print else self.log  # keep the bar intact
         try:
             for epoch in range(self.start_epoch, t.epochs):
                 row = self.train_epoch(epoch, bar)
-                row.update(self.validate(epoch))
-                append_line(self.run_dir / "metrics.jsonl", json.dumps(row))
-                self.save(epoch)
+                if self.dist.enabled:
+                    row["ranks_identical"] = self.ranks_identical()
+                    if not row["ranks_identical"]:
+                        raise TrainingError(f"the processes' weights diverged in epoch {epoch + 1}")
+                if self.dist.is_main:
+                    row.update(self.validate(epoch))
+                    append_line(self.run_dir / "metrics.jsonl", json.dumps(row))
+                    self.save(epoch)
+                distributed.barrier()
+                if not self.dist.is_main:
+                    continue
                 val_text = f", val top1 {row['val_top1']:.2f}" if "val_top1" in row else ""
                 log(f"epoch {epoch + 1}/{t.epochs}: lr {row['lr']:.2e}, loss {row['train_loss']:.4f}, "
                     f"train top1 {row['train_top1']:.2f}{val_text}, {row['images_per_s']:.0f} img/s, "
@@ -138,16 +182,19 @@ class Trainer:
         self.method.on_epoch_start(epoch, self.loss_fn)
         self.method.set_train_mode(self.model)
         order = self.sampler.indices(epoch)
+        rank, world = self.dist.rank, self.dist.world_size
         gen = torch.Generator().manual_seed(_epoch_seed(t.seed, epoch))
         tic = time.time()
         loss_sum, correct, seen, last_finite = 0.0, 0, 0, None
         bar.set_description(f"epoch {epoch + 1}/{t.epochs}")
         for step, start in enumerate(range(0, len(order), t.batch_size)):
-            pos = order[start:start + t.batch_size]
+            global_pos = order[start:start + t.batch_size]
+            pos = split_batch(global_pos, rank, world, order)
             target = torch.from_numpy(data.train.labels[pos]).to(device)
-            images = self.augment(torch.from_numpy(data.train.batch(pos)).to(device), gen)
-            loss, logits = self.method.training_loss(self.model, images, target, self.loss_fn, gen)
-            value = float(loss.detach())
+            shard = (rank, world, max(len(global_pos), world))
+            images = self.augment(torch.from_numpy(data.train.batch(pos)).to(device), gen, shard)
+            loss, logits = self.method.training_loss(self.model, self.forward, images, target, self.loss_fn, gen)
+            value = float(distributed.all_reduce_sum(loss.detach().clone().reshape(1))) / world
             if not math.isfinite(value):
                 raise TrainingError(
                     f"non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1}; last finite loss "
@@ -157,14 +204,24 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            loss_sum += value * len(pos)
+            if self._sync_loss_statistics is not None:
+                self._sync_loss_statistics()  # e.g. seesaw counts: sum the ranks' increments
+            loss_sum += value * len(global_pos)
             correct += int((logits.detach().argmax(1) == target).sum())
-            seen += len(pos)
-            bar.update(len(pos))
+            seen += len(global_pos)
+            bar.update(len(global_pos))
             bar.set_postfix(loss=f"{value:.3f}", img_s=f"{seen / max(time.time() - tic, 1e-9):.0f}", refresh=False)
+        correct = int(distributed.all_reduce_sum(torch.tensor([correct], dtype=torch.float64, device=device)))
         seconds = time.time() - tic
         return {"epoch": epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1),
                 "train_top1": 100.0 * correct / max(seen, 1), "seconds": seconds, "images_per_s": seen / seconds}
+
+    def ranks_identical(self) -> bool:
+        """All ranks hold bitwise the same parameters (compared through a float64 fingerprint)."""
+        with torch.no_grad():
+            fp = torch.stack([p.double().sum() * (i + 1) for i, p in enumerate(self.model.parameters())]).sum()
+        prints = distributed.all_gather_cat(fp.reshape(1))
+        return bool((prints == prints[0]).all())
 
     def validate(self, epoch: int) -> dict:
         """Validation metrics; saves best_val.pt when val top-1 improves. {} without a val split."""

@@ -1,0 +1,96 @@
+"""Distributed data parallel on PyTorch's own engine, launched by torchrun.
+
+`torchrun --nproc_per_node N -m longtail train CONFIG --out RUN_DIR` sets RANK,
+WORLD_SIZE and LOCAL_RANK; `init()` then joins the process group (gloo on CPU, nccl on
+CUDA, device cuda:LOCAL_RANK). Without those variables everything runs in one process
+and every helper here is a no-op.
+
+Conventions (docs/distributed.md): `train.batch_size` is the *global* batch, each rank
+takes batch_size / world_size, so the learning rate of a config means the same thing on
+any number of processes. Every rank computes the same global epoch order from (seed,
+epoch) and takes its interleaved shard, so a global batch holds exactly the images of the
+single-process batch; augmentation draws are made for the global batch and sliced the
+same way. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str = "cpu") -> DistContext:
+    """Join the torchrun process group if launched by torchrun (idempotent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            torch.cuda.set_device(ctx.local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return ctx
+
+
+def context() -> DistContext:
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistContext()
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op in one process); returns the tensor."""
+    if context().enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors of all ranks along dim 0, in rank order."""
+    ctx = context()
+    if not ctx.enabled:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def interleave(gathered: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Rank-ordered concatenation of per-rank shards r::W -> the global batch order."""
+    if world_size == 1:
+        return gathered
+    local = gathered.shape[0] // world_size
+    return gathered.view(world_size, local, *gathered.shape[1:]).transpose(0, 1).reshape(gathered.shape)
+
+
+def barrier() -> None:
+    if context().enabled:
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank."""
+    if not context().enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
