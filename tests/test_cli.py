@@ -96,3 +96,17 @@ def test_installed_console_script():
     proc = subprocess.run([exe, "validate", str(REPO / "configs/cifar10_lt/ce.yaml"), "train.nope=1"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "unknown config key 'train.nope'" in proc.stderr
+
+
+def test_posthoc_logit_adjustment(tmp_path, capsys):
+    import numpy as np
+
+    run = tmp_path / "run"
+    assert main(["train", str(write_config(tmp_path)), "--out", str(run)]) == 0
+    assert main(["eval", str(run), "--logit-adjust-tau", "1"]) == 0
+    adjusted = json.loads((run / "eval_logit_adjusted.json").read_text())
+    preds = np.load(run / "predictions.npz")
+    counts = np.asarray(json.loads((run / "data.json").read_text())["class_counts"], dtype=np.float64)
+    expected = (preds["logits"] - np.log(counts / counts.sum())).argmax(1)  # z_y - tau log pi_y, tau = 1
+    assert adjusted["top1"] == pytest.approx((expected == preds["labels"]).mean() * 100)
+    assert adjusted["tau"] == 1.0 and "eval_logit_adjusted.json" in capsys.readouterr().out

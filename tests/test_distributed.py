@@ -135,3 +135,26 @@ def test_resume_under_torchrun(runs, tmp_path):
     rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[2]["ranks_identical"]
     assert safe_torch_load(run_dir / "checkpoints/last.pt")["epoch"] == 3
+
+
+@pytest.mark.parametrize("loss", ["ghm_c", "seesaw"])
+def test_loss_statistics_are_reduced_over_ranks(tmp_path, loss):
+    """GHM-C's bin counts and seesaw's cumulative class counts are summed over the ranks."""
+    cfg = yaml.safe_load(write_config(tmp_path / "c.yaml", norm="none").read_text())
+    cfg["loss"] = {"name": loss}
+    cfg["train"]["epochs"] = 1
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run([sys.executable, "-m", "longtail", "train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "single")],
+        tmp_path / "s")
+    run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "longtail", "train", str(tmp_path / "c.yaml"),
+         "--out", str(tmp_path / "ddp")], tmp_path / "d")
+    a = safe_torch_load(tmp_path / "single/checkpoints/last.pt")
+    b = safe_torch_load(tmp_path / "ddp/checkpoints/last.pt")
+    for k in a["loss"]:
+        assert torch.allclose(a["loss"][k].double(), b["loss"][k].double(), rtol=1e-5, atol=1e-6), k
+    if loss == "seesaw":
+        counts = json.loads((tmp_path / "ddp/data.json").read_text())["class_counts"]
+        assert b["loss"]["cum_samples"].tolist() == counts  # one epoch: every label counted once
+    else:  # the global histogram makes the 2-process run equal to the 1-process one
+        for k in a["model"]:
+            assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5), k

@@ -64,13 +64,17 @@ def _print_eval(result: dict) -> None:
     print(format_summary(f"last (epoch {result['epoch']})", result))
     if "best_val" in result:
         print(format_summary(f"best-val (epoch {result['best_val']['epoch']})", result["best_val"]))
-    print(f"wrote {result['run']}/eval.json")
+    name = "eval_logit_adjusted.json" if "posthoc" in result else "eval.json"
+    print(f"wrote {result['run']}/{name}")
 
 
 def _cmd_eval(args) -> int:
     from .runs import evaluate_run
 
-    _print_eval(evaluate_run(args.run_dir))
+    result = evaluate_run(args.run_dir, logit_adjust_tau=args.logit_adjust_tau)
+    _print_eval(result)
+    if args.logit_adjust_tau is not None:
+        print(f"(post-hoc logit adjustment, tau {args.logit_adjust_tau:g}: eval_logit_adjusted.json)")
     return 0
 
 
@@ -174,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run folder: predictions.npz and eval.json")
     e.add_argument("run_dir")
+    e.add_argument("--logit-adjust-tau", type=float, metavar="TAU",
+                   help="also: post-hoc logit adjustment toward a uniform prior (from predictions.npz)")
     e.set_defaults(func=_cmd_eval)
 
     v = sub.add_parser("validate", help="check a config and print it resolved")

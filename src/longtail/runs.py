@@ -17,6 +17,7 @@ and a run that fails before its first checkpoint removes the folder it created.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -136,6 +137,34 @@ def fit_posthoc_run(cfg: RunConfig, data: LTData, out: Path, *, log=print) -> di
     return info
 
 
+def _posthoc_logit_adjustment(run_dir: Path, cfg: RunConfig, tau: float) -> dict:
+    from .logit_adjust import adjust_logits, check_tau, train_prior
+
+    tau = check_tau(tau)
+    path = run_dir / "predictions.npz"
+    if not path.is_file():
+        raise CheckpointError(f"no predictions.npz in {run_dir}: run `longtail eval {run_dir}` first")
+    info = json.loads((run_dir / "data.json").read_text())
+    counts = np.asarray(info["class_counts"])
+    pi = train_prior(counts)
+    uniform = np.full(len(counts), 1.0 / len(counts))
+    e = cfg.eval
+    kw = dict(many_threshold=e.many_threshold, few_threshold=e.few_threshold, rare_threshold=e.rare_threshold,
+              ece_bins=e.ece_bins, class_names=info["class_names"])
+    with np.load(path) as preds:
+        result = {"run": str(run_dir), "split": "test", "checkpoint": "last", "posthoc": "logit adjustment",
+                  "tau": tau, "target_prior": "uniform"}
+        adjusted = adjust_logits(torch.from_numpy(preds["logits"]), pi_train=pi, pi_target=uniform, tau=tau)
+        result.update(compute_metrics(adjusted.numpy(), preds["labels"], counts, **kw))
+        if "best_val_logits" in preds:
+            adjusted = adjust_logits(torch.from_numpy(preds["best_val_logits"]), pi_train=pi, pi_target=uniform,
+                                     tau=tau)
+            result["best_val"] = compute_metrics(adjusted.numpy(), preds["labels"], counts, **kw)
+    result["epoch"] = int(safe_torch_load(run_dir / CHECKPOINT).get("epoch", 0))
+    atomic_write_json(run_dir / "eval_logit_adjusted.json", result)
+    return result
+
+
 def _load_model(cfg: RunConfig, data: LTData, path: Path, device) -> torch.nn.Module:
     model = build_method(cfg, data).build_model()
     state = safe_torch_load(path)
@@ -150,9 +179,17 @@ def _load_model(cfg: RunConfig, data: LTData, path: Path, device) -> torch.nn.Mo
 
 
 def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, data: LTData | None = None,
-                 arrays: dict | None = None, log=print) -> dict:
-    """Write predictions.npz and eval.json for the last epoch (and best-on-validation)."""
+                 arrays: dict | None = None, logit_adjust_tau: float | None = None, log=print) -> dict:
+    """Write predictions.npz and eval.json for the last epoch (and best-on-validation).
+
+    With `logit_adjust_tau`, the metrics are of post-hoc logit adjustment toward a uniform
+    test prior (Menon et al., ICLR 2021, Eq. 5): argmax_y z_y - tau * log pi_y, pi the
+    training prior; tau is given, not tuned on test. They go to eval_logit_adjusted.json and
+    predictions.npz / eval.json are left as they are.
+    """
     run_dir = Path(run_dir)
+    if logit_adjust_tau is not None:
+        return _posthoc_logit_adjustment(run_dir, cfg or load_run_config(run_dir), logit_adjust_tau)
     cfg = cfg or load_run_config(run_dir)
     if not (run_dir / CHECKPOINT).is_file():
         raise CheckpointError(f"no checkpoint in {run_dir} (train it first)")
