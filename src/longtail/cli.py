@@ -146,6 +146,33 @@ def _cmd_doctor(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .report import build_report
+
+    info = build_report(args.run_dirs, args.out, title=args.title)
+    print(f"wrote {info['out']}: {info['runs']} run(s), {info['figures']} figures embedded, "
+          f"{info['bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import load_grid, plan, run_grid, write_tables
+
+    grid = load_grid(args.grid, out=args.out, overrides=args.overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if args.list:
+        for cell, state in plan(grid, methods=methods):
+            stage = f"  (stage 1: {cell.stage1.key})" if cell.stage1 is not None else ""
+            print(f"{state:<7} {cell.key}{stage}")
+        return 0
+    if not args.table_only:
+        run_grid(grid, methods=methods, progress=False if args.no_progress else None)
+    tables = write_tables(grid)
+    print(tables["text"], end="")
+    print(f"wrote {tables['markdown']} and {tables['csv']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longtail", description="Long-tailed image recognition toolkit.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -223,6 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--device", default="auto")
     dr.add_argument("--no-progress", action="store_true")
     dr.set_defaults(func=_cmd_doctor)
+
+    rp = sub.add_parser("report", help="one self-contained HTML report of run folders (figures embedded)")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders with eval.json")
+    rp.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    rp.add_argument("--title", help="page title (default: the run, or the number of runs)")
+    rp.set_defaults(func=_cmd_report)
+
+    b = sub.add_parser("bench", help="run a grid (methods x imbalance ratios x seeds), resumable; "
+                                     "mean +- std tables (markdown, CSV)")
+    b.add_argument("grid", metavar="GRID.yaml", help="grid file (docs/bench.md)")
+    b.add_argument("overrides", nargs="*", help="dotted overrides for every cell, e.g. data.root=/data/cifar10")
+    b.add_argument("--out", help="folder of the cells and tables (default: the grid's out)")
+    b.add_argument("--methods", help="comma-separated methods of the grid to run (default: all)")
+    b.add_argument("--table-only", action="store_true", help="only rebuild results.md / results.csv")
+    b.add_argument("--list", action="store_true", help="print every cell and its state (done, resume, new)")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=_cmd_bench)
 
     m = sub.add_parser("methods", help="list registered methods, losses, samplers, models, heads")
     m.set_defaults(func=_cmd_methods)

@@ -1,0 +1,299 @@
+"""Grid files for `longtail bench`: methods x imbalance ratios x seeds, validated up front.
+
+A grid file (YAML)::
+
+    name: CIFAR-10-LT, CPU benchmark budget      # optional title of the tables
+    base: configs/cifar10_lt/ce.yaml               # config of methods that name none
+    out: runs/grids/cifar10_lt_cpu                 # cell folders OUT/<method>/ratio<R>/seed<S>/
+    imbalance_ratios: [100]                        # sets data.imbalance_ratio per cell
+    seeds: [0, 1, 2]                               # sets every key of seed_keys per cell
+    seed_keys: [train.seed]                        # optional; default [train.seed]
+    overrides: {train.epochs: 30}                  # optional, every cell ({key: value} or ["k=v"])
+    methods:
+      - name: ce
+        config: configs/cifar10_lt/ce.yaml         # optional; default: base
+        logit_adjust_tau: 1.0                      # optional: also eval_logit_adjusted.json
+      - name: ce_lr005
+        overrides: {train.lr: 0.05}                # optional, on top of the grid's overrides
+      - name: crt
+        config: configs/cifar10_lt/crt.yaml
+        stage1: ce                                 # stage-2 methods: the grid method they start from
+
+Paths (`base`, `config`, `out`) are relative to the folder `longtail bench` runs in, like
+every path in the configs (`data.root`). A stage-2 method's `method.params.stage1` is
+set to its stage-1 cell's `checkpoints/last.pt` of the same ratio and seed, so every
+stage-2 method of a ratio and seed shares one stage-1 run. Unknown keys, missing
+configs, invalid cell configs, unknown stage-1 references, stage-1 references of
+methods that take none (or none where the method needs one) and cycles are refused
+with a one-line ConfigError before anything runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import RunConfig, apply_overrides, config_from_dict, read_yaml
+from ..errors import ConfigError, did_you_mean
+
+GRID_KEYS = ("name", "base", "out", "imbalance_ratios", "seeds", "seed_keys", "overrides", "methods")
+METHOD_KEYS = ("name", "config", "overrides", "stage1", "logit_adjust_tau")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+GRID_SET_KEYS = ("data.imbalance_ratio", "method.params.stage1")  # set per cell by the grid
+
+
+@dataclass
+class MethodSpec:
+    """One method (row) of the grid."""
+
+    name: str
+    config: str  # the YAML config the method's cells start from
+    overrides: list[str] = field(default_factory=list)
+    stage1: str | None = None  # name of the grid method whose cells are this method's stage 1
+    logit_adjust_tau: float | None = None
+
+
+@dataclass
+class Cell:
+    """One run of the grid: a method at one imbalance ratio and one seed."""
+
+    method: str
+    ratio: float
+    seed: int
+    dir: Path
+    cfg: RunConfig
+    stage1: "Cell | None" = None
+    logit_adjust_tau: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}/{ratio_name(self.ratio)}/seed{self.seed}"
+
+
+@dataclass
+class Grid:
+    """A validated grid: methods in dependency order and every cell with its config."""
+
+    path: Path
+    name: str
+    base: str | None
+    out: Path
+    ratios: list[float]
+    seeds: list[int]
+    seed_keys: list[str]
+    methods: list[MethodSpec]  # the file's order (the tables' rows)
+    cells: list[Cell]  # by seed, then ratio, then method with each stage 1 before its stage 2
+
+    def method(self, name: str) -> MethodSpec:
+        return next(m for m in self.methods if m.name == name)
+
+    def cells_of(self, method: str) -> list[Cell]:
+        return [c for c in self.cells if c.method == method]
+
+
+def ratio_name(ratio: float) -> str:
+    """Folder name of an imbalance ratio: ratio100, ratio50, ratio12.5."""
+    return f"ratio{ratio:g}"
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _overrides(value, where: str) -> list[str]:
+    """`{a.b: v}` or `["a.b=v"]` -> ["a.b=v"] (values re-serialised as YAML flow)."""
+    import yaml
+
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            _need(isinstance(k, str) and k, f"{where}: override keys must be dotted config keys, got {k!r}")
+            out.append(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}")
+        return out
+    _need(isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value),
+          f"{where} must be a mapping {{key: value}} or a list of 'key=value' strings")
+    return list(value)
+
+
+def _takes_stage1(method_name: str) -> bool:
+    from .. import methods  # noqa: F401  (registration)
+    from ..registry import METHODS
+
+    builder = METHODS.get(method_name)
+    target = builder.__init__ if inspect.isclass(builder) else builder
+    return "stage1" in inspect.signature(target).parameters
+
+
+def is_posthoc(method_name: str) -> bool:
+    """True for methods that train no epochs (their class sets `trains = False`)."""
+    from .. import methods  # noqa: F401  (registration)
+    from ..registry import METHODS
+
+    return getattr(METHODS.get(method_name), "trains", True) is False
+
+
+def _order(methods: list[MethodSpec]) -> list[MethodSpec]:
+    """Stage 1 before stage 2 (stable otherwise); a cycle is a ConfigError naming it."""
+    by_name = {m.name: m for m in methods}
+    done: list[MethodSpec] = []
+    state: dict[str, str] = {}
+
+    def visit(m: MethodSpec, path: list[str]) -> None:
+        if state.get(m.name) == "done":
+            return
+        if state.get(m.name) == "active":
+            cycle = path[path.index(m.name):] + [m.name]
+            raise ConfigError(f"stage-1 references form a cycle: {' -> '.join(cycle)}")
+        state[m.name] = "active"
+        if m.stage1 is not None:
+            visit(by_name[m.stage1], path + [m.name])
+        state[m.name] = "done"
+        done.append(m)
+
+    for m in methods:
+        visit(m, [])
+    return done
+
+
+def _method_spec(entry, index: int, base: str | None) -> MethodSpec:
+    where = f"grid methods[{index}]"
+    _need(isinstance(entry, dict), f"{where} must be a mapping with a name")
+    for key in entry:
+        _need(key in METHOD_KEYS, f"unknown key '{key}' in {where}{did_you_mean(key, METHOD_KEYS)}; "
+                                  f"known: {', '.join(METHOD_KEYS)}")
+    name = entry.get("name")
+    _need(isinstance(name, str) and bool(NAME_PATTERN.match(name or "")),
+          f"{where}: name must be letters, digits, '_', '.', '+' or '-' (a folder name), got {name!r}")
+    where = f"grid method '{name}'"
+    config = entry.get("config", base)
+    _need(config is not None, f"{where} has no config and the grid has no base config")
+    _need(isinstance(config, str), f"{where}: config must be a path, got {config!r}")
+    stage1 = entry.get("stage1")
+    _need(stage1 is None or isinstance(stage1, str), f"{where}: stage1 must be a method name, got {stage1!r}")
+    tau = entry.get("logit_adjust_tau")
+    _need(tau is None or (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau >= 0),
+          f"{where}: logit_adjust_tau must be a number >= 0, got {tau!r}")
+    return MethodSpec(name=name, config=config, overrides=_overrides(entry.get("overrides"), f"{where} overrides"),
+                      stage1=stage1, logit_adjust_tau=None if tau is None else float(tau))
+
+
+def _set(values: dict, dotted: str, value) -> None:
+    node = values
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _read_config(spec: MethodSpec) -> dict:
+    try:
+        return read_yaml(spec.config)
+    except ConfigError as err:
+        raise ConfigError(f"grid method '{spec.name}': {err}") from None
+
+
+def _cell_config(spec: MethodSpec, grid_overrides: list[str], *, ratio: float, seed: int, seed_keys: list[str],
+                 stage1_path: str | None, extra: list[str]) -> RunConfig:
+    """The method's config, then the grid's overrides, the method's, the command line's; then
+    the grid's per-cell values (ratio, seeds, stage-1 checkpoint)."""
+    try:
+        values = apply_overrides(_read_config(spec), [*grid_overrides, *spec.overrides, *extra])
+        _set(values, "data.imbalance_ratio", float(ratio))
+        for key in seed_keys:
+            _set(values, key, seed)
+        if stage1_path is not None:
+            _set(values, "method.params.stage1", stage1_path)
+        return config_from_dict(values)
+    except ConfigError as err:
+        msg = str(err)
+        if not msg.startswith("grid method"):
+            msg = f"grid method '{spec.name}' ({spec.config}): {msg}"
+        raise ConfigError(msg) from None
+
+
+def load_grid(path: str | Path, *, out: str | Path | None = None, overrides: list[str] | None = None) -> Grid:
+    """Read and validate a grid file; `out` replaces the grid's output folder, `overrides`
+    (["a.b=c"]) apply to every cell after the grid's own overrides."""
+    path = Path(path)
+    raw = read_yaml(path)
+    for key in raw:
+        _need(key in GRID_KEYS, f"unknown key '{key}' in grid {path}{did_you_mean(key, GRID_KEYS)}; "
+                                f"known: {', '.join(GRID_KEYS)}")
+    for key in ("methods", "imbalance_ratios", "seeds"):
+        _need(key in raw, f"grid {path} needs '{key}'")
+    base = raw.get("base")
+    _need(base is None or isinstance(base, str), f"grid key 'base' must be a config path, got {base!r}")
+    out = out if out is not None else raw.get("out")
+    _need(isinstance(out, (str, Path)) and str(out) != "", f"grid {path} needs 'out' (or give --out)")
+    ratios = raw["imbalance_ratios"]
+    _need(isinstance(ratios, list) and ratios and all(isinstance(r, (int, float)) and not isinstance(r, bool)
+                                                      and r >= 1 for r in ratios),
+          f"grid key 'imbalance_ratios' must be a non-empty list of numbers >= 1, got {ratios!r}")
+    _need(len({float(r) for r in ratios}) == len(ratios), f"grid key 'imbalance_ratios' repeats a value: {ratios!r}")
+    seeds = raw["seeds"]
+    _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                    for s in seeds),
+          f"grid key 'seeds' must be a non-empty list of integers >= 0, got {seeds!r}")
+    _need(len(set(seeds)) == len(seeds), f"grid key 'seeds' repeats a value: {seeds!r}")
+    seed_keys = raw.get("seed_keys", ["train.seed"])
+    _need(isinstance(seed_keys, list) and seed_keys and all(isinstance(k, str) and k.endswith("seed")
+                                                            for k in seed_keys),
+          f"grid key 'seed_keys' must be a list of dotted seed keys such as train.seed, got {seed_keys!r}")
+    grid_overrides = _overrides(raw.get("overrides"), "grid key 'overrides'")
+    entries = raw["methods"]
+    _need(isinstance(entries, list) and entries, "grid key 'methods' must be a non-empty list")
+    specs = [_method_spec(e, i, base) for i, e in enumerate(entries)]
+    names = [s.name for s in specs]
+    for s in specs:
+        _need(names.count(s.name) == 1, f"grid method '{s.name}' is listed twice")
+    for s in specs:
+        for text in s.overrides + grid_overrides + list(overrides or []):
+            key = text.split("=", 1)[0]
+            _need(key not in GRID_SET_KEYS and key not in seed_keys,
+                  f"override '{text}': the grid sets {key} per cell")
+        if s.stage1 is not None:
+            _need(s.stage1 in names, f"grid method '{s.name}': stage1 '{s.stage1}' is not a method of the grid"
+                                     f"{did_you_mean(s.stage1, names)}")
+            _need(s.stage1 != s.name, f"grid method '{s.name}' names itself as its stage 1")
+    ordered = _order(specs)
+    extra = list(overrides or [])
+    for s in ordered:
+        # the method name may come from an override: resolve it as the cells will
+        method_name = _cell_config(s, grid_overrides, ratio=float(ratios[0]), seed=seeds[0], seed_keys=seed_keys,
+                                   stage1_path="stage1.pt" if s.stage1 else None, extra=extra).method.name
+        try:
+            stage2 = _takes_stage1(method_name)
+        except ConfigError as err:
+            raise ConfigError(f"grid method '{s.name}' ({s.config}): {err}") from None
+        if stage2:
+            _need(s.stage1 is not None, f"grid method '{s.name}' ({method_name}) is a stage-2 method: name its "
+                                        "stage-1 method of the grid with 'stage1: NAME'")
+        else:
+            _need(s.stage1 is None, f"grid method '{s.name}' ({method_name}) takes no stage 1, but names "
+                                    f"stage1 '{s.stage1}'")
+    out = Path(out)
+    cells: list[Cell] = []
+    index: dict[tuple, Cell] = {}
+    for seed in seeds:
+        for ratio in ratios:
+            for s in ordered:
+                cell_dir = out / s.name / ratio_name(ratio) / f"seed{seed}"
+                first = index.get((s.stage1, ratio, seed)) if s.stage1 else None
+                stage1_path = str(first.dir / "checkpoints" / "last.pt") if first else None
+                cfg = _cell_config(s, grid_overrides, ratio=ratio, seed=seed, seed_keys=seed_keys,
+                                   stage1_path=stage1_path, extra=extra)
+                cell = Cell(method=s.name, ratio=float(ratio), seed=seed, dir=cell_dir, cfg=cfg, stage1=first,
+                            logit_adjust_tau=s.logit_adjust_tau)
+                index[(s.name, ratio, seed)] = cell
+                cells.append(cell)
+    name = raw.get("name") or path.stem
+    _need(isinstance(name, str), f"grid key 'name' must be a string, got {name!r}")
+    return Grid(path=path, name=name, base=base, out=out, ratios=[float(r) for r in ratios], seeds=list(seeds),
+                seed_keys=list(seed_keys), methods=specs, cells=cells)

@@ -1,0 +1,140 @@
+"""Run a grid: every cell in dependency order, finished cells skipped, interrupted ones resumed.
+
+A cell is *done* when its folder has `eval.json`; it is *resumed* when its folder has a
+`config.yaml` but no `eval.json` (`train_run(resume=True)` continues from the last
+checkpoint, or only evaluates when training had finished); otherwise it is *new*. A
+cell folder that exists already must have been run with the cell's config (the
+`train.progress` switch aside): a grid or override changed under finished cells is
+refused rather than mixed into one table. A stage-2 cell runs only once its stage-1
+cell is done (its `checkpoints/last.pt` is then the final epoch's). After each cell that
+ran, `bench.json` records its wall time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from datetime import datetime, timezone
+
+from ..config import diff_configs
+from ..errors import ConfigError, did_you_mean
+from ..runs import evaluate_run, load_run_config, train_run
+from ..train.checkpoint import atomic_write_json, atomic_write_text
+from ..train.loop import read_metrics
+from .grid import Cell, Grid
+
+IGNORED_KEYS = ("train.progress",)  # may differ between invocations of the same cell
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def cell_state(cell: Cell) -> str:
+    """'done', 'resume' or 'new' (see the module docstring)."""
+    if (cell.dir / "eval.json").is_file():
+        return "done"
+    if (cell.dir / "config.yaml").is_file():
+        return "resume"
+    return "new"
+
+
+def check_cell_config(cell: Cell) -> None:
+    """A cell folder that exists must hold the cell's config; ConfigError naming the keys otherwise."""
+    if not (cell.dir / "config.yaml").is_file():
+        return
+    saved = load_run_config(cell.dir)
+    diffs = [k for k in diff_configs(cell.cfg, saved) if k not in IGNORED_KEYS]
+    if diffs:
+        raise ConfigError(f"cell {cell.key} ({cell.dir}) was run with another config ({', '.join(diffs)}): "
+                          "restore the grid and overrides it was run with, or remove the cell folder")
+
+
+def select_cells(grid: Grid, methods: list[str] | None) -> list[Cell]:
+    """The cells of `methods` (all when None), in run order; unknown names are a ConfigError."""
+    if methods is None:
+        return list(grid.cells)
+    names = [m.name for m in grid.methods]
+    for name in methods:
+        if name not in names:
+            raise ConfigError(f"'{name}' is not a method of grid {grid.path}{did_you_mean(name, names)}; "
+                              f"its methods: {', '.join(names)}")
+    return [c for c in grid.cells if c.method in methods]
+
+
+def _la_needed(cell: Cell) -> bool:
+    if cell.logit_adjust_tau is None:
+        return False
+    path = cell.dir / "eval_logit_adjusted.json"
+    if not path.is_file():
+        return True
+    try:
+        return float(json.loads(path.read_text()).get("tau")) != cell.logit_adjust_tau
+    except (ValueError, TypeError, json.JSONDecodeError):
+        return True
+
+
+def plan(grid: Grid, *, methods: list[str] | None = None) -> list[tuple[Cell, str]]:
+    """(cell, state) for the selected cells, after checking every existing cell's config and
+    that each stage-2 cell's stage 1 is done or will run first."""
+    cells = select_cells(grid, methods)
+    selected = {c.key for c in cells}
+    out = []
+    for cell in cells:
+        check_cell_config(cell)
+        first = cell.stage1
+        if first is not None and first.key not in selected and cell_state(first) != "done":
+            raise ConfigError(f"cell {cell.key} needs its stage 1 {first.key}, which is not finished: run it "
+                              f"first (--methods {first.method}) or include it")
+        out.append((cell, cell_state(cell)))
+    return out
+
+
+def run_grid(grid: Grid, *, methods: list[str] | None = None, progress: bool | None = None,
+             log=print) -> list[dict]:
+    """Run the selected cells of `grid` (see the module docstring); returns one summary per cell:
+    {'cell', 'state' (done / new / resume), 'seconds'}. `progress=False` turns the progress
+    bars of new cells off; None keeps the configs' `train.progress`."""
+    steps = plan(grid, methods=methods)
+    grid.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(grid.out / "grid.yaml", grid.path.read_text())  # what the cells were run from
+    summary = []
+    for k, (cell, _) in enumerate(steps, 1):
+        state = cell_state(cell)  # again: an earlier step may be this cell's stage 1
+        head = f"[{k}/{len(steps)}] {cell.key}"
+        if state == "done":
+            if _la_needed(cell):
+                evaluate_run(cell.dir, logit_adjust_tau=cell.logit_adjust_tau, log=log)
+                log(f"{head}: done; wrote eval_logit_adjusted.json (tau {cell.logit_adjust_tau:g})")
+            else:
+                log(f"{head}: done, skipped")
+            summary.append({"cell": cell.key, "state": "done", "seconds": 0.0})
+            continue
+        if cell.stage1 is not None and cell_state(cell.stage1) != "done":
+            raise ConfigError(f"cell {cell.key} needs its stage 1 {cell.stage1.key}, which is not finished")
+        stage = f" (stage 1: {cell.stage1.key})" if cell.stage1 is not None else ""
+        log(f"{head}: {'resuming' if state == 'resume' else 'training'}{stage} -> {cell.dir}")
+        started = time.time()
+        if state == "resume":
+            train_run(None, cell.dir, resume=True, log=log)
+        else:
+            cfg = cell.cfg
+            if progress is not None:
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=progress))
+            train_run(cfg, cell.dir, log=log)
+        if _la_needed(cell):
+            evaluate_run(cell.dir, logit_adjust_tau=cell.logit_adjust_tau, log=log)
+        seconds = time.time() - started
+        atomic_write_json(cell.dir / "bench.json", {
+            "cell": cell.key, "method": cell.method, "imbalance_ratio": cell.ratio, "seed": cell.seed,
+            "config": grid.method(cell.method).config, "stage1": cell.stage1.key if cell.stage1 else None,
+            "mode": state, "wall_seconds": round(seconds, 3),
+            "train_seconds_all_sessions": round(sum(float(r.get("seconds", 0.0)) for r in read_metrics(cell.dir)), 3),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+        log(f"{head}: finished in {_duration(seconds)}")
+        summary.append({"cell": cell.key, "state": state, "seconds": seconds})
+    return summary

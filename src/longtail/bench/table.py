@@ -1,0 +1,198 @@
+"""Paper-style tables of a grid: mean and standard deviation over seeds, from the cells' files.
+
+Rows are the grid's methods (file order), plus "<method> + post-hoc LA" where the cells
+have `eval_logit_adjusted.json`; for each imbalance ratio the columns are overall top-1
+and many / medium / few accuracy (%). Two tables: the last epoch (eval.json top level)
+and, when any cell has one, the best-on-validation epoch (eval.json `best_val`).
+
+Each entry is the mean over the finished seeds and the *sample* standard deviation
+(numpy `ddof=1`); with one seed only the value is shown. A group that is empty (null in
+eval.json, e.g. `few` on CIFAR-10-LT at ratio 100) is '-', a (method, ratio) with no
+finished cell 'pending', a method whose finished cells have no best-on-validation
+numbers (post-hoc methods) 'n/a'; `[k/n]` after the top-1 entry marks k of n seeds
+finished. `results.md` and `results.csv` are written atomically into the grid's folder;
+the CSV has the full-precision mean and std of every entry.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError
+from ..train.checkpoint import atomic_write_text
+from .grid import Grid, is_posthoc
+from .runner import _duration, check_cell_config
+
+METRICS = ("top1", "many", "medium", "few")
+TABLES = (("last", "Last epoch, test set"), ("best_val", "Best on validation, test set"))
+LA_SUFFIX = " + post-hoc LA"
+
+
+@dataclass
+class Entry:
+    """One (table, row, ratio) of the results: per-seed values and their statistics."""
+
+    table: str
+    row: str
+    method: str
+    ratio: float
+    seeds_total: int
+    seeds: list[int]  # finished seeds whose files have this table's numbers
+    finished: int  # finished cells (eval.json present), with or without this table's numbers
+    values: dict[str, list]  # metric -> one value (or None for an empty group) per seed in `seeds`
+
+    def mean(self, metric: str) -> float | None:
+        vals = [v for v in self.values[metric] if v is not None]
+        return float(np.mean(vals)) if vals else None
+
+    def std(self, metric: str) -> float | None:
+        vals = [v for v in self.values[metric] if v is not None]
+        return float(np.std(vals, ddof=1)) if len(vals) >= 2 else None
+
+
+def _read(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+
+
+def collect(grid: Grid) -> list[Entry]:
+    """Every table entry of the grid, read from the cells' eval.json / eval_logit_adjusted.json."""
+    entries = []
+    for table, _ in TABLES:
+        for spec in grid.methods:
+            cells = grid.cells_of(spec.name)
+            evals = {(c.ratio, c.seed): _read(c.dir / "eval.json") for c in cells}
+            las = {(c.ratio, c.seed): _read(c.dir / "eval_logit_adjusted.json") for c in cells}
+            variants = [(spec.name, evals)]
+            if any(v is not None for v in las.values()):
+                variants.append((spec.name + LA_SUFFIX, las))
+            for row, source in variants:
+                for ratio in grid.ratios:
+                    seeds, values, finished = [], {m: [] for m in METRICS}, 0
+                    for seed in grid.seeds:
+                        ev = source.get((ratio, seed))
+                        if ev is None:
+                            continue
+                        finished += 1
+                        m = ev if table == "last" else ev.get("best_val")
+                        if m is None:
+                            continue
+                        seeds.append(seed)
+                        for metric in METRICS:
+                            values[metric].append(m.get(metric))
+                    entries.append(Entry(table=table, row=row, method=spec.name, ratio=ratio,
+                                         seeds_total=len(grid.seeds), seeds=seeds, finished=finished, values=values))
+    return entries
+
+
+def _cell_text(e: Entry, metric: str) -> str:
+    if e.finished == 0:
+        return "pending"
+    if not e.seeds:
+        return "n/a"
+    mean, std = e.mean(metric), e.std(metric)
+    if mean is None:
+        return "-"
+    text = f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    if metric == "top1" and len(e.seeds) < e.seeds_total:
+        text += f" [{len(e.seeds)}/{e.seeds_total}]"
+    return text
+
+
+def _wall(grid: Grid, method: str) -> str:
+    seconds, counted = 0.0, 0
+    for c in grid.cells_of(method):
+        info = _read(c.dir / "bench.json")
+        if info is not None and isinstance(info.get("wall_seconds"), (int, float)):
+            seconds += float(info["wall_seconds"])
+            counted += 1
+    if not counted:
+        return "-"
+    return f"{_duration(seconds)} ({counted} cell{'s' if counted > 1 else ''})"
+
+
+def markdown(grid: Grid, entries: list[Entry]) -> str:
+    """results.md: the paper-style tables and the cells they come from."""
+    seeds = ", ".join(str(s) for s in grid.seeds)
+    lines = [f"# {grid.name}", "",
+             f"Grid `{grid.path}`, cells `{grid.out}/<method>/ratio<R>/seed<S>/`. Test-set accuracy (%): mean ± "
+             f"sample standard deviation (ddof = 1) over seeds {seeds} ({', '.join(grid.seed_keys)}); one seed: "
+             "its value. Every number is read from the cells' eval.json (and eval_logit_adjusted.json for the "
+             "'+ post-hoc LA' rows). '-': empty shot group; 'pending': no finished cell; 'n/a': no "
+             "best-on-validation numbers (post-hoc methods); [k/n]: k of n seeds finished.", ""]
+    for table, title in TABLES:
+        rows = [e for e in entries if e.table == table]
+        if table == "best_val" and not any(e.seeds for e in rows):
+            continue
+        lines += [f"## {title}", ""]
+        header = ["method"]
+        for ratio in grid.ratios:
+            header += [f"ratio {ratio:g} top-1", "many", "medium", "few"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|---|" + "---:|" * (len(header) - 1))
+        for row in dict.fromkeys(e.row for e in rows):
+            cells = [row]
+            for ratio in grid.ratios:
+                e = next(x for x in rows if x.row == row and x.ratio == ratio)
+                cells += [_cell_text(e, m) for m in METRICS]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Cells", "", "| method | config | stage 1 | epochs | finished | wall time (bench.json) |",
+              "|---|---|---|---:|---:|---:|"]
+    for spec in grid.methods:
+        cells = grid.cells_of(spec.name)
+        done = sum((c.dir / "eval.json").is_file() for c in cells)
+        cfg = cells[0].cfg
+        epochs = "post-hoc" if is_posthoc(cfg.method.name) else str(cfg.train.epochs)
+        over = f" ({', '.join(spec.overrides)})" if spec.overrides else ""
+        lines.append(f"| {spec.name} | `{spec.config}`{over} | {spec.stage1 or '-'} | {epochs} | "
+                     f"{done}/{len(cells)} | {_wall(grid, spec.name)} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+CSV_HEADER = ["table", "method", "imbalance_ratio", "seeds_finished", "seeds_total", "seeds",
+              *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")]]
+
+
+def csv_text(entries: list[Entry]) -> str:
+    """results.csv: one line per (table, row, ratio); empty fields for '-', 'pending', 'n/a'."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    for e in entries:
+        if e.table == "best_val" and not e.seeds:
+            continue
+        stats = []
+        for m in METRICS:
+            mean, std = e.mean(m), e.std(m)
+            stats += ["" if mean is None else repr(mean), "" if std is None else repr(std)]
+        writer.writerow([e.table, e.row, f"{e.ratio:g}", len(e.seeds), e.seeds_total,
+                         ";".join(str(s) for s in e.seeds), *stats])
+    return buffer.getvalue()
+
+
+def write_tables(grid: Grid) -> dict:
+    """Write OUT/results.md and OUT/results.csv; returns {'markdown', 'csv', 'entries', 'text'}.
+
+    Every existing cell folder must hold its cell's config (`check_cell_config`), so a table
+    never mixes runs of another grid or other overrides."""
+    for cell in grid.cells:
+        check_cell_config(cell)
+    entries = collect(grid)
+    md, table_csv = markdown(grid, entries), csv_text(entries)
+    atomic_write_text(grid.out / "results.md", md)
+    atomic_write_text(grid.out / "results.csv", table_csv)
+    return {"markdown": str(grid.out / "results.md"), "csv": str(grid.out / "results.csv"), "entries": entries,
+            "text": md}
+

@@ -1,0 +1,126 @@
+"""`longtail report`: run folders -> one self-contained HTML file.
+
+For each run: what it is (data, model, method, loss, sampler, epochs, evaluated
+checkpoints), its metrics (last epoch, best-on-validation, post-hoc logit adjustment, as
+present), and six figures: the training-count histogram, per-class accuracy against class
+frequency, many / medium / few bars, the confusion matrix ordered head to tail
+(row-normalised), the reliability diagram with its ECE, and the training curves. With
+several runs, a comparison first: tables of every run's numbers, the group bars side by
+side and, when the runs share their training counts, per-class accuracy overlaid.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..train.checkpoint import atomic_write_text
+from . import figures
+from .html import figure_html, page
+from .rundata import RunRecord, load_run_record, run_labels
+from .tables import comparison_table, config_rows, key_value_table, metric_rows, metrics_table
+
+INTRO = ("Every number and figure below is read from the run folders (eval.json, metrics.jsonl, config.yaml, "
+         "data.json, eval_logit_adjusted.json, posthoc.json); nothing was retrained or re-evaluated. Test-set "
+         "numbers are of the last epoch, and of the epoch with the best validation top-1 where a validation split "
+         "exists: nothing is selected on the test set. Accuracies in %, '-' for an empty shot group.")
+
+
+def _run_section(rec: RunRecord, index: int) -> tuple[str, int]:
+    ev = rec.eval
+    out = [f'<section id="run-{index}"><h2>{escape(rec.label)}</h2>', key_value_table(config_rows(rec))]
+    rows = metric_rows(rec)
+    out.append(metrics_table(rows))
+    shown = 0
+
+    def add(png: bytes, caption: str, alt: str, name: str) -> None:
+        nonlocal shown
+        out.append(figure_html(png, caption=caption, alt=alt, name=name))
+        shown += 1
+
+    C = len(rec.train_counts)
+    add(figures.count_histogram(train_counts=rec.train_counts, class_names=rec.class_names, groups=ev["groups"],
+                                thresholds=ev["thresholds"]),
+        f"Training images per class (eval.json train_counts), head to tail, coloured by shot group; dashed line: "
+        f"many threshold ({ev['thresholds']['many']}), dotted: few threshold ({ev['thresholds']['few']}).",
+        "training-count histogram", "count_histogram")
+    series = [(label, m["per_class"]) for label, m in rows]
+    add(figures.accuracy_vs_frequency(series=series, train_counts=rec.train_counts, class_names=rec.class_names),
+        f"Per-class test accuracy against the class's training count, {C} classes (eval.json per_class).",
+        "per-class accuracy against class frequency", "accuracy_vs_frequency")
+    add(figures.group_bars(rows=rows),
+        "Overall top-1 and mean per-class accuracy of the many / medium / few groups (eval.json).",
+        "many / medium / few accuracy", "group_bars")
+    add(figures.confusion_ordered(confusion=ev["confusion"], train_counts=rec.train_counts,
+                                  class_names=rec.class_names),
+        f"Confusion matrix of the last epoch (after epoch {ev.get('epoch')}), rows = true class, each row divided "
+        "by its test images; rows and columns ordered by training count, head (top / left) to tail. Tail images "
+        "predicted as head classes appear left of the diagonal in the lower rows.",
+        "confusion matrix ordered by class frequency", "confusion")
+    add(figures.reliability_diagram(reliability=ev["reliability"], ece=float(ev["ece"])),
+        f"Reliability diagram of the last epoch: test accuracy against top-1 confidence per equal-width bin "
+        f"(eval.json reliability); ECE {ev['ece']:.4f}.", "reliability diagram", "reliability")
+    if rec.metrics:
+        add(figures.training_curves(metrics=rec.metrics),
+            f"Training curves from metrics.jsonl ({len(rec.metrics)} epochs).", "training curves",
+            "training_curves")
+    else:
+        out.append('<p class="note">No training curves: metrics.jsonl is absent or empty '
+                   "(a post-hoc method trains no epochs).</p>")
+    out.append("</section>")
+    return "\n".join(out), shown
+
+
+def _comparison(records: list[RunRecord]) -> tuple[str, int]:
+    out = ['<section id="comparison"><h2>Comparison</h2>', "<h3>Last epoch, test set</h3>",
+           comparison_table(records, checkpoint="last")]
+    if any("best_val" in r.eval for r in records):
+        out += ["<h3>Best on validation, test set</h3>", comparison_table(records, checkpoint="best_val")]
+    shown = 0
+    rows = [(r.label, r.eval) for r in records]
+    out.append(figure_html(figures.group_bars(rows=rows),
+                           caption="Last epoch: overall top-1 and many / medium / few accuracy of every run.",
+                           alt="many / medium / few accuracy of every run", name="compare_group_bars"))
+    shown += 1
+    first = records[0]
+    if all(r.train_counts == first.train_counts for r in records):
+        series = [(r.label, r.eval["per_class"]) for r in records]
+        out.append(figure_html(
+            figures.accuracy_vs_frequency(series=series, train_counts=first.train_counts,
+                                          class_names=first.class_names),
+            caption="Last epoch: per-class test accuracy against training count, every run.",
+            alt="per-class accuracy of every run", name="compare_accuracy_vs_frequency"))
+        shown += 1
+    else:
+        out.append('<p class="note">The runs have different training counts, so per-class accuracy is shown '
+                   "per run only.</p>")
+    out.append("</section>")
+    return "\n".join(out), shown
+
+
+def build_report(run_dirs: list[str | Path], out: str | Path, *, title: str | None = None) -> dict:
+    """Write the report of `run_dirs` to `out` (atomically); returns {'out', 'runs', 'figures', 'bytes'}."""
+    if not run_dirs:
+        raise ConfigError("give at least one run folder")
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name such as report.html")
+    records = [load_run_record(d, label=lab) for d, lab in zip(run_dirs, run_labels(run_dirs), strict=True)]
+    title = title or ("longtail report: " + (records[0].label if len(records) == 1 else f"{len(records)} runs"))
+    body = [f"<h1>{escape(title)}</h1>", f'<p class="note">{escape(INTRO)}</p>']
+    if len(records) > 1:
+        links = "".join(f'<a href="#run-{i}">{escape(r.label)}</a>' for i, r in enumerate(records))
+        body.append(f'<nav><a href="#comparison">comparison</a>{links}</nav>')
+    total = 0
+    if len(records) > 1:
+        html, shown = _comparison(records)
+        body.append(html)
+        total += shown
+    for i, rec in enumerate(records):
+        html, shown = _run_section(rec, i)
+        body.append(html)
+        total += shown
+    text = page(title=title, body=body)
+    atomic_write_text(out, text)
+    return {"out": str(out), "runs": len(records), "figures": total, "bytes": len(text.encode())}

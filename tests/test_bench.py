@@ -1,0 +1,235 @@
+"""`longtail bench`: grid validation, stage-1 sharing, resume of an interrupted grid, tables
+equal to the eval.json files; and every YAML under configs/ loads and starts with its command."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from longtail import losses, methods  # noqa: F401  (registration)
+from longtail.bench import load_grid, plan
+from longtail.cli import main
+from longtail.config import load_config, read_yaml
+from longtail.data import samplers  # noqa: F401
+from longtail.registry import LOSSES, METHODS, SAMPLERS
+
+BASE = {"data": {"source": "digits", "imbalance_ratio": 10, "test_per_class": 10, "val_per_class": 2},
+        "model": {"name": "small_cnn", "params": {"width": 4}},
+        "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0, "milestones": [], "progress": False}}
+
+
+def write_grid(folder: Path, methods: list[dict], **keys) -> Path:
+    (folder / "base.yaml").write_text(yaml.safe_dump(BASE))
+    grid = {"name": "digits grid", "base": str(folder / "base.yaml"), "out": str(folder / "out"),
+            "imbalance_ratios": [10], "seeds": [0, 1], "methods": methods, **keys}
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+METHODS_OF_GRID = [
+    {"name": "ce", "logit_adjust_tau": 1.0},
+    {"name": "bs", "overrides": {"loss.name": "balanced_softmax"}},
+    {"name": "crt", "overrides": {"method.name": "crt", "sampler.name": "class_aware"}, "stage1": "ce"},
+]
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    """The grid run once through the CLI: 2 seeds x (ce, bs, crt on ce)."""
+    folder = tmp_path_factory.mktemp("grid")
+    path = write_grid(folder, METHODS_OF_GRID)
+    assert main(["bench", str(path), "--no-progress"]) == 0
+    return path, folder / "out"
+
+
+def test_tables_equal_the_eval_json_files(grid_run):
+    path, out = grid_run
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    md = (out / "results.md").read_text()
+    assert {r["method"] for r in rows} == {"ce", "ce + post-hoc LA", "bs", "crt"}
+    for r in rows:
+        method = r["method"].removesuffix(" + post-hoc LA")
+        name = "eval_logit_adjusted.json" if r["method"].endswith("LA") else "eval.json"
+        files = [json.loads((out / method / "ratio10" / f"seed{s}" / name).read_text()) for s in (0, 1)]
+        if r["table"] == "best_val":
+            files = [f["best_val"] for f in files]
+        assert r["seeds"] == "0;1" and r["seeds_finished"] == "2"
+        for metric in ("top1", "many", "medium", "few"):
+            values = [f[metric] for f in files]
+            if None in values:
+                assert r[f"{metric}_mean"] == "" and r[f"{metric}_std"] == ""
+                continue
+            assert float(r[f"{metric}_mean"]) == pytest.approx(statistics.mean(values), abs=1e-12)
+            assert float(r[f"{metric}_std"]) == pytest.approx(statistics.stdev(values), abs=1e-12)  # ddof = 1
+            assert f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" in md
+    assert "## Best on validation, test set" in md and "| crt | " in md
+
+
+def test_stage2_cells_share_their_seeds_stage1(grid_run):
+    _, out = grid_run
+    for seed in (0, 1):
+        cfg = read_yaml(out / "crt" / "ratio10" / f"seed{seed}" / "config.yaml")
+        assert cfg["method"]["params"]["stage1"] == str(out / "ce" / "ratio10" / f"seed{seed}" / "checkpoints/last.pt")
+        assert cfg["train"]["seed"] == seed and cfg["data"]["imbalance_ratio"] == 10.0
+        info = json.loads((out / "crt" / "ratio10" / f"seed{seed}" / "bench.json").read_text())
+        assert info["stage1"] == f"ce/ratio10/seed{seed}" and info["mode"] == "new" and info["wall_seconds"] > 0
+    assert not (out / "crt" / "ratio10" / "seed0" / "eval_logit_adjusted.json").exists()
+
+
+def test_second_invocation_skips_finished_cells(grid_run, monkeypatch, capsys):
+    path, out = grid_run
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/ratio10/seed*/eval.json")}
+    assert len(stamps) == 6
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr("longtail.bench.runner.train_run", no_training)
+    assert main(["bench", str(path)]) == 0
+    assert capsys.readouterr().out.count("done, skipped") == 6
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/ratio10/seed*/eval.json")}
+    assert main(["bench", str(path), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "done    ce/ratio10/seed0"
+
+
+def test_interrupted_grid_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    from longtail.runs import train_run as real_train_run
+    from longtail.train.loop import Trainer
+
+    path = write_grid(tmp_path, METHODS_OF_GRID[:2], seeds=[0], overrides={"train.epochs": 2})
+    save = Trainer.save
+    saved = []
+
+    def stop_in_second_cell(self, epoch):
+        save(self, epoch)
+        saved.append(epoch)
+        if len(saved) == 3:  # ce's two epochs, then the first epoch of bs
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save", stop_in_second_cell)
+    assert main(["bench", str(path), "--no-progress"]) == 130
+    ce, bs = tmp_path / "out/ce/ratio10/seed0", tmp_path / "out/bs/ratio10/seed0"
+    assert (ce / "eval.json").is_file() and not (bs / "eval.json").exists() and (bs / "checkpoints/last.pt").is_file()
+    assert not (tmp_path / "out/results.md").exists()
+    monkeypatch.setattr(Trainer, "save", save)
+    capsys.readouterr()
+    assert main(["bench", str(path), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["done", "ce/ratio10/seed0", "resume", "bs/ratio10/seed0"]
+    calls = []
+
+    def recording(cfg, out, **kw):
+        calls.append((Path(out).name if cfg is None else "new", kw.get("resume", False)))
+        return real_train_run(cfg, out, **kw)
+
+    monkeypatch.setattr("longtail.bench.runner.train_run", recording)
+    stamp = (ce / "eval.json").stat().st_mtime_ns
+    assert main(["bench", str(path), "--no-progress"]) == 0
+    assert calls == [("seed0", True)]  # only bs, resumed from its saved config and checkpoint
+    assert (ce / "eval.json").stat().st_mtime_ns == stamp
+    assert [r["epoch"] for r in map(json.loads, (bs / "metrics.jsonl").read_text().splitlines())] == [0, 1]
+    assert json.loads((bs / "eval.json").read_text())["epoch"] == 2
+    assert json.loads((bs / "bench.json").read_text())["mode"] == "resume"
+
+
+def test_table_only_and_a_changed_grid(grid_run, tmp_path, capsys):
+    path, out = grid_run
+    (out / "results.md").unlink()
+    assert main(["bench", str(path), "--table-only"]) == 0
+    assert (out / "results.md").is_file() and "| ce | " in capsys.readouterr().out
+    assert main(["bench", str(path), "train.lr=0.05", "--table-only"]) == 2
+    err = capsys.readouterr().err
+    assert "cell ce/ratio10/seed0" in err and "another config (train.lr)" in err and err.count("\n") == 1
+
+
+def test_methods_filter_needs_finished_stage1(tmp_path, capsys):
+    path = write_grid(tmp_path, METHODS_OF_GRID)
+    assert main(["bench", str(path), "--methods", "crt"]) == 2
+    assert "needs its stage 1 ce/ratio10/seed0, which is not finished" in capsys.readouterr().err
+    assert main(["bench", str(path), "--methods", "cr"]) == 2
+    assert "'cr' is not a method of grid" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochz": 1}, "unknown key 'epochz' in grid"),
+    ({"methods": [{"name": "ce", "confg": "x.yaml"}]},
+     "unknown key 'confg' in grid methods[0] (did you mean 'config'?)"),
+    ({"methods": [{"name": "ce", "config": "missing.yaml"}]}, "grid method 'ce': config file not found: missing.yaml"),
+    ({"methods": [{"name": "ce"}, {"name": "crt", "overrides": {"method.name": "crt"}, "stage1": "cee"}]},
+     "grid method 'crt': stage1 'cee' is not a method of the grid (did you mean 'ce'?)"),
+    ({"methods": [{"name": "a", "overrides": {"method.name": "crt"}, "stage1": "b"},
+                  {"name": "b", "overrides": {"method.name": "lws"}, "stage1": "a"}]},
+     "stage-1 references form a cycle: a -> b -> a"),
+    ({"methods": [{"name": "crt", "overrides": {"method.name": "crt"}}]},
+     "grid method 'crt' (crt) is a stage-2 method: name its stage-1 method"),
+    ({"methods": [{"name": "ce"}, {"name": "bs", "stage1": "ce"}]}, "grid method 'bs' (standard) takes no stage 1"),
+    ({"methods": [{"name": "ce"}, {"name": "ce"}]}, "grid method 'ce' is listed twice"),
+    ({"methods": [{"name": "ce", "overrides": ["train.seed=3"]}]}, "the grid sets train.seed per cell"),
+    ({"methods": [{"name": "ce", "overrides": {"train.lrr": 0.1}}]},
+     "unknown config key 'train.lrr' (did you mean 'lr'?)"),
+    ({"seeds": [0, 0]}, "grid key 'seeds' repeats a value"),
+    ({"imbalance_ratios": [0.5]}, "grid key 'imbalance_ratios' must be a non-empty list of numbers >= 1"),
+    ({"methods": [{"name": "x/y"}]}, "name must be letters, digits"),
+])
+def test_bad_grids_are_one_line_errors(tmp_path, capsys, change, message):
+    path = write_grid(tmp_path, [{"name": "ce"}])
+    grid = yaml.safe_load(path.read_text())
+    grid.update(change)
+    path.write_text(yaml.safe_dump(grid))
+    assert main(["bench", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longtail: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+CONFIG_DIRS = ("cifar10_lt", "cifar10_lt_full", "cifar100_lt")
+
+
+def test_every_config_loads_and_starts_with_its_command():
+    paths = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(paths) > 50
+    for path in paths:
+        rel = path.relative_to(REPO).as_posix()
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# longtail "), rel
+        if path.parent.name == "grids":
+            assert first.startswith(f"# longtail bench {rel}"), rel
+        else:
+            assert first.startswith(f"# longtail train {rel} --out "), rel
+            load_config(path)
+
+
+def test_every_registered_loss_method_and_sampler_has_a_config():
+    for folder in CONFIG_DIRS:
+        cfgs = [load_config(p) for p in sorted((REPO / "configs" / folder).glob("*.yaml"))]
+        used = {"loss": {c.loss.name for c in cfgs}, "method": {c.method.name for c in cfgs},
+                "sampler": {c.sampler.name for c in cfgs}}
+        assert set(LOSSES.names()) <= used["loss"], (folder, set(LOSSES.names()) - used["loss"])
+        assert set(METHODS.names()) <= used["method"], (folder, set(METHODS.names()) - used["method"])
+        assert set(SAMPLERS.names()) <= used["sampler"], (folder, set(SAMPLERS.names()) - used["sampler"])
+        assert any(c.train.mixup_alpha > 0 for c in cfgs) and any(c.reweight.start_epoch > 0 for c in cfgs)
+
+
+def test_shipped_grids_resolve(monkeypatch):
+    monkeypatch.chdir(REPO)  # grid paths are relative to the folder longtail runs in
+    cpu = load_grid("configs/grids/cifar10_lt_cpu.yaml", out="/nonexistent/cpu")
+    assert [m.name for m in cpu.methods] == ["ce", "focal", "cb_focal", "ldam_drw", "balanced_softmax",
+                                             "logit_adjustment", "seesaw", "crt", "lws", "tau_norm"]
+    assert {c.cfg.train.epochs for c in cpu.cells if c.stage1 is None} == {30}
+    assert all(c.stage1.method == "ce" for c in cpu.cells if c.method in ("crt", "lws", "tau_norm"))
+    assert [state for _, state in plan(cpu)] == ["new"] * 10
+    full = load_grid("configs/grids/cifar10_lt_full.yaml", out="/nonexistent/full")
+    assert len(full.cells) == 90
+    for c in full.cells:
+        assert c.cfg.train.device == "auto"
+        if c.stage1 is None:
+            assert (c.cfg.train.epochs, c.cfg.train.warmup_epochs, c.cfg.train.milestones) == (200, 5, [160, 180])
+    drw = next(c for c in full.cells if c.method == "ldam_drw")
+    assert drw.cfg.reweight.start_epoch == 160
