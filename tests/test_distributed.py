@@ -137,11 +137,16 @@ def test_resume_under_torchrun(runs, tmp_path):
     assert safe_torch_load(run_dir / "checkpoints/last.pt")["epoch"] == 3
 
 
-@pytest.mark.parametrize("loss", ["ghm_c", "seesaw"])
+@pytest.mark.parametrize("loss", ["ghm_c", "seesaw", "isda"])
 def test_loss_statistics_are_reduced_over_ranks(tmp_path, loss):
-    """GHM-C's bin counts and seesaw's cumulative class counts are summed over the ranks."""
+    """GHM-C's bin counts and seesaw's cumulative class counts are summed over the ranks;
+    ISDA's covariances are estimated from the gathered global batch (uneven last batch)."""
     cfg = yaml.safe_load(write_config(tmp_path / "c.yaml", norm="none").read_text())
-    cfg["loss"] = {"name": loss}
+    if loss == "isda":
+        cfg["method"] = {"name": "isda"}
+        cfg["data"]["max_count"] = 57  # 407 training images: the last global batch (23) splits 12 / 11
+    else:
+        cfg["loss"] = {"name": loss}
     cfg["train"]["epochs"] = 1
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     run([sys.executable, "-m", "longtail", "train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "single")],
@@ -152,7 +157,11 @@ def test_loss_statistics_are_reduced_over_ranks(tmp_path, loss):
     b = safe_torch_load(tmp_path / "ddp/checkpoints/last.pt")
     for k in a["loss"]:
         assert torch.allclose(a["loss"][k].double(), b["loss"][k].double(), rtol=1e-5, atol=1e-6), k
-    if loss == "seesaw":
+    for k in a["method"]:
+        assert torch.allclose(a["method"][k].double(), b["method"][k].double(), rtol=1e-4, atol=1e-5), k
+    if loss == "isda":
+        assert b["method"]["count"].sum() == json.loads((tmp_path / "ddp/data.json").read_text())["num_train"]
+    elif loss == "seesaw":
         counts = json.loads((tmp_path / "ddp/data.json").read_text())["class_counts"]
         assert b["loss"]["cum_samples"].tolist() == counts  # one epoch: every label counted once
     else:  # the global histogram makes the 2-process run equal to the 1-process one

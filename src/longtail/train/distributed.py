@@ -8,8 +8,8 @@ and every helper here is a no-op.
 Conventions (docs/distributed.md): `train.batch_size` is the *global* batch, each rank
 takes batch_size / world_size, so the learning rate of a config means the same thing on
 any number of processes. Every rank computes the same global epoch order from (seed,
-epoch) and takes its interleaved shard, so a global batch holds exactly the images of the
-single-process batch; augmentation draws are made for the global batch and sliced the
+epoch) and takes positions rank, rank + W, ... of each global batch, so the ranks together
+hold exactly the images of the single-process batch; augmentation draws are made for the global batch and sliced the
 same way. Only rank 0 writes.
 """
 
@@ -65,32 +65,25 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped tensors of all ranks along dim 0, in rank order."""
+    """Concatenate the ranks' tensors along dim 0, in rank order.
+
+    The first dimension may differ between ranks (the last global batch of an epoch can
+    split unevenly): sizes are exchanged first and every part is padded to the largest.
+    """
     ctx = context()
     if not ctx.enabled:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
-def interleave(gathered: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Rank-ordered concatenation of per-rank shards r::W -> the global batch order."""
-    if world_size == 1:
-        return gathered
-    local = gathered.shape[0] // world_size
-    return gathered.view(world_size, local, *gathered.shape[1:]).transpose(0, 1).reshape(gathered.shape)
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[: int(s.item())] for part, s in zip(parts, sizes)])
 
 
 def barrier() -> None:
     if context().enabled:
         dist.barrier()
-
-
-def broadcast_object(obj):
-    """Rank 0's object on every rank."""
-    if not context().enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
