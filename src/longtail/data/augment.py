@@ -12,12 +12,6 @@ import torch
 import torch.nn.functional as F
 
 
-def to_float(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> normalised float (B, C, H, W)."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-
-
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator, shard: tuple | None = None
                 ) -> torch.Tensor:
     """Zero-pad by `padding` and crop back to (H, W) at a random offset per image.

@@ -10,7 +10,6 @@ through `state_dict` / `load_state_dict` (saved in the checkpoint).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..data.mixup import mixup_batch
@@ -96,6 +95,3 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-
-def to_numpy_counts(counts) -> np.ndarray:
-    return np.asarray(counts, dtype=np.int64)
