@@ -58,3 +58,35 @@ def tiny_config(**over) -> dict:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return cfg
+
+
+def full_and_resumed(cfg: dict, root: Path, monkeypatch, *, stop_after_epoch: int, arrays: dict,
+                     evaluate: bool = True) -> tuple[Path, Path, dict]:
+    """Train `cfg` uninterrupted into root/full and, into root/cut, stop right after the
+    checkpoint of 0-idx epoch `stop_after_epoch`, then `--resume` it to the end.
+
+    Returns (full run folder, resumed run folder, the interrupted checkpoint).
+    """
+    from longtail.config import config_from_dict
+    from longtail.runs import train_run
+    from longtail.train.checkpoint import safe_torch_load
+    from longtail.train.loop import Trainer
+
+    def quiet(*a):
+        pass
+
+    train_run(config_from_dict(cfg), root / "full", arrays=arrays, evaluate=evaluate, log=quiet)
+    original_save = Trainer.save
+
+    def save_then_stop(self, epoch):
+        original_save(self, epoch)
+        if epoch == stop_after_epoch:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            train_run(config_from_dict(cfg), root / "cut", arrays=arrays, evaluate=evaluate, log=quiet)
+    cut = safe_torch_load(root / "cut/checkpoints/last.pt")
+    train_run(None, root / "cut", resume=True, arrays=arrays, evaluate=evaluate, log=quiet)
+    return root / "full", root / "cut", cut

@@ -699,28 +699,13 @@ def test_config_builds_its_loss_with_the_benchmark_budget(path):
     ("softmax_eql", {"lambda_": 0.15}),  # tiny data: counts ~ [40, 25, 16, 10], f_3 ~ 0.11
 ])
 def test_stateful_loss_resume_equals_uninterrupted(tmp_path, monkeypatch, name, params):
-    from conftest import tiny_arrays, tiny_config
-    from longtail.config import config_from_dict
-    from longtail.runs import train_run
+    from conftest import full_and_resumed, tiny_arrays, tiny_config
     from longtail.train.checkpoint import safe_torch_load
-    from longtail.train.loop import Trainer
 
-    arrays = tiny_arrays()
     cfg = tiny_config(**{"train.epochs": 2, "loss.name": name, "loss.params": params})
-    train_run(config_from_dict(cfg), tmp_path / "full", arrays=arrays, evaluate=False, log=lambda *a: None)
-    original_save = Trainer.save
-
-    def save_then_stop(self, epoch):
-        original_save(self, epoch)
-        if epoch == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(config_from_dict(cfg), tmp_path / "cut", arrays=arrays, evaluate=False, log=lambda *a: None)
-    monkeypatch.setattr(Trainer, "save", original_save)
-    cut_state = safe_torch_load(tmp_path / "cut/checkpoints/last.pt")["loss"]
-    train_run(None, tmp_path / "cut", resume=True, arrays=arrays, evaluate=False, log=lambda *a: None)
+    _, _, cut = full_and_resumed(cfg, tmp_path, monkeypatch, stop_after_epoch=0, arrays=tiny_arrays(),
+                                 evaluate=False)
+    cut_state = cut["loss"]
     a = safe_torch_load(tmp_path / "full/checkpoints/last.pt")
     b = safe_torch_load(tmp_path / "cut/checkpoints/last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

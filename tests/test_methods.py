@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_arrays, tiny_config
+from conftest import full_and_resumed, tiny_arrays, tiny_config
 from longtail.config import config_from_dict
 from longtail.data.mixup import mixup_batch
 from longtail.errors import CheckpointError, ConfigError
@@ -145,22 +145,8 @@ def test_missing_stage1_fails_before_writing(tmp_path):
 
 
 def test_isda_and_mixup_runs_resume_exactly(tmp_path, monkeypatch):
-    from longtail.train.loop import Trainer
-
     cfg = tiny_config(**{"method.name": "isda", "train.mixup_alpha": 1.0, "train.epochs": 3})
-    train_run(config_from_dict(cfg), tmp_path / "full", arrays=tiny_arrays(), log=quiet)
-    save = Trainer.save
-
-    def stop(self, epoch):
-        save(self, epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save", stop)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(config_from_dict(cfg), tmp_path / "cut", arrays=tiny_arrays(), log=quiet)
-    monkeypatch.setattr(Trainer, "save", save)
-    train_run(None, tmp_path / "cut", resume=True, arrays=tiny_arrays(), log=quiet)
+    full_and_resumed(cfg, tmp_path, monkeypatch, stop_after_epoch=1, arrays=tiny_arrays())
     a = safe_torch_load(tmp_path / "full/checkpoints/last.pt")
     b = safe_torch_load(tmp_path / "cut/checkpoints/last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_arrays, tiny_config
+from conftest import full_and_resumed, tiny_arrays, tiny_config
 from longtail.config import config_from_dict
 from longtail.errors import ConfigError, DataError
 from longtail.runs import evaluate_run, train_run
 from longtail.train.checkpoint import safe_torch_load
-from longtail.train.loop import Trainer, TrainingError
+from longtail.train.loop import TrainingError
 from longtail.train.schedule import learning_rate
 
 
@@ -61,23 +61,9 @@ STORED_LOSSES = [1.0133, 0.7763]
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    arrays = tiny_arrays()
     cfg = tiny_config(**{"train.epochs": 3, "data.val_per_class": 2})
-    train_run(config_from_dict(cfg), tmp_path / "full", arrays=arrays, log=quiet)
-
-    original_save = Trainer.save
-
-    def save_then_stop(self, epoch):
-        original_save(self, epoch)
-        if epoch == 0:
-            raise KeyboardInterrupt  # interrupted right after the first checkpoint
-
-    monkeypatch.setattr(Trainer, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(config_from_dict(cfg), tmp_path / "cut", arrays=arrays, log=quiet)
-    monkeypatch.setattr(Trainer, "save", original_save)
-    assert safe_torch_load(tmp_path / "cut/checkpoints/last.pt")["epoch"] == 1
-    train_run(None, tmp_path / "cut", resume=True, arrays=arrays, log=quiet)
+    _, _, cut = full_and_resumed(cfg, tmp_path, monkeypatch, stop_after_epoch=0, arrays=tiny_arrays())
+    assert cut["epoch"] == 1  # interrupted right after the first checkpoint
 
     a = safe_torch_load(tmp_path / "full/checkpoints/last.pt")
     b = safe_torch_load(tmp_path / "cut/checkpoints/last.pt")
