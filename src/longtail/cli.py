@@ -7,6 +7,7 @@ with code 2; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 
@@ -173,6 +174,13 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+# Commands that live beside their feature: each module defines register(subparsers), which adds
+# its parser and sets func; heavy imports stay inside the command function.
+_COMMAND_MODULES: tuple[str, ...] = (
+    "longtail.features",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longtail", description="Long-tailed image recognition toolkit.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -270,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list registered methods, losses, samplers, models, heads")
     m.set_defaults(func=_cmd_methods)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return p
 
 

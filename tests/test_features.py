@@ -1,0 +1,69 @@
+"""Feature extraction from a run folder: shapes, agreement with the run's logits, the cache."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from longtail.cli import main
+from longtail.config import config_from_dict
+from longtail.errors import CheckpointError, ConfigError
+from longtail.features import extract_features
+from longtail.runs import train_run
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    cfg = tiny_config(**{"data": {"source": "digits", "imbalance_ratio": 5, "test_per_class": 10, "val_per_class": 2},
+                         "train.epochs": 1})
+    run = tmp_path_factory.mktemp("feat") / "run"
+    train_run(config_from_dict(cfg), run, log=lambda *a: None)
+    return run
+
+
+def test_features_of_every_split_match_the_runs_head(digits_run):
+    fs = extract_features(digits_run, log=lambda *a: None)
+    assert set(fs.splits) == {"train", "val", "test"}
+    assert fs.num_classes == 10 and fs["train"]["features"].shape == (int(fs.class_counts.sum()), fs.dim)
+    assert np.bincount(fs["val"]["labels"], minlength=10).tolist() == [2] * 10
+    w, b = fs.head["weight"], fs.head["bias"]
+    assert w.shape == (10, fs.dim)
+    test = fs["test"]
+    np.testing.assert_allclose(test["features"] @ w.T + b, test["logits"], rtol=1e-4, atol=1e-4)
+    saved = np.load(digits_run / "predictions.npz")
+    np.testing.assert_allclose(saved["logits"], test["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_cache_is_reused_and_refreshed_when_the_checkpoint_changes(digits_run):
+    first = extract_features(digits_run, log=lambda *a: None)
+    calls = []
+    again = extract_features(digits_run, log=calls.append)
+    assert calls == [] and np.array_equal(again["test"]["features"], first["test"]["features"])
+    ckpt = digits_run / "checkpoints" / "last.pt"
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    extract_features(digits_run, log=calls.append)
+    assert len(calls) == 3  # extracted again: train, val, test
+
+
+def test_bad_inputs_name_the_problem(digits_run, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="does not exist"):
+        extract_features(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="unknown checkpoint 'first'"):
+        extract_features(digits_run, checkpoint="first")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no last checkpoint"):
+        extract_features(tmp_path / "empty")
+    assert main(["features", str(tmp_path / "empty")]) == 2
+    assert "no last checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "empty" / "features").exists()
+
+
+def test_command_prints_shapes(digits_run, capsys):
+    assert main(["features", str(digits_run)]) == 0
+    out = capsys.readouterr().out
+    assert "test  features (100, " in out and "cached in" in out
