@@ -60,10 +60,12 @@ def test_train_eval_methods(tmp_path, capsys):
     ("method.name=decoupled", "unknown method 'decoupled'"),
     ("sampler.name=class_awar", "unknown sampler 'class_awar' (did you mean 'class_aware'?)"),
     ("data.source=imagefolder", "data.root is required"),
+    ("loss.name=focal loss.params.gamma=-1", "loss 'focal': gamma must be a finite number >= 0, got -1"),
+    ("sampler.name=class_aware sampler.params.samples_per_class=0", "sampler 'class_aware': "),
 ])
 def test_bad_config_one_line_exit_2_nothing_written(tmp_path, capsys, override, message):
     run = tmp_path / "run"
-    assert main(["train", str(write_config(tmp_path)), override, "--out", str(run)]) == 2
+    assert main(["train", str(write_config(tmp_path)), *override.split(), "--out", str(run)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not run.exists()

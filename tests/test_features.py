@@ -67,3 +67,11 @@ def test_command_prints_shapes(digits_run, capsys):
     assert main(["features", str(digits_run)]) == 0
     out = capsys.readouterr().out
     assert "test  features (100, " in out and "cached in" in out
+
+
+def test_cosine_head_weight_is_stored_classes_first(tmp_path):
+    cfg = tiny_config(**{"data": {"source": "digits", "imbalance_ratio": 5, "test_per_class": 4},
+                         "model.head": "cosine", "train.epochs": 1})
+    train_run(config_from_dict(cfg), tmp_path / "run", evaluate=False, log=lambda *a: None)
+    fs = extract_features(tmp_path / "run", log=lambda *a: None)
+    assert fs.head["weight"].shape == (10, fs.dim) and "bias" not in fs.head

@@ -178,6 +178,10 @@ def _cmd_bench(args) -> int:
 # its parser and sets func; heavy imports stay inside the command function.
 _COMMAND_MODULES: tuple[str, ...] = (
     "longtail.features",
+    "longtail.analysis.command",
+    "longtail.dlsa.command",
+    "longtail.similarity.command",
+    "longtail.studies.command",
 )
 
 

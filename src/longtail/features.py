@@ -86,15 +86,19 @@ def _load_cache(cache: Path, stamp: np.ndarray) -> FeatureSet | None:
 
 
 def extract_features(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = None,
-                     refresh: bool = False, arrays: dict | None = None, log=print) -> FeatureSet:
+                     refresh: bool = False, arrays: dict | None = None, cache_dir: str | Path | None = None,
+                     log=print) -> FeatureSet:
     """Features of every split of a trained run (module docstring), from the cache when fresh.
 
     `arrays` supplies the images of a run trained on in-memory arrays (data.source 'arrays').
+    `cache_dir` keeps the cache there instead of RUN_DIR/features (a run folder that must stay
+    untouched); a fresh cache already in RUN_DIR/features is still read.
     """
     import torch
 
     from .data.build import build_data
     from .eval.predict import predict
+    from .models.heads import NormedLinear
     from .runs import _load_model, load_run_config
     from .train.checkpoint import atomic_write_bytes
     from .train.loop import resolve_device
@@ -104,9 +108,11 @@ def extract_features(run_dir: str | Path, *, checkpoint: str = "last", device: s
         raise ConfigError(f"run folder {run_dir} does not exist")
     ckpt = _checkpoint_path(run_dir, checkpoint)
     stamp = _stamp(ckpt)
-    cache = run_dir / "features" / f"{checkpoint}.npz"
-    if not refresh and (hit := _load_cache(cache, stamp)) is not None:
-        return hit
+    cache = (run_dir / "features" if cache_dir is None else Path(cache_dir)) / f"{checkpoint}.npz"
+    if not refresh:
+        for candidate in dict.fromkeys((run_dir / "features" / f"{checkpoint}.npz", cache)):
+            if (hit := _load_cache(candidate, stamp)) is not None:
+                return hit
     cfg = load_run_config(run_dir)
     data = build_data(cfg.data, arrays=arrays)
     dev = resolve_device(device or cfg.train.device)
@@ -123,8 +129,11 @@ def extract_features(run_dir: str | Path, *, checkpoint: str = "last", device: s
         splits[name] = {"features": out["features"], "logits": out["logits"], "labels": out["labels"]}
     head = {}
     module = model.head
-    if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2:
-        head["weight"] = module.weight.detach().float().cpu().numpy()
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        if isinstance(module, NormedLinear):  # stores (D, C)
+            weight = weight.t()
+        head["weight"] = weight.detach().float().cpu().numpy()
         if isinstance(getattr(module, "bias", None), torch.Tensor):
             head["bias"] = module.bias.detach().float().cpu().numpy()
     result = FeatureSet(splits=splits, class_counts=np.asarray(data.class_counts, dtype=np.int64),
@@ -134,7 +143,7 @@ def extract_features(run_dir: str | Path, *, checkpoint: str = "last", device: s
     buffer = io.BytesIO()
     np.savez(buffer, stamp=stamp, epoch=np.int64(epoch), class_counts=result.class_counts,
              class_names=np.asarray(result.class_names, dtype=str), **arrays)
-    cache.parent.mkdir(exist_ok=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(cache, buffer.getvalue())
     return result
 

@@ -47,10 +47,20 @@ def data_info(data: LTData) -> dict:
 
 def check_components(cfg: RunConfig, data: LTData) -> None:
     """Build method, model, loss and sampler once, so bad names or parameters fail early."""
-    method = build_method(cfg, data)
-    method.build_model()
-    method.build_loss()
-    method.build_sampler()
+    method = _built(cfg, "method", lambda: build_method(cfg, data))
+    for section, build in (("model", method.build_model), ("loss", method.build_loss),
+                           ("sampler", method.build_sampler)):
+        _built(cfg, section, build)
+
+
+def _built(cfg: RunConfig, section: str, build):
+    """build(), with a component's own parameter check (ValueError) as a ConfigError naming it."""
+    try:
+        return build()
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{section} '{getattr(cfg, section).name}': {str(err).splitlines()[0]}") from None
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -152,6 +162,9 @@ def _posthoc_logit_adjustment(run_dir: Path, cfg: RunConfig, tau: float) -> dict
     kw = dict(many_threshold=e.many_threshold, few_threshold=e.few_threshold, rare_threshold=e.rare_threshold,
               ece_bins=e.ece_bins, class_names=info["class_names"])
     with np.load(path) as preds:
+        if preds["logits"].shape[1] != len(counts):  # an SSP pre-training run predicts rotations, not classes
+            raise ConfigError(f"{run_dir} predicts {preds['logits'].shape[1]} outputs for {len(counts)} classes: "
+                              "post-hoc logit adjustment needs a classification run")
         result = {"run": str(run_dir), "split": "test", "checkpoint": "last", "posthoc": "logit adjustment",
                   "tau": tau, "target_prior": "uniform"}
         adjusted = adjust_logits(torch.from_numpy(preds["logits"]), pi_train=pi, pi_target=uniform, tau=tau)
@@ -200,20 +213,24 @@ def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, data: LTD
               ece_bins=e.ece_bins, class_names=data.class_names)
     pkw = dict(mean=data.mean, std=data.std, batch_size=cfg.train.eval_batch_size, device=device,
                channels_last=cfg.train.channels_last)
+    pretext = getattr(build_method(cfg, data), "pretext_metrics", None)  # SSP pre-training: its own task
+
+    def score(net, split) -> tuple[dict, dict]:
+        if pretext is not None:
+            return pretext(net, split, **pkw, **kw)
+        out = predict(net, split, **pkw)
+        return compute_metrics(out["logits"], out["labels"], data.class_counts, **kw), out
+
     model, epoch = _load_model(cfg, data, run_dir / CHECKPOINT, device)
-    test = predict(model, data.test, **pkw)
-    result = {"run": str(run_dir), "split": "test", "checkpoint": "last", "epoch": epoch,
-              **compute_metrics(test["logits"], test["labels"], data.class_counts, **kw)}
-    arrays_out = {"logits": test["logits"], "labels": test["labels"]}
+    test_metrics, arrays_out = score(model, data.test)
+    result = {"run": str(run_dir), "split": "test", "checkpoint": "last", "epoch": epoch, **test_metrics}
     if data.val is not None and len(data.val):
-        val = predict(model, data.val, **pkw)
-        result["val"] = {k: v for k, v in compute_metrics(val["logits"], val["labels"], data.class_counts, **kw).items()
+        result["val"] = {k: v for k, v in score(model, data.val)[0].items()
                          if k in ("top1", "many", "medium", "few", "mcc", "nmi", "ece", "num_samples")}
         if (run_dir / BEST_VAL).is_file():
             best, best_epoch = _load_model(cfg, data, run_dir / BEST_VAL, device)
-            bt = predict(best, data.test, **pkw)
-            result["best_val"] = {"epoch": best_epoch, "selected_on": "validation top1",
-                                  **compute_metrics(bt["logits"], bt["labels"], data.class_counts, **kw)}
+            best_metrics, bt = score(best, data.test)
+            result["best_val"] = {"epoch": best_epoch, "selected_on": "validation top1", **best_metrics}
             arrays_out["best_val_logits"] = bt["logits"]
     buffer = io.BytesIO()
     np.savez(buffer, **arrays_out)

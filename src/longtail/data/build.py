@@ -149,6 +149,14 @@ def build_data(cfg: DataConfig, *, arrays: dict | None = None, progress: bool = 
     order = _resolve_order(cfg.class_order, names)
     if cfg.profile == "none":
         target = available.copy()
+    elif cfg.profile == "counts":
+        if len(cfg.counts) != C:
+            raise ConfigError(f"config key 'data.counts' has {len(cfg.counts)} entries, the data has {C} classes")
+        target = np.asarray(cfg.counts, dtype=np.int64)
+        for c in range(C):
+            if target[c] > available[c]:
+                raise DataError(f"class '{names[c]}' needs {target[c]} training images (data.counts) "
+                                f"but has {available[c]}")
     else:
         n_max = cfg.max_count if cfg.max_count is not None else int(available[order[0]])
         by_rank = profile_counts(cfg.profile, C, n_max, cfg.imbalance_ratio,

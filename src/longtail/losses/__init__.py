@@ -8,10 +8,12 @@ from . import (  # noqa: F401  (registration)
     eql,
     focal,
     ghm,
+    ghm_cwap,
     label_smoothing,
     ldam,
     logit_adjustment,
     seesaw,
+    swrm,
 )
 from .base import Loss, effective_number_weights, inverse_frequency_weights
 

@@ -1,7 +1,7 @@
 """Methods: recipes that configure model, loss, sampler and per-epoch hooks of the loop."""
 
 from ..registry import METHODS
-from . import decoupled, isda, standard  # noqa: F401  (registration)
+from . import decoupled, isda, lcreg, mislas, ssp, standard, swrm  # noqa: F401  (registration)
 from .base import Method, class_weight_for
 
 

@@ -66,6 +66,10 @@ class Method:
         r = self.cfg.reweight
         weight = class_weight_for(r.scheme, self.data.class_counts, r.beta) if epoch >= r.start_epoch else None
         loss.set_class_weight(weight)
+        # losses with per-epoch statistics (GHM-CWAP's histograms) learn here that an epoch starts
+        hook = getattr(loss, "on_epoch_start", None)
+        if callable(hook):
+            hook(epoch)
 
     def logits(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Training-time logits (B, C). `forward(images) -> (pooled features, logits)` is the

@@ -4,9 +4,11 @@ For each run: what it is (data, model, method, loss, sampler, epochs, evaluated
 checkpoints), its metrics (last epoch, best-on-validation, post-hoc logit adjustment, as
 present), and six figures: the training-count histogram, per-class accuracy against class
 frequency, many / medium / few bars, the confusion matrix ordered head to tail
-(row-normalised), the reliability diagram with its ECE, and the training curves. With
-several runs, a comparison first: tables of every run's numbers, the group bars side by
-side and, when the runs share their training counts, per-class accuracy overlaid.
+(row-normalised), the reliability diagram with its ECE, and the training curves; a seventh,
+the classifier's per-class weight norms, when the run's feature cache (`longtail features` /
+`longtail analyze`) holds its linear head. With several runs, a comparison first: tables of
+every run's numbers, the group bars side by side and, when the runs share their training
+counts, per-class accuracy overlaid.
 """
 
 from __future__ import annotations
@@ -61,6 +63,19 @@ def _run_section(rec: RunRecord, index: int) -> tuple[str, int]:
     add(figures.reliability_diagram(reliability=ev["reliability"], ece=float(ev["ece"])),
         f"Reliability diagram of the last epoch: test accuracy against top-1 confidence per equal-width bin "
         f"(eval.json reliability); ECE {ev['ece']:.4f}.", "reliability diagram", "reliability")
+    if rec.weight_norms is not None:
+        wn = rec.weight_norms
+        series = [("raw", wn["l2"])]
+        tau_text = ""
+        if wn["tau"] is not None:
+            series.append((f"tau {wn['tau']:g} (posthoc.json)", wn["tau_normalised"][0]["l2"]))
+            tau_text = (f"; after tau-normalisation w / ||w||^{wn['tau']:g} the variance is "
+                        f"{wn['tau_normalised'][0]['variance']:.4g}")
+        ratio = "-" if wn["max_over_min"] is None else f"{wn['max_over_min']:.3g}"
+        add(figures.weight_norms(series=series, train_counts=rec.train_counts, class_names=rec.class_names),
+            f"L2 norm of each class's classifier weight, head to tail (from features/last.npz): variance "
+            f"{wn['variance']:.4g}, max / min {ratio}{tau_text} (docs/analysis.md).",
+            "classifier weight norms, head to tail", "weight_norms")
     if rec.metrics:
         add(figures.training_curves(metrics=rec.metrics),
             f"Training curves from metrics.jsonl ({len(rec.metrics)} epochs).", "training curves",

@@ -293,3 +293,30 @@ def training_curves(*, metrics: list[dict]) -> bytes:
         if not drawn:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
     return _png(fig)
+
+
+def weight_norms(*, series: list[tuple[str, list]], train_counts, class_names, title: str = "") -> bytes:
+    """Per-class L2 norm of the linear head's weight, classes head to tail (seed 000, Fig. 6).
+
+    `series`: (label, C norms in class order) per run or per tau-normalisation; the
+    training counts give the order, so every series must belong to runs with these counts.
+    """
+    counts = np.asarray(train_counts)
+    order = head_to_tail(counts)
+    C = len(order)
+    fig = _figure(min(14.0, max(6.5, 0.2 * C + 3.0)), 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for k, (label, norms) in enumerate(series):
+        ax.plot(np.arange(C), np.asarray(norms, dtype=float)[order], marker="o" if C <= 100 else None,
+                markersize=4, linewidth=1, color=RUN_COLOURS[k % len(RUN_COLOURS)], label=label)
+    _class_ticks(ax, "x", order, class_names, rotate=_crowded(class_names, C))
+    if C <= MAX_CLASS_LABELS:
+        ax.set_xlabel("class, head to tail (training count descending)")
+    ax.set_ylabel("||w_c||_2 of the classifier")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if len(series) > 1 or (series and series[0][0]):
+        ax.legend(fontsize=8, frameon=False, loc="best")
+    return _png(fig)

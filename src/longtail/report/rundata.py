@@ -2,7 +2,9 @@
 
 Read, never recomputed: `eval.json` (required: the last epoch's test metrics, and
 `best_val` when present), `config.yaml`, `data.json`, `metrics.jsonl` (absent for
-post-hoc methods), and the optional `eval_logit_adjusted.json` and `posthoc.json`.
+post-hoc methods), and the optional `eval_logit_adjusted.json` and `posthoc.json`; the
+classifier's weight norms come from the run's feature cache (`features/last.npz`, written by
+`longtail features` or `longtail analyze`) when it is fresh and the head is linear.
 Nothing is trained or evaluated; a folder without eval.json is refused with a one-line
 error naming the command that writes it.
 """
@@ -13,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..analysis.norms import cached_weight_norms
 from ..config import read_yaml
 from ..errors import CheckpointError, ConfigError
 from ..train.loop import read_metrics
@@ -34,6 +37,7 @@ class RunRecord:
     eval_logit_adjusted: dict | None = None
     posthoc: dict | None = None
     class_names: list[str] = field(default_factory=list)
+    weight_norms: dict | None = None  # longtail.analysis.norms.cached_weight_norms
 
     @property
     def train_counts(self) -> list[int]:
@@ -90,9 +94,12 @@ def load_run_record(run_dir: str | Path, *, label: str | None = None) -> RunReco
     names = ev.get("class_names") or data.get("class_names") or [str(i) for i in range(C)]
     if len(names) != C:
         raise CheckpointError(f"eval.json in {run_dir} has {len(names)} class names for {C} classes")
+    norms = cached_weight_norms(run_dir, config, posthoc=posthoc)
+    if norms is not None and norms["train_counts"] != [int(v) for v in ev["train_counts"]]:
+        norms = None  # a cache of other data than eval.json's
     return RunRecord(path=run_dir, label=label or run_dir.name, config=config, data=data,
                      metrics=read_metrics(run_dir), eval=ev, eval_logit_adjusted=la, posthoc=posthoc,
-                     class_names=[str(n) for n in names])
+                     class_names=[str(n) for n in names], weight_norms=norms)
 
 
 def run_labels(run_dirs: list[str | Path]) -> list[str]:

@@ -72,15 +72,42 @@ def _progress(total: int, desc: str, enabled: bool):
 
 class TrainForward(torch.nn.Module):
     """images -> (pooled features (B, D), logits (B, C)); the module DDP wraps, so every
-    method's forward pass (ISDA needs the features) goes through DDP's gradient hooks."""
+    method's forward pass (ISDA needs the features) goes through DDP's gradient hooks.
 
-    def __init__(self, model: torch.nn.Module):
+    With `autocast_dtype` (train.precision bf16) the pass runs under torch.autocast and both
+    outputs are returned in float32, so losses, method statistics and accuracy are computed
+    in fp32; parameters, gradients and optimiser state stay fp32 (master weights).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
+        self.autocast_dtype = autocast_dtype
 
     def forward(self, images: torch.Tensor):
+        if self.autocast_dtype is None:
+            return self._pass(images)
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype):
+            pooled, logits = self._pass(images)
+        return pooled.float(), logits.float()
+
+    def _pass(self, images: torch.Tensor):
         pooled = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
         return pooled, self.model.head(pooled)
+
+
+def resident_split(split, device: torch.device, max_bytes: int, chunk: int = 4096):
+    """(uint8 images (N, H, W, C), labels (N,)) of a training split copied to `device` once,
+    or None when the images take more than `max_bytes`. Batches are then gathered on the
+    device instead of being copied from host memory every step."""
+    n = len(split)
+    if n * int(np.prod(split.images.shape[1:])) > max_bytes:
+        return None
+    images = torch.empty((n, *split.images.shape[1:]), dtype=torch.uint8, device=device)
+    for start in range(0, n, chunk):
+        pos = np.arange(start, min(start + chunk, n))
+        images[start:start + len(pos)] = torch.from_numpy(split.batch(pos)).to(device)
+    return images, torch.from_numpy(np.asarray(split.labels, dtype=np.int64)).to(device)
 
 
 class Trainer:
@@ -99,6 +126,8 @@ class Trainer:
             torch.set_num_threads(t.num_threads)
         self.device = resolve_device(t.device)
         torch.use_deterministic_algorithms(t.deterministic, warn_only=True)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not t.deterministic  # autotuned convolutions unless reproducibility is asked
         torch.manual_seed(t.seed)
         self.method = build_method(cfg, data)
         self.model = self.method.build_model().to(self.device)
@@ -114,7 +143,11 @@ class Trainer:
         self.best = {"epoch": None, "top1": -math.inf}
         self.dist = distributed.context()
         self._sync_loss_statistics = getattr(self.loss_fn, "sync_statistics", None)
-        self.forward: torch.nn.Module = TrainForward(self.model)
+        autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
+        self.forward: torch.nn.Module = TrainForward(self.model, autocast_dtype=autocast_dtype)
+        # on a GPU the training images live on the device when they take under a quarter of its free memory
+        self._resident = (resident_split(data.train, self.device, torch.cuda.mem_get_info(self.device)[0] // 4)
+                          if self.device.type == "cuda" else None)
         if self.dist.enabled:
             if t.batch_size % self.dist.world_size:
                 raise ConfigError(f"train.batch_size ({t.batch_size}) is the global batch and must be divisible "
@@ -123,9 +156,11 @@ class Trainer:
                 if self.device.type != "cuda":
                     raise ConfigError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-                self.forward = TrainForward(self.model)
+                self.forward = TrainForward(self.model, autocast_dtype=autocast_dtype)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, device_ids=ids)
+        if t.compile:
+            self.forward = torch.compile(self.forward)  # weights stay in self.model: checkpoints are unchanged
 
     def resume(self) -> None:
         """Restore model, optimiser, epoch, best-val and RNG state; drop metrics of unsaved epochs."""
@@ -185,15 +220,23 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world_size
         gen = torch.Generator().manual_seed(_epoch_seed(t.seed, epoch))
         tic = time.time()
-        loss_sum, correct, seen, last_finite = 0.0, 0, 0, None
+        loss_sum, seen, last_finite = 0.0, 0, None
+        correct = torch.zeros((), dtype=torch.int64, device=device)  # summed on the device: no sync per step
         bar.set_description(f"epoch {epoch + 1}/{t.epochs}")
         for step, start in enumerate(range(0, len(order), t.batch_size)):
             global_pos = order[start:start + t.batch_size]
             pos = split_batch(global_pos, rank, world, order)
-            target = torch.from_numpy(data.train.labels[pos]).to(device)
             shard = (rank, world, max(len(global_pos), world))
-            images = self.augment(torch.from_numpy(data.train.batch(pos)).to(device), gen, shard)
-            loss, logits = self.method.training_loss(self.model, self.forward, images, target, self.loss_fn, gen)
+            if self._resident is not None:
+                rows = torch.from_numpy(np.ascontiguousarray(pos)).to(device)
+                raw, target = self._resident[0][rows], self._resident[1][rows]
+            else:
+                raw = torch.from_numpy(data.train.batch(pos)).to(device)
+                target = torch.from_numpy(data.train.labels[pos]).to(device)
+            images = self.augment(raw, gen, shard)
+            # (loss, logits) or (loss, logits, scored): a pretext task (SSP) scores its own labels
+            loss, logits, *scored = self.method.training_loss(self.model, self.forward, images, target,
+                                                              self.loss_fn, gen)
             value = float(distributed.all_reduce_sum(loss.detach().clone().reshape(1))) / world
             if not math.isfinite(value):
                 raise TrainingError(
@@ -207,11 +250,11 @@ class Trainer:
             if self._sync_loss_statistics is not None:
                 self._sync_loss_statistics()  # e.g. seesaw counts: sum the ranks' increments
             loss_sum += value * len(global_pos)
-            correct += int((logits.detach().argmax(1) == target).sum())
+            correct += (logits.detach().argmax(1) == (scored[0] if scored else target)).sum()
             seen += len(global_pos)
             bar.update(len(global_pos))
             bar.set_postfix(loss=f"{value:.3f}", img_s=f"{seen / max(time.time() - tic, 1e-9):.0f}", refresh=False)
-        correct = int(distributed.all_reduce_sum(torch.tensor([correct], dtype=torch.float64, device=device)))
+        correct = int(distributed.all_reduce_sum(correct.to(torch.float64).reshape(1)))
         seconds = time.time() - tic
         return {"epoch": epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1),
                 "train_top1": 100.0 * correct / max(seen, 1), "seconds": seconds, "images_per_s": seen / seconds}
@@ -228,10 +271,16 @@ class Trainer:
         data, t, e = self.data, self.cfg.train, self.cfg.eval
         if data.val is None or not len(data.val):
             return {}
-        out = predict(self.model, data.val, mean=data.mean, std=data.std, batch_size=t.eval_batch_size,
-                      device=self.device, channels_last=t.channels_last)
-        vm = compute_metrics(out["logits"], out["labels"], data.class_counts, many_threshold=e.many_threshold,
-                             few_threshold=e.few_threshold, rare_threshold=e.rare_threshold, ece_bins=e.ece_bins)
+        pkw = dict(mean=data.mean, std=data.std, batch_size=t.eval_batch_size, device=self.device,
+                   channels_last=t.channels_last)
+        mkw = dict(many_threshold=e.many_threshold, few_threshold=e.few_threshold, rare_threshold=e.rare_threshold,
+                   ece_bins=e.ece_bins)
+        pretext = getattr(self.method, "pretext_metrics", None)
+        if pretext is not None:  # a pretext pre-training run (SSP): metrics of its own task
+            vm = pretext(self.model, data.val, **pkw, **mkw)[0]
+        else:
+            out = predict(self.model, data.val, **pkw)
+            vm = compute_metrics(out["logits"], out["labels"], data.class_counts, **mkw)
         if vm["top1"] > self.best["top1"]:
             self.best = {"epoch": epoch, "top1": vm["top1"]}
             atomic_torch_save({"model": self.model.state_dict(), "epoch": epoch + 1, "val_top1": vm["top1"]},

@@ -1,0 +1,242 @@
+"""`longtail similarity RUN_DIR`: the category similarity a trained run models (seed 001).
+
+From the run's frozen features (`features.extract_features`, its last or best-val
+checkpoint): class prototypes of the training images, their 1-D t-SNE projection, the class
+order and similarity windows, the SWR weights (Eq. 2) and SWM margins (Eq. 3), the
+class-balanced weights beside them (Fig. 2), and the confusable head-to-tail pairs of its
+test predictions (Table 1), optionally with other runs' errors for the same pairs.
+
+Output folder (written atomically, file by file): RUN_DIR/similarity by default; with
+`--out DIR` (outside RUN_DIR) nothing is written into RUN_DIR: the features cache goes to
+DIR/features/ instead of RUN_DIR/features/ (a fresh cache already in RUN_DIR/features/ is
+read, not rewritten).
+
+    similarity.json   settings, projection, order, windows, weights, margins, CB weights,
+                      similarity matrix, confusable pairs
+    classes.csv       one row per class, in projection order
+    confusable.csv / confusable.json   the head-to-tail table
+    weights.png       SWR vs class-balanced weights per class, head to tail
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+
+DEFAULT_WINDOW, DEFAULT_BETA, DEFAULT_EDGE = 15, 1.0, "shift"
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _run_settings(run_dir: Path) -> tuple[dict, int]:
+    """(the run's SWRM loss params or {}, train.seed) from its config."""
+    from ..runs import load_run_config
+
+    cfg = load_run_config(run_dir)
+    return (dict(cfg.loss.params) if cfg.loss.name == "swrm" else {}), cfg.train.seed
+
+
+def _other_confusion(run_dir: Path, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    from .confusion import confusion_counts
+
+    path = Path(run_dir) / "predictions.npz"
+    if not path.is_file():
+        raise CheckpointError(f"no predictions.npz in {run_dir}: run `longtail eval {run_dir}` first")
+    with np.load(path) as z:
+        logits, other_labels = z["logits"], z["labels"]
+    if logits.shape[1] != num_classes or not np.array_equal(other_labels, labels):
+        raise ConfigError(f"{run_dir} was not evaluated on the same test set ({logits.shape[1]} classes, "
+                          f"{len(other_labels)} test images)")
+    return confusion_counts(logits, other_labels, num_classes)
+
+
+def _csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def analyse_run(run_dir: str | Path, *, out: str | Path | None = None, checkpoint: str = "last",
+                device: str | None = None, window: int | None = None, beta: float | None = None,
+                edge: str | None = None, similarity: str = "projection", perplexity: float | None = None,
+                seed: int | None = None, tail_fraction: float = 0.5, min_ratio: float = 2.0, top: int = 2,
+                cb_beta: float = 0.9999, compare: list[str] | None = None, refresh: bool = False, log=print) -> dict:
+    """Compute and write everything of the module docstring; returns the similarity.json content."""
+    import torch
+
+    from ..features import CHECKPOINTS, extract_features
+    from ..losses import effective_number_weights
+    from ..train.checkpoint import atomic_write_json, atomic_write_text
+    from .confusion import compare_errors, confusion_counts, head_to_tail_errors
+    from .plot import plot_weights
+    from .projection import default_perplexity, prototypes_from_features, tsne_projection
+    from .windows import (SIMILARITIES, cosine_similarity_from_prototypes, projection_similarity, swm_margins,
+                          swr_weights, window_mask, window_members)
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} does not exist")
+    if similarity not in SIMILARITIES:
+        raise ConfigError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
+    if not 0 <= cb_beta < 1:
+        raise ConfigError(f"cb_beta must be in [0, 1), got {cb_beta}")
+    loss_params, run_seed = _run_settings(run_dir)
+    window = int(loss_params.get("window", DEFAULT_WINDOW)) if window is None else window
+    beta = float(loss_params.get("beta", DEFAULT_BETA)) if beta is None else beta
+    edge = loss_params.get("edge", DEFAULT_EDGE) if edge is None else edge
+    seed = run_seed if seed is None else seed
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"window must be an integer >= 1, got {window!r}")
+    if not np.isfinite(beta) or beta < 0:
+        raise ConfigError(f"beta must be >= 0, got {beta}")
+    compare = [Path(c) for c in (compare or [])]
+    for other in compare:
+        if not (other / "predictions.npz").is_file():
+            raise CheckpointError(f"no predictions.npz in {other}: run `longtail eval {other}` first")
+    out = run_dir / "similarity" if out is None else Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"unknown checkpoint '{checkpoint}' (choose from: {', '.join(CHECKPOINTS)})")
+    if not (run_dir / "checkpoints" / CHECKPOINTS[checkpoint]).is_file():
+        raise CheckpointError(f"no {checkpoint} checkpoint in {run_dir} (checkpoints/{CHECKPOINTS[checkpoint]})")
+
+    started = time.time()
+    created = not out.exists()
+    try:
+        cache_dir = None if _is_inside(out, run_dir) else out / "features"
+        fs = extract_features(run_dir, checkpoint=checkpoint, device=device, refresh=refresh, cache_dir=cache_dir,
+                              log=log)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    feature_seconds = time.time() - started
+    C, names, counts = fs.num_classes, fs.class_names, fs.class_counts
+
+    tic = time.time()
+    protos = prototypes_from_features(fs["train"]["features"], fs["train"]["labels"], C)
+    projection = tsne_projection(protos, seed=seed, perplexity=perplexity)
+    tsne_seconds = time.time() - tic
+    order = np.argsort(projection, kind="stable")
+    mask = window_mask(order, window, edge)
+    members = window_members(order, window, edge)
+    sim = (cosine_similarity_from_prototypes(protos) if similarity == "cosine"
+           else projection_similarity(torch.from_numpy(projection)))
+    weights = swr_weights(counts, mask).numpy()
+    margins = swm_margins(sim, mask, beta).numpy()
+    cb = effective_number_weights(counts, cb_beta).double().numpy()
+
+    test = fs["test"]
+    cm = confusion_counts(test["logits"], test["labels"], C)
+    rows = head_to_tail_errors(cm, counts, names, tail_fraction=tail_fraction, min_ratio=min_ratio, top=top)
+    compare_names = []
+    for other in compare:
+        name = other.name or str(other)
+        rows = compare_errors(rows, _other_confusion(other, test["labels"], C), name)
+        compare_names.append(name)
+
+    position = np.empty(C, dtype=np.int64)
+    position[order] = np.arange(C)
+    classes = [{"position": int(position[c]), "class": names[c], "index": c, "train_count": int(counts[c]),
+                "projection": round(float(projection[c]), 6),
+                "window": " ".join(names[i] for i in members[c]),
+                "swr_weight": round(float(weights[c]), 6), "swm_margin": round(float(margins[c]), 6),
+                "cb_weight": round(float(cb[c]), 6),
+                "test_accuracy": round(100.0 * cm[c, c] / max(int(cm[c].sum()), 1), 4)}
+               for c in order.tolist()]
+    result = {
+        "run": str(run_dir), "checkpoint": checkpoint, "epoch": fs.epoch,
+        "settings": {"window": window, "effective_window": min(window, C), "beta": beta, "edge": edge,
+                     "similarity": similarity, "tsne_seed": seed,
+                     "perplexity": default_perplexity(C) if perplexity is None else perplexity,
+                     "cb_beta": cb_beta, "tail_fraction": tail_fraction, "min_ratio": min_ratio, "top": top},
+        "class_names": list(names), "class_counts": [int(v) for v in counts],
+        "projection": [float(v) for v in projection], "order": [names[i] for i in order],
+        "windows": {names[c]: [names[i] for i in members[c]] for c in range(C)},
+        "swr_weights": [float(v) for v in weights], "swm_margins": [float(v) for v in margins],
+        "cb_weights": [float(v) for v in cb], "similarity": sim.double().numpy().round(6).tolist(),
+        "confusable": rows, "compared_with": [str(c) for c in compare],
+        "seconds": {"features": round(feature_seconds, 2), "tsne": round(tsne_seconds, 3)},
+    }
+    atomic_write_text(out / "classes.csv", _csv(classes))
+    atomic_write_text(out / "confusable.csv", _csv(rows))
+    atomic_write_json(out / "confusable.json", rows)
+    plot_weights(weights, cb, counts, names, out / "weights.png",
+                 title=f"{run_dir.name}: SWR (W={min(window, C)}) vs class-balanced (beta={cb_beta:g}) weights")
+    atomic_write_json(out / "similarity.json", result)
+    result["_classes"], result["_compare_names"], result["out"] = classes, compare_names, str(out)
+    return result
+
+
+def format_classes(classes: list[dict]) -> str:
+    width = max(len(r["class"]) for r in classes) + 2
+    lines = [f"{'pos':>4}  {'class':<{width}}{'n':>7}{'proj':>10}{'SWR w':>8}{'SWM m':>8}{'CB w':>8}  window"]
+    for r in classes:
+        lines.append(f"{r['position']:>4}  {r['class']:<{width}}{r['train_count']:>7}{r['projection']:>10.2f}"
+                     f"{r['swr_weight']:>8.3f}{r['swm_margin']:>8.3f}{r['cb_weight']:>8.3f}  {r['window']}")
+    return "\n".join(lines)
+
+
+def _cmd_similarity(args) -> int:
+    from .confusion import format_table
+
+    result = analyse_run(args.run_dir, out=args.out, checkpoint=args.checkpoint, device=args.device,
+                         window=args.window, beta=args.beta, edge=args.edge, similarity=args.similarity,
+                         perplexity=args.perplexity, seed=args.seed, tail_fraction=args.tail_fraction,
+                         min_ratio=args.min_ratio, top=args.top, cb_beta=args.cb_beta, compare=args.compare,
+                         refresh=args.refresh)
+    s = result["settings"]
+    print(f"{result['run']} ({result['checkpoint']}, epoch {result['epoch']}): t-SNE order, windows of "
+          f"W={s['effective_window']} ({s['edge']}), beta {s['beta']:g}, similarity {s['similarity']}")
+    print(format_classes(result["_classes"]))
+    print("\nconfusable head-to-tail pairs (test set):")
+    print(format_table(result["confusable"], compare=result["_compare_names"]))
+    sec = result["seconds"]
+    print(f"\nfeatures {sec['features']:.1f}s, t-SNE {sec['tsne']:.2f}s; wrote {result['out']}/similarity.json, "
+          "classes.csv, confusable.csv, confusable.json, weights.png")
+    return 0
+
+
+def register(sub) -> None:
+    from ..features import CHECKPOINTS
+
+    p = sub.add_parser("similarity", help="category similarity of a trained run (SWRM): t-SNE class order, "
+                                          "windows, SWR weights, SWM margins, confusable head-to-tail pairs")
+    p.add_argument("run_dir", help="a trained run folder (any method; usually plain CE)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/similarity); outside RUN_DIR, nothing is "
+                                 "written into RUN_DIR, the features cache included")
+    p.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="last")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the run's)")
+    p.add_argument("--refresh", action="store_true", help="extract the features again even when a cache is fresh")
+    p.add_argument("--window", type=int, help="window size W (default: the run's swrm loss setting, else 15)")
+    p.add_argument("--beta", type=float, help="SWM beta (default: the run's swrm loss setting, else 1)")
+    p.add_argument("--edge", choices=("shift", "truncate"), help="windows at the ends of the order (default shift)")
+    p.add_argument("--similarity", choices=("projection", "cosine"), default="projection",
+                   help="sim(i, c) in Eq. 3: from the projection (default) or prototype cosine")
+    p.add_argument("--perplexity", type=float, help="t-SNE perplexity (default min(30, max(1, (C-1)/3)))")
+    p.add_argument("--seed", type=int, help="t-SNE seed (default: the run's train.seed)")
+    p.add_argument("--tail-fraction", type=float, default=0.5, help="the rarest fraction of classes taken as tails")
+    p.add_argument("--min-ratio", type=float, default=2.0, help="a head has >= this times the tail's count")
+    p.add_argument("--top", type=int, default=2, help="heads listed per tail class")
+    p.add_argument("--cb-beta", type=float, default=0.9999, help="beta of the class-balanced weights (Fig. 2)")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="other runs (same test set) whose errors are "
+                                                               "listed for the same pairs (e.g. an SWRM run)")
+    p.set_defaults(func=_cmd_similarity)
