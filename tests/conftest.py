@@ -69,13 +69,22 @@ def full_and_resumed(cfg: dict, root: Path, monkeypatch, *, stop_after_epoch: in
     """
     from longtail.config import config_from_dict
     from longtail.runs import train_run
+
+    train_run(config_from_dict(cfg), root / "full", arrays=arrays, evaluate=evaluate, log=_quiet)
+    cut = interrupted_then_resumed(cfg, root / "cut", monkeypatch, stop_after_epoch=stop_after_epoch, arrays=arrays,
+                                   evaluate=evaluate)
+    return root / "full", root / "cut", cut
+
+
+def interrupted_then_resumed(cfg: dict, run: Path, monkeypatch, *, stop_after_epoch: int, arrays: dict,
+                             evaluate: bool = True) -> dict:
+    """Train `cfg` into `run`, stop right after the checkpoint of 0-idx epoch
+    `stop_after_epoch`, `--resume` to the end; returns the interrupted checkpoint."""
+    from longtail.config import config_from_dict
+    from longtail.runs import train_run
     from longtail.train.checkpoint import safe_torch_load
     from longtail.train.loop import Trainer
 
-    def quiet(*a):
-        pass
-
-    train_run(config_from_dict(cfg), root / "full", arrays=arrays, evaluate=evaluate, log=quiet)
     original_save = Trainer.save
 
     def save_then_stop(self, epoch):
@@ -86,7 +95,11 @@ def full_and_resumed(cfg: dict, root: Path, monkeypatch, *, stop_after_epoch: in
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "save", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
-            train_run(config_from_dict(cfg), root / "cut", arrays=arrays, evaluate=evaluate, log=quiet)
-    cut = safe_torch_load(root / "cut/checkpoints/last.pt")
-    train_run(None, root / "cut", resume=True, arrays=arrays, evaluate=evaluate, log=quiet)
-    return root / "full", root / "cut", cut
+            train_run(config_from_dict(cfg), run, arrays=arrays, evaluate=evaluate, log=_quiet)
+    cut = safe_torch_load(run / "checkpoints/last.pt")
+    train_run(None, run, resume=True, arrays=arrays, evaluate=evaluate, log=_quiet)
+    return cut
+
+
+def _quiet(*args) -> None:
+    pass

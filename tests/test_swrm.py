@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import full_and_resumed, tiny_arrays, tiny_config
+from conftest import full_and_resumed, interrupted_then_resumed, tiny_arrays, tiny_config
 from longtail.config import config_from_dict, load_config
 from longtail.errors import ConfigError
 from longtail.losses import build_loss
@@ -145,27 +145,6 @@ def _same(a: dict, b: dict) -> bool:
                                         for k in a)
 
 
-def _interrupted_then_resumed(cfg: dict, run, monkeypatch, *, stop_after_epoch: int, arrays: dict) -> dict:
-    """Train `cfg` into `run`, stop right after the checkpoint of 0-idx epoch `stop_after_epoch`,
-    resume to the end; returns the interrupted checkpoint."""
-    from longtail.train.loop import Trainer
-
-    original_save = Trainer.save
-
-    def save_then_stop(self, epoch):
-        original_save(self, epoch)
-        if epoch == stop_after_epoch:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "save", save_then_stop)
-        with pytest.raises(KeyboardInterrupt):
-            train_run(config_from_dict(cfg), run, arrays=arrays, evaluate=False, log=quiet)
-    cut = safe_torch_load(run / "checkpoints/last.pt")
-    train_run(None, run, resume=True, arrays=arrays, evaluate=False, log=quiet)
-    return cut
-
-
 def test_swrm_switches_at_the_configured_epoch_and_survives_resume(tmp_path, monkeypatch):
     arrays = tiny_arrays()
     train_run(config_from_dict(_cfg("swrm")), tmp_path / "full", arrays=arrays, evaluate=False, log=quiet)
@@ -173,14 +152,16 @@ def test_swrm_switches_at_the_configured_epoch_and_survives_resume(tmp_path, mon
     assert a["method"]["switched_at"] == 1 and a["method"]["projection"].shape == (4,)
     assert not torch.equal(a["loss"]["swr_weight"], torch.ones(4))
     # cut before the switch: the resumed run computes the similarity at the switch itself
-    before = _interrupted_then_resumed(_cfg("swrm"), tmp_path / "a", monkeypatch, stop_after_epoch=0, arrays=arrays)
+    before = interrupted_then_resumed(_cfg("swrm"), tmp_path / "a", monkeypatch, stop_after_epoch=0, arrays=arrays,
+                                      evaluate=False)
     assert before["method"] == {"switched_at": -1}
     assert torch.equal(before["loss"]["swr_weight"], torch.ones(4))
     assert torch.equal(before["loss"]["swm_margin"], torch.zeros(4))
     b = safe_torch_load(tmp_path / "a/checkpoints/last.pt")
     assert _same(a["model"], b["model"]) and _same(a["loss"], b["loss"]) and _same(a["method"], b["method"])
     # cut after the switch: the similarity comes back from the checkpoint
-    after = _interrupted_then_resumed(_cfg("swrm"), tmp_path / "b", monkeypatch, stop_after_epoch=1, arrays=arrays)
+    after = interrupted_then_resumed(_cfg("swrm"), tmp_path / "b", monkeypatch, stop_after_epoch=1, arrays=arrays,
+                                      evaluate=False)
     assert after["method"]["switched_at"] == 1 and _same(after["method"], a["method"])
     c = safe_torch_load(tmp_path / "b/checkpoints/last.pt")
     assert _same(a["model"], c["model"]) and _same(a["loss"], c["loss"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..report.figures import _figure, _png, head_to_tail
+from ..report.figures import new_figure, png_bytes, head_to_tail
 
 TAB20_LIMIT = 20  # up to this many classes: one qualitative colour each and a legend
 
@@ -19,7 +19,7 @@ def tsne_map(*, coords: np.ndarray, labels: np.ndarray, class_names, train_count
     labels = np.asarray(labels)
     order = head_to_tail(train_counts)
     C = len(order)
-    fig = _figure(8.0 if C <= TAB20_LIMIT else 7.0, 6.0)
+    fig = new_figure(8.0 if C <= TAB20_LIMIT else 7.0, 6.0)
     ax = fig.add_subplot(1, 1, 1)
     if C <= TAB20_LIMIT:
         cmap = matplotlib.colormaps["tab10" if C <= 10 else "tab20"]
@@ -39,4 +39,4 @@ def tsne_map(*, coords: np.ndarray, labels: np.ndarray, class_names, train_count
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=10)
-    return _png(fig)
+    return png_bytes(fig)

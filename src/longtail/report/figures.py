@@ -20,7 +20,7 @@ RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
 MAX_CLASS_LABELS = 40  # above this, axes show class ranks instead of names
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -29,7 +29,7 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
@@ -77,7 +77,7 @@ def count_histogram(*, train_counts, class_names, groups: dict, thresholds: dict
     C = len(counts)
     order = head_to_tail(counts)
     group = _group_of(groups, C)
-    fig = _figure(min(14.0, max(6.0, 0.2 * C + 2.5)), 3.8)
+    fig = new_figure(min(14.0, max(6.0, 0.2 * C + 2.5)), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(np.arange(C), counts[order], width=0.9 if C <= 200 else 1.0,
            color=[GROUP_COLOURS[group[i]] for i in order], linewidth=0)
@@ -92,7 +92,7 @@ def count_histogram(*, train_counts, class_names, groups: dict, thresholds: dict
               fontsize=8, frameon=False, loc="upper right")
     ratio = f", imbalance ratio {counts.max() / counts.min():.1f}" if counts.min() > 0 else ""
     ax.set_title(f"{int(counts.sum())} training images, {C} classes{ratio}", fontsize=10)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def accuracy_vs_frequency(*, series: list[tuple[str, list]], train_counts, class_names) -> bytes:
@@ -104,7 +104,7 @@ def accuracy_vs_frequency(*, series: list[tuple[str, list]], train_counts, class
     counts = np.asarray(train_counts, dtype=float)
     order = head_to_tail(counts)
     C = len(counts)
-    fig = _figure(7.5, 4.2)
+    fig = new_figure(7.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     for k, (label, per_class) in enumerate(series):
         xs = [counts[i] for i in order if per_class[i] is not None]
@@ -132,7 +132,7 @@ def accuracy_vs_frequency(*, series: list[tuple[str, list]], train_counts, class
     ax.grid(True, alpha=0.3)
     if len(series) > 1 or (series and series[0][0]):
         ax.legend(fontsize=8, frameon=False, loc="best")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 GROUP_BAR_KEYS = ("top1", "many", "medium", "few")
@@ -144,7 +144,7 @@ def group_bars(*, rows: list[tuple[str, dict]]) -> bytes:
     `rows`: (label, metrics dict with top1 / many / medium / few); a null group is marked
     'empty' instead of a bar.
     """
-    fig = _figure(max(6.0, 1.2 + 0.55 * len(rows) * len(GROUP_BAR_KEYS)), 3.8 + 0.25 * ((len(rows) + 2) // 3))
+    fig = new_figure(max(6.0, 1.2 + 0.55 * len(rows) * len(GROUP_BAR_KEYS)), 3.8 + 0.25 * ((len(rows) + 2) // 3))
     ax = fig.add_subplot(1, 1, 1)
     n = max(len(rows), 1)
     width = 0.8 / n
@@ -167,7 +167,7 @@ def group_bars(*, rows: list[tuple[str, dict]]) -> bytes:
     if len(rows) > 1:
         ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.1),
                   ncol=min(len(rows), 3))
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def ordered_confusion(confusion, train_counts) -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +191,7 @@ def confusion_ordered(*, confusion, train_counts, class_names) -> bytes:
     rows = np.asarray(confusion, dtype=float).sum(axis=1)[order]
     C = len(order)
     side = min(10.0, max(4.5, 0.3 * C + 2.0))
-    fig = _figure(side + 1.2, side)
+    fig = new_figure(side + 1.2, side)
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class's test images")
@@ -209,7 +209,7 @@ def confusion_ordered(*, confusion, train_counts, class_names) -> bytes:
     else:
         ax.set_xlabel("predicted class rank (head to tail)")
         ax.set_ylabel("true class rank (head to tail)")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def reliability_diagram(*, reliability: dict, ece: float) -> bytes:
@@ -226,7 +226,7 @@ def reliability_diagram(*, reliability: dict, ece: float) -> bytes:
     centres = (edges[:-1] + edges[1:]) / 2
     width = 1.0 / bins
     used = count > 0
-    fig = _figure(5.2, 5.6)
+    fig = new_figure(5.2, 5.6)
     grid = fig.add_gridspec(4, 1)
     ax = fig.add_subplot(grid[:3, 0])
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="perfect calibration")
@@ -245,7 +245,7 @@ def reliability_diagram(*, reliability: dict, ece: float) -> bytes:
     below.set_xlim(0, 1)
     below.set_xlabel("confidence (max softmax probability)")
     below.set_ylabel("share")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def training_curves(*, metrics: list[dict]) -> bytes:
@@ -259,7 +259,7 @@ def training_curves(*, metrics: list[dict]) -> bytes:
                 if r.get(key) is not None and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
     has_val_groups = any(r.get(k) is not None for r in metrics for k in ("val_many", "val_medium", "val_few"))
-    fig = _figure(10.0, 6.0)
+    fig = new_figure(10.0, 6.0)
     axes = [fig.add_subplot(2, 2, k) for k in range(1, 5)]
     panels = [
         (axes[0], [("train_loss", "train loss")], "loss", False),
@@ -292,7 +292,7 @@ def training_curves(*, metrics: list[dict]) -> bytes:
             ax.legend(fontsize=8, frameon=False)
         if not drawn:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def weight_norms(*, series: list[tuple[str, list]], train_counts, class_names, title: str = "") -> bytes:
@@ -304,7 +304,7 @@ def weight_norms(*, series: list[tuple[str, list]], train_counts, class_names, t
     counts = np.asarray(train_counts)
     order = head_to_tail(counts)
     C = len(order)
-    fig = _figure(min(14.0, max(6.5, 0.2 * C + 3.0)), 4.0)
+    fig = new_figure(min(14.0, max(6.5, 0.2 * C + 3.0)), 4.0)
     ax = fig.add_subplot(1, 1, 1)
     for k, (label, norms) in enumerate(series):
         ax.plot(np.arange(C), np.asarray(norms, dtype=float)[order], marker="o" if C <= 100 else None,
@@ -319,4 +319,4 @@ def weight_norms(*, series: list[tuple[str, list]], train_counts, class_names, t
         ax.set_title(title, fontsize=10)
     if len(series) > 1 or (series and series[0][0]):
         ax.legend(fontsize=8, frameon=False, loc="best")
-    return _png(fig)
+    return png_bytes(fig)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..config import config_from_dict, diff_configs, load_config
 from ..errors import ConfigError
+from ..report.figures import new_figure as figure, png_bytes  # noqa: F401  (re-exported for the studies)
 from ..train.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 DEFAULT_CIFAR10_ROOT = "../shared/data/cifar10-jpeg.tar.gz"
@@ -103,17 +104,3 @@ def write_png(path: Path, png: bytes) -> None:
     atomic_write_bytes(path, png)
 
 
-def figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def png_bytes(fig) -> bytes:
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
