@@ -212,14 +212,14 @@ def test_total_loss_is_eq7_and_lambda_rises_per_iteration(aug_target):
     n = out.features.shape[2]
     if aug_target == "part":
         samples, labels = part_features(out.features, out.weights).reshape(15, -1), torch.arange(3).repeat(5)
-        assert torch.equal(method.estimator.count, torch.full((3,), 10.0))  # 5 images x 2 steps per latent
+        assert torch.equal(method.covariance.estimator.count, torch.full((3,), 10.0))  # 5 images x 2 steps per latent
     else:
         samples, labels = out.features.transpose(1, 2).reshape(5 * n, -1), out.logits.argmax(1).reshape(-1)
-        assert float(method.estimator.count.sum()) == 2 * 5 * n
+        assert float(method.covariance.estimator.count.sum()) == 2 * 5 * n
     lam = 0.5 * (steps + 1) / (3 * steps)
     expected = (0.7 * F.cross_entropy(logits, target)
                 + 0.2 * reconstruction_loss(out.reconstruction, out.features)
-                + 0.3 * latent_augmentation_loss(samples, labels, out.encoded, method.estimator.cov, lam))
+                + 0.3 * latent_augmentation_loss(samples, labels, out.encoded, method.covariance.estimator.cov, lam))
     assert torch.allclose(total, expected, rtol=1e-5)
     assert set(method.state_dict()) == {"cov", "mean", "count"}
 

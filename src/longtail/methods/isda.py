@@ -82,6 +82,37 @@ def isda_logits(logits: torch.Tensor, weight: torch.Tensor, target: torch.Tensor
     return logits + 0.5 * lam * quad
 
 
+class LazyCovariance:
+    """A CovarianceEstimator made at the first batch (when the class and feature counts are
+    known), with checkpoint state that may arrive before it exists (resume). Updated from the
+    whole global batch under torchrun, so every rank holds the same estimate."""
+
+    def __init__(self, *, diagonal: bool = False):
+        self.diagonal = diagonal
+        self.estimator: CovarianceEstimator | None = None
+        self._pending_state: dict | None = None
+
+    def update(self, samples: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Add samples (N, D) with labels (N,); return the covariances (num_classes, D, D) or
+        (num_classes, D) in the samples' dtype."""
+        if self.estimator is None:
+            self.estimator = CovarianceEstimator(num_classes, samples.shape[1], diagonal=self.diagonal)
+            if self._pending_state is not None:
+                self.estimator.load_state_dict(self._pending_state)
+            self.estimator.to(samples.device)
+        self.estimator.update(all_gather_cat(samples.detach()), all_gather_cat(labels))
+        return self.estimator.cov.to(samples.dtype)
+
+    def state_dict(self) -> dict:
+        return {} if self.estimator is None else self.estimator.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._pending_state = state
+            if self.estimator is not None:
+                self.estimator.load_state_dict(state)
+
+
 @METHODS.register("isda")
 class ISDA(Method):
     """ISDA on a linear head: the configured loss on covariance-augmented logits."""
@@ -91,8 +122,7 @@ class ISDA(Method):
         if not isinstance(lambda0, (int, float)) or isinstance(lambda0, bool) or lambda0 < 0:
             raise ValueError(f"lambda0 must be a number >= 0, got {lambda0!r}")
         self.lambda0, self.diagonal, self.lam = float(lambda0), bool(diagonal), 0.0
-        self.estimator: CovarianceEstimator | None = None
-        self._pending_state: dict | None = None
+        self.covariance = LazyCovariance(diagonal=self.diagonal)
 
     def build_model(self) -> Classifier:
         model = super().build_model()
@@ -106,20 +136,11 @@ class ISDA(Method):
 
     def logits(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         features, logits = forward(images)
-        if self.estimator is None:
-            self.estimator = CovarianceEstimator(logits.shape[1], features.shape[1], diagonal=self.diagonal)
-            if self._pending_state is not None:
-                self.estimator.load_state_dict(self._pending_state)
-            self.estimator.to(features.device)
-        # distributed: every rank updates with the whole global batch, so estimates agree
-        self.estimator.update(all_gather_cat(features.detach()), all_gather_cat(target))
-        return isda_logits(logits, model.head.weight, target, self.estimator.cov.to(logits.dtype), self.lam)
+        cov = self.covariance.update(features, target, logits.shape[1])
+        return isda_logits(logits, model.head.weight, target, cov.to(logits.dtype), self.lam)
 
     def state_dict(self) -> dict:
-        return {} if self.estimator is None else self.estimator.state_dict()
+        return self.covariance.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
-            self._pending_state = state
-            if self.estimator is not None:
-                self.estimator.load_state_dict(state)
+        self.covariance.load_state_dict(state)

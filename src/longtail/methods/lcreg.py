@@ -68,9 +68,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import Classifier
 from ..registry import METHODS
-from ..train.distributed import all_gather_cat
 from .base import Method
-from .isda import CovarianceEstimator, isda_logits
+from .isda import LazyCovariance, isda_logits
 
 FUSIONS = ("residual", "replace")
 AUG_TARGETS = ("part", "location")
@@ -240,8 +239,7 @@ class LCReg(Method):
         self.alpha, self.beta, self.gamma, self.lambda0 = float(alpha), float(beta), float(gamma), float(lambda0)
         self.fusion, self.aug_target, self.diagonal = fusion, aug_target, diagonal
         self.recon_similarity, self.recon_temperature = recon_similarity, float(recon_temperature)
-        self.estimator: CovarianceEstimator | None = None
-        self._pending_state: dict | None = None
+        self.covariance = LazyCovariance(diagonal=diagonal)
         self._steps_per_epoch: int | None = None
         self._step = 0
 
@@ -304,20 +302,12 @@ class LCReg(Method):
         else:
             samples = out.features.transpose(1, 2).reshape(-1, d)
             labels = out.logits.detach().argmax(1).reshape(-1)
-        if self.estimator is None:
-            self.estimator = CovarianceEstimator(m, d, diagonal=self.diagonal)
-            if self._pending_state is not None:
-                self.estimator.load_state_dict(self._pending_state)
-            self.estimator.to(samples.device)
         # as ISDA: updated before the loss, from the whole global batch under torchrun
-        self.estimator.update(all_gather_cat(samples.detach()), all_gather_cat(labels))
-        return latent_augmentation_loss(samples, labels, out.encoded, self.estimator.cov.to(samples.dtype), lam)
+        cov = self.covariance.update(samples, labels, m)
+        return latent_augmentation_loss(samples, labels, out.encoded, cov, lam)
 
     def state_dict(self) -> dict:
-        return {} if self.estimator is None else self.estimator.state_dict()
+        return self.covariance.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
-            self._pending_state = state
-            if self.estimator is not None:
-                self.estimator.load_state_dict(state)
+        self.covariance.load_state_dict(state)
