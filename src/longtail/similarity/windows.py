@@ -48,43 +48,41 @@ def class_order(projection) -> np.ndarray:
     return np.argsort(p, kind="stable")
 
 
-def window_bounds(num_classes: int, window: int, edge: str = "shift") -> list[tuple[int, int]]:
-    """[lo, hi) positions in the order of the window around every position 0..C-1."""
+def window_bounds(num_classes: int, window: int, edge: str = "shift") -> tuple[np.ndarray, np.ndarray]:
+    """(lo (C,), hi (C,)): the window around position k of the order is positions [lo[k], hi[k])."""
     if edge not in EDGES:
         raise ConfigError(f"edge must be one of {', '.join(EDGES)}, got {edge!r}")
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ConfigError(f"window must be an integer >= 1, got {window!r}")
     C = int(num_classes)
-    bounds = []
-    for k in range(C):
-        if edge == "shift":
-            W = min(window, C)
-            lo = min(max(k - W // 2, 0), C - W)
-            bounds.append((lo, lo + W))
-        else:
-            lo = k - window // 2
-            bounds.append((max(lo, 0), min(lo + window, C)))
-    return bounds
+    k = np.arange(C)
+    if edge == "shift":
+        W = min(window, C)
+        lo = np.clip(k - W // 2, 0, C - W)
+        return lo, lo + W
+    lo = k - window // 2
+    return np.maximum(lo, 0), np.minimum(lo + window, C)
 
 
 def window_members(order, window: int, edge: str = "shift") -> list[list[int]]:
     """For every class c (by class index), the classes of its similarity window, in order."""
     order = np.asarray(order)
-    bounds = window_bounds(len(order), window, edge)
+    lo, hi = window_bounds(len(order), window, edge)
     members: list[list[int]] = [[] for _ in range(len(order))]
-    for k, (lo, hi) in enumerate(bounds):
-        members[int(order[k])] = [int(i) for i in order[lo:hi]]
+    for k in range(len(order)):
+        members[int(order[k])] = order[lo[k]:hi[k]].tolist()
     return members
 
 
 def window_mask(order, window: int, edge: str = "shift") -> torch.Tensor:
     """(C, C) bool: mask[c, i] is True when class i is in class c's window (c's own row
-    always holds c)."""
-    members = window_members(order, window, edge)
-    mask = torch.zeros(len(members), len(members), dtype=torch.bool)
-    for c, row in enumerate(members):
-        mask[c, row] = True
-    return mask
+    always holds c). Built without a per-class loop (DySWRM rebuilds it every step)."""
+    order = np.asarray(order)
+    lo, hi = window_bounds(len(order), window, edge)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))  # position of each class in the order
+    row_lo, row_hi = lo[rank][:, None], hi[rank][:, None]
+    return torch.from_numpy((rank[None, :] >= row_lo) & (rank[None, :] < row_hi))
 
 
 def projection_similarity(projection: torch.Tensor) -> torch.Tensor:
