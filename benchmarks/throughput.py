@@ -63,10 +63,11 @@ MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]  # LDAM-DRW's nor
 
 # Options of the `fastest` pipeline per device. CPU: torch.compile (bf16 autocast is much
 # slower than fp32 on CPUs without native bf16 instructions, such as this project's AVX2 EPYC).
-# CUDA: the usual GPU choices, not yet measured in this project (--pipelines all shows each).
+# CUDA: cuDNN autotuning (train.deterministic=false), the fastest measured on an H200; compile and
+# bf16 were slower there for this small, launch-bound model (docs/speed.md, "On a GPU").
 FASTEST = {
     "cpu": ["train.compile=true"],
-    "cuda": ["train.compile=true", "train.precision=bf16", "train.deterministic=false"],
+    "cuda": ["train.deterministic=false"],
 }
 VARIANTS = {
     "nchw": ["train.channels_last=false"],

@@ -166,7 +166,18 @@ def test_methods_filter_needs_finished_stage1(tmp_path, capsys):
      "grid method 'crt': stage1 'cee' is not a method of the grid (did you mean 'ce'?)"),
     ({"methods": [{"name": "a", "overrides": {"method.name": "crt"}, "stage1": "b"},
                   {"name": "b", "overrides": {"method.name": "lws"}, "stage1": "a"}]},
-     "stage-1 references form a cycle: a -> b -> a"),
+     "stage-1 / branch references form a cycle: a -> b -> a"),
+    ({"methods": [{"name": "ce"}, {"name": "drw", "branch_from": "ce"}]},
+     "grid method 'drw': branch_from and branch_epoch go together"),
+    ({"methods": [{"name": "ce"}, {"name": "drw", "branch_from": "cee", "branch_epoch": 1}]},
+     "grid method 'drw': branch_from 'cee' is not a method of the grid (did you mean 'ce'?)"),
+    ({"methods": [{"name": "ce"}, {"name": "drw", "branch_from": "ce", "branch_epoch": 0}]},
+     "branch_epoch must be an integer >= 1"),
+    ({"methods": [{"name": "ce"}, {"name": "drw", "branch_from": "ce", "branch_epoch": 5}]},
+     "grid method 'drw': branch_epoch 5 is after the last epoch of 'ce' (1)"),
+    ({"methods": [{"name": "ce"}, {"name": "crt", "overrides": {"method.name": "crt"}, "stage1": "ce"},
+                  {"name": "drw", "branch_from": "crt", "branch_epoch": 1}]},
+     "branch_from 'crt' must be a one-stage method that branches from nothing itself"),
     ({"methods": [{"name": "crt", "overrides": {"method.name": "crt"}}]},
      "grid method 'crt' (crt) is a stage-2 method: name its stage-1 method"),
     ({"methods": [{"name": "ce"}, {"name": "bs", "stage1": "ce"}]}, "grid method 'bs' (standard) takes no stage 1"),
@@ -187,6 +198,37 @@ def test_bad_grids_are_one_line_errors(tmp_path, capsys, change, message):
     err = capsys.readouterr().err
     assert err.startswith("longtail: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_branching_cells_share_their_sources_plain_ce_prefix(tmp_path, capsys):
+    drw = {"name": "drw", "overrides": {"reweight.scheme": "effective_number", "reweight.start_epoch": 1},
+           "branch_from": "ce", "branch_epoch": 1}
+    path = write_grid(tmp_path, [{"name": "ce"}, drw], overrides={"train.epochs": 2}, seeds=[0])
+    assert main(["bench", str(path), "--list"]) == 0
+    assert "new     drw/ratio10/seed0  (from ce/ratio10/seed0 at epoch 1)" in capsys.readouterr().out
+    assert main(["bench", str(path), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    assert (out / "ce/ratio10/seed0/checkpoints/epoch1.pt").is_file()
+    assert read_yaml(out / "ce/ratio10/seed0/config.yaml")["train"]["save_epochs"] == [1]
+    branch = json.loads((out / "drw/ratio10/seed0/branch.json").read_text())
+    assert branch == {"from": str(out / "ce/ratio10/seed0/checkpoints/epoch1.pt"), "epoch": 1}
+    assert json.loads((out / "drw/ratio10/seed0/bench.json").read_text())["branch"] == "ce/ratio10/seed0@1"
+    rows = [json.loads(r) for r in (out / "drw/ratio10/seed0/metrics.jsonl").read_text().splitlines()]
+    ce_rows = [json.loads(r) for r in (out / "ce/ratio10/seed0/metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == ce_rows[0] and rows[1]["train_loss"] != ce_rows[1]["train_loss"]
+    assert "ce @ epoch 1" in (out / "results.md").read_text()
+
+
+def test_a_branch_source_without_its_checkpoint_is_a_clear_error(tmp_path, capsys):
+    path = write_grid(tmp_path, [{"name": "ce"}], overrides={"train.epochs": 2}, seeds=[0])
+    assert main(["bench", str(path), "--no-progress"]) == 0  # ce ran before drw was added
+    drw = {"name": "drw", "overrides": {"reweight.scheme": "effective_number", "reweight.start_epoch": 1},
+           "branch_from": "ce", "branch_epoch": 1}
+    path = write_grid(tmp_path, [{"name": "ce"}, drw], overrides={"train.epochs": 2}, seeds=[0])
+    capsys.readouterr()
+    assert main(["bench", str(path), "--no-progress"]) == 2
+    assert "which its source cell did not keep (it ran without train.save_epochs [1])" in capsys.readouterr().err
+    assert not (tmp_path / "out/drw").exists()
 
 
 CONFIG_DIRS = ("cifar10_lt", "cifar10_lt_full", "cifar100_lt")

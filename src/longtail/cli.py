@@ -52,7 +52,7 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides) if args.config is not None else None
     if cfg is not None and args.no_progress:
         cfg.train.progress = False
-    result = train_run(cfg, args.out, resume=args.resume)
+    result = train_run(cfg, args.out, resume=args.resume, branch_from=args.branch_from)
     _print_eval(result)
     return 0
 
@@ -164,6 +164,8 @@ def _cmd_bench(args) -> int:
     if args.list:
         for cell, state in plan(grid, methods=methods):
             stage = f"  (stage 1: {cell.stage1.key})" if cell.stage1 is not None else ""
+            if cell.branch_source is not None:
+                stage = f"  (from {cell.branch_source.key} at epoch {cell.branch_epoch})"
             print(f"{state:<7} {cell.key}{stage}")
         return 0
     if not args.table_only:
@@ -212,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.05")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--branch-from", metavar="CHECKPOINT_OR_RUN",
+                   help="start from another run's checkpoint (e.g. RUN/checkpoints/epoch24.pt) where both "
+                        "configs train as plain CE up to it (docs/training.md, branching)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
 

@@ -104,6 +104,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward pass (docs/speed.md)
     sync_bn: bool = False  # distributed runs: SyncBatchNorm across processes
     mixup_alpha: float = 0.0  # > 0: mixup batches with lam ~ Beta(alpha, alpha) (MiSLAS stage 1: 1.0)
+    save_epochs: list = field(default_factory=list)  # also keep checkpoints/epoch<E>.pt after these epochs (branch points)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -243,6 +244,9 @@ def _check_values(cfg: RunConfig) -> None:
     need(t.warmup_epochs >= 0, f"config key 'train.warmup_epochs' must be >= 0, got {t.warmup_epochs}")
     need(all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in t.milestones) and t.milestones == sorted(t.milestones),
          f"config key 'train.milestones' must be increasing non-negative integers, got {t.milestones!r}")
+    need(isinstance(t.save_epochs, list)
+         and all(isinstance(e, int) and not isinstance(e, bool) and 1 <= e <= t.epochs for e in t.save_epochs),
+         f"config key 'train.save_epochs' must be a list of epochs in [1, train.epochs = {t.epochs}], got {t.save_epochs!r}")
     need(0 < t.lr_decay <= 1, f"config key 'train.lr_decay' must be in (0, 1], got {t.lr_decay}")
     need(math.isfinite(t.mixup_alpha) and t.mixup_alpha >= 0, f"config key 'train.mixup_alpha' must be >= 0, got {t.mixup_alpha}")
     need(t.num_threads is None or t.num_threads >= 1, f"config key 'train.num_threads' must be >= 1, got {t.num_threads}")

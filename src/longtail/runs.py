@@ -31,6 +31,7 @@ from .eval.metrics import compute_metrics
 from .eval.predict import predict
 from .methods import build_method
 from .train import distributed
+from .train.branch import source_checkpoint
 from .train.checkpoint import (atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text,
                                safe_torch_load)
 from .train.loop import BEST_VAL, CHECKPOINT, fit, resolve_device
@@ -71,25 +72,32 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def train_run(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, evaluate: bool = True,
-              arrays: dict | None = None, log=print) -> dict:
+              arrays: dict | None = None, branch_from: str | Path | None = None, log=print) -> dict:
     """Train (or resume) into `out`, then evaluate; returns the eval.json content.
+
+    `branch_from` (a checkpoint file or run folder) starts a new run from another run's
+    checkpoint instead of from scratch, where both train as plain CE up to it (train/branch.py).
 
     Under torchrun every process calls this; all check the inputs before rank 0 creates
     anything, only rank 0 writes, and only rank 0 evaluates (the others return {}).
     """
     out = Path(out)
+    if branch_from is not None and resume:
+        raise ConfigError("--branch-from starts a new run; a branched run continues with --resume alone")
+    if branch_from is not None:
+        source_checkpoint(branch_from)  # a missing source fails before any data is read
     if cfg is None and resume:
         cfg = load_run_config(out)
     ctx = distributed.init(cfg.train.device if cfg is not None else "cpu")
     try:
-        return _train_run(cfg, out, resume=resume, evaluate=evaluate, arrays=arrays, ctx=ctx,
+        return _train_run(cfg, out, resume=resume, evaluate=evaluate, arrays=arrays, ctx=ctx, branch_from=branch_from,
                           log=log if ctx.is_main else (lambda *a: None))
     finally:
         if ctx.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, log) -> dict:
+def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, log, branch_from=None) -> dict:
     created = False
     if resume:
         saved = load_run_config(out)
@@ -122,10 +130,12 @@ def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, log
         distributed.barrier()
         done = int(safe_torch_load(out / CHECKPOINT)["epoch"]) if resume else 0
         if not build_method(cfg, data).trains:
+            if branch_from is not None:
+                raise ConfigError(f"method '{cfg.method.name}' is post-hoc; it takes no --branch-from")
             if not resume and ctx.is_main:
                 fit_posthoc_run(cfg, data, out, log=log)
         elif done < cfg.train.epochs:
-            fit(cfg, data, out, resume=resume, log=log)
+            fit(cfg, data, out, resume=resume, branch_from=branch_from, log=log)
     except BaseException:
         if created and not (out / CHECKPOINT).exists():
             shutil.rmtree(out, ignore_errors=True)

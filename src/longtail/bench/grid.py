@@ -18,6 +18,10 @@ A grid file (YAML)::
       - name: crt
         config: configs/cifar10_lt/crt.yaml
         stage1: ce                                 # stage-2 methods: the grid method they start from
+      - name: swrm
+        config: configs/cifar10_lt/swrm.yaml
+        branch_from: ce                            # optional: start from ce's checkpoint after
+        branch_epoch: 24                           #   epoch 24 (shared plain-CE prefix)
 
 Paths (`base`, `config`, `out`) are relative to the folder `longtail bench` runs in, like
 every path in the configs (`data.root`). A stage-2 method's `method.params.stage1` is
@@ -26,6 +30,12 @@ stage-2 method of a ratio and seed shares one stage-1 run. Unknown keys, missing
 configs, invalid cell configs, unknown stage-1 references, stage-1 references of
 methods that take none (or none where the method needs one) and cycles are refused
 with a one-line ConfigError before anything runs.
+
+A method with `branch_from: NAME` and `branch_epoch: E` starts each of its cells from the
+same ratio and seed's NAME cell at epoch E (`longtail train --branch-from`,
+docs/training.md): the NAME cells get `train.save_epochs` with E so they keep
+`checkpoints/epoch<E>.pt`, and whether the two configs really share that plain-CE prefix
+is checked when the cell starts.
 """
 
 from __future__ import annotations
@@ -39,9 +49,9 @@ from ..config import RunConfig, apply_overrides, config_from_dict, read_yaml
 from ..errors import ConfigError, did_you_mean
 
 GRID_KEYS = ("name", "base", "out", "imbalance_ratios", "seeds", "seed_keys", "overrides", "methods")
-METHOD_KEYS = ("name", "config", "overrides", "stage1", "logit_adjust_tau")
+METHOD_KEYS = ("name", "config", "overrides", "stage1", "logit_adjust_tau", "branch_from", "branch_epoch")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-GRID_SET_KEYS = ("data.imbalance_ratio", "method.params.stage1")  # set per cell by the grid
+GRID_SET_KEYS = ("data.imbalance_ratio", "method.params.stage1", "train.save_epochs")  # set per cell by the grid
 
 
 @dataclass
@@ -53,6 +63,13 @@ class MethodSpec:
     overrides: list[str] = field(default_factory=list)
     stage1: str | None = None  # name of the grid method whose cells are this method's stage 1
     logit_adjust_tau: float | None = None
+    branch_from: str | None = None  # name of the grid method whose checkpoint at branch_epoch this one starts from
+    branch_epoch: int | None = None
+
+    @property
+    def needs(self) -> str | None:
+        """The grid method whose cells must finish before this method's cells start."""
+        return self.stage1 or self.branch_from
 
 
 @dataclass
@@ -66,6 +83,18 @@ class Cell:
     cfg: RunConfig
     stage1: "Cell | None" = None
     logit_adjust_tau: float | None = None
+    branch_source: "Cell | None" = None
+    branch_epoch: int | None = None
+
+    @property
+    def needs(self) -> "Cell | None":
+        return self.stage1 or self.branch_source
+
+    @property
+    def branch_checkpoint(self) -> Path | None:
+        if self.branch_source is None:
+            return None
+        return self.branch_source.dir / "checkpoints" / f"epoch{self.branch_epoch}.pt"
 
     @property
     def key(self) -> str:
@@ -148,10 +177,10 @@ def _order(methods: list[MethodSpec]) -> list[MethodSpec]:
             return
         if state.get(m.name) == "active":
             cycle = path[path.index(m.name):] + [m.name]
-            raise ConfigError(f"stage-1 references form a cycle: {' -> '.join(cycle)}")
+            raise ConfigError(f"stage-1 / branch references form a cycle: {' -> '.join(cycle)}")
         state[m.name] = "active"
-        if m.stage1 is not None:
-            visit(by_name[m.stage1], path + [m.name])
+        if m.needs is not None:
+            visit(by_name[m.needs], path + [m.name])
         state[m.name] = "done"
         done.append(m)
 
@@ -178,8 +207,17 @@ def _method_spec(entry, index: int, base: str | None) -> MethodSpec:
     tau = entry.get("logit_adjust_tau")
     _need(tau is None or (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau >= 0),
           f"{where}: logit_adjust_tau must be a number >= 0, got {tau!r}")
+    branch_from, branch_epoch = entry.get("branch_from"), entry.get("branch_epoch")
+    _need((branch_from is None) == (branch_epoch is None), f"{where}: branch_from and branch_epoch go together")
+    _need(branch_from is None or isinstance(branch_from, str),
+          f"{where}: branch_from must be a method name, got {branch_from!r}")
+    _need(branch_epoch is None or (isinstance(branch_epoch, int) and not isinstance(branch_epoch, bool)
+                                   and branch_epoch >= 1),
+          f"{where}: branch_epoch must be an integer >= 1, got {branch_epoch!r}")
+    _need(branch_from is None or stage1 is None, f"{where}: a stage-2 method cannot also branch (stage1 and branch_from)")
     return MethodSpec(name=name, config=config, overrides=_overrides(entry.get("overrides"), f"{where} overrides"),
-                      stage1=stage1, logit_adjust_tau=None if tau is None else float(tau))
+                      stage1=stage1, logit_adjust_tau=None if tau is None else float(tau), branch_from=branch_from,
+                      branch_epoch=branch_epoch)
 
 
 def _set(values: dict, dotted: str, value) -> None:
@@ -200,9 +238,9 @@ def _read_config(spec: MethodSpec) -> dict:
 
 
 def _cell_config(spec: MethodSpec, grid_overrides: list[str], *, ratio: float, seed: int, seed_keys: list[str],
-                 stage1_path: str | None, extra: list[str]) -> RunConfig:
+                 stage1_path: str | None, extra: list[str], save_epochs: list[int] | None = None) -> RunConfig:
     """The method's config, then the grid's overrides, the method's, the command line's; then
-    the grid's per-cell values (ratio, seeds, stage-1 checkpoint)."""
+    the grid's per-cell values (ratio, seeds, stage-1 checkpoint, branch points to keep)."""
     try:
         values = apply_overrides(_read_config(spec), [*grid_overrides, *spec.overrides, *extra])
         _set(values, "data.imbalance_ratio", float(ratio))
@@ -210,6 +248,8 @@ def _cell_config(spec: MethodSpec, grid_overrides: list[str], *, ratio: float, s
             _set(values, key, seed)
         if stage1_path is not None:
             _set(values, "method.params.stage1", stage1_path)
+        if save_epochs:
+            _set(values, "train.save_epochs", sorted(set(save_epochs)))
         return config_from_dict(values)
     except ConfigError as err:
         msg = str(err)
@@ -258,12 +298,25 @@ def load_grid(path: str | Path, *, out: str | Path | None = None, overrides: lis
             key = text.split("=", 1)[0]
             _need(key not in GRID_SET_KEYS and key not in seed_keys,
                   f"override '{text}': the grid sets {key} per cell")
-        if s.stage1 is not None:
-            _need(s.stage1 in names, f"grid method '{s.name}': stage1 '{s.stage1}' is not a method of the grid"
-                                     f"{did_you_mean(s.stage1, names)}")
-            _need(s.stage1 != s.name, f"grid method '{s.name}' names itself as its stage 1")
+        for key, ref in (("stage1", s.stage1), ("branch_from", s.branch_from)):
+            if ref is not None:
+                _need(ref in names, f"grid method '{s.name}': {key} '{ref}' is not a method of the grid"
+                                    f"{did_you_mean(ref, names)}")
+                _need(ref != s.name, f"grid method '{s.name}' names itself as its {key}")
+
     ordered = _order(specs)
     extra = list(overrides or [])
+    save_epochs: dict[str, list[int]] = {}
+    for s in specs:
+        if s.branch_from is not None:
+            source = next(m for m in specs if m.name == s.branch_from)
+            _need(source.needs is None, f"grid method '{s.name}': branch_from '{s.branch_from}' must be a one-stage "
+                                        "method that branches from nothing itself")
+            last = _cell_config(source, grid_overrides, ratio=float(ratios[0]), seed=seeds[0], seed_keys=seed_keys,
+                                stage1_path=None, extra=extra).train.epochs
+            _need(s.branch_epoch <= last, f"grid method '{s.name}': branch_epoch {s.branch_epoch} is after the last "
+                                          f"epoch of '{s.branch_from}' ({last})")
+            save_epochs.setdefault(s.branch_from, []).append(s.branch_epoch)
     for s in ordered:
         # the method name may come from an override: resolve it as the cells will
         method_name = _cell_config(s, grid_overrides, ratio=float(ratios[0]), seed=seeds[0], seed_keys=seed_keys,
@@ -288,9 +341,10 @@ def load_grid(path: str | Path, *, out: str | Path | None = None, overrides: lis
                 first = index.get((s.stage1, ratio, seed)) if s.stage1 else None
                 stage1_path = str(first.dir / "checkpoints" / "last.pt") if first else None
                 cfg = _cell_config(s, grid_overrides, ratio=ratio, seed=seed, seed_keys=seed_keys,
-                                   stage1_path=stage1_path, extra=extra)
+                                   stage1_path=stage1_path, extra=extra, save_epochs=save_epochs.get(s.name))
+                source = index.get((s.branch_from, ratio, seed)) if s.branch_from else None
                 cell = Cell(method=s.name, ratio=float(ratio), seed=seed, dir=cell_dir, cfg=cfg, stage1=first,
-                            logit_adjust_tau=s.logit_adjust_tau)
+                            logit_adjust_tau=s.logit_adjust_tau, branch_source=source, branch_epoch=s.branch_epoch)
                 index[(s.name, ratio, seed)] = cell
                 cells.append(cell)
     name = raw.get("name") or path.stem

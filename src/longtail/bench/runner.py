@@ -6,8 +6,9 @@ checkpoint, or only evaluates when training had finished); otherwise it is *new*
 cell folder that exists already must have been run with the cell's config (the
 `train.progress` switch aside): a grid or override changed under finished cells is
 refused rather than mixed into one table. A stage-2 cell runs only once its stage-1
-cell is done (its `checkpoints/last.pt` is then the final epoch's). After each cell that
-ran, `bench.json` records its wall time.
+cell is done (its `checkpoints/last.pt` is then the final epoch's); a branching cell
+(`branch_from`) only once its source cell is done and kept `checkpoints/epoch<E>.pt`.
+After each cell that ran, `bench.json` records its wall time.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ..train.checkpoint import atomic_write_json, atomic_write_text
 from ..train.loop import read_metrics
 from .grid import Cell, Grid
 
-IGNORED_KEYS = ("train.progress",)  # may differ between invocations of the same cell
+# may differ between invocations of the same cell; save_epochs only keeps extra checkpoints
+IGNORED_KEYS = ("train.progress", "train.save_epochs")
 
 
 def _duration(seconds: float) -> str:
@@ -85,9 +87,10 @@ def plan(grid: Grid, *, methods: list[str] | None = None) -> list[tuple[Cell, st
     out = []
     for cell in cells:
         check_cell_config(cell)
-        first = cell.stage1
+        first = cell.needs
         if first is not None and first.key not in selected and cell_state(first) != "done":
-            raise ConfigError(f"cell {cell.key} needs its stage 1 {first.key}, which is not finished: run it "
+            what = "stage 1" if cell.stage1 is not None else "branch source"
+            raise ConfigError(f"cell {cell.key} needs its {what} {first.key}, which is not finished: run it "
                               f"first (--methods {first.method}) or include it")
         out.append((cell, cell_state(cell)))
     return out
@@ -113,9 +116,16 @@ def run_grid(grid: Grid, *, methods: list[str] | None = None, progress: bool | N
                 log(f"{head}: done, skipped")
             summary.append({"cell": cell.key, "state": "done", "seconds": 0.0})
             continue
-        if cell.stage1 is not None and cell_state(cell.stage1) != "done":
-            raise ConfigError(f"cell {cell.key} needs its stage 1 {cell.stage1.key}, which is not finished")
+        if cell.needs is not None and cell_state(cell.needs) != "done":
+            raise ConfigError(f"cell {cell.key} needs {cell.needs.key}, which is not finished")
+        branch = cell.branch_checkpoint if state == "new" else None
+        if branch is not None and not branch.is_file():
+            raise ConfigError(f"cell {cell.key} branches from {branch}, which its source cell did not keep (it ran "
+                              f"without train.save_epochs [{cell.branch_epoch}]): remove {cell.branch_source.dir} "
+                              "to rerun it, or place that checkpoint there")
         stage = f" (stage 1: {cell.stage1.key})" if cell.stage1 is not None else ""
+        if branch is not None:
+            stage = f" (from {cell.branch_source.key} at epoch {cell.branch_epoch})"
         log(f"{head}: {'resuming' if state == 'resume' else 'training'}{stage} -> {cell.dir}")
         started = time.time()
         if state == "resume":
@@ -124,13 +134,14 @@ def run_grid(grid: Grid, *, methods: list[str] | None = None, progress: bool | N
             cfg = cell.cfg
             if progress is not None:
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=progress))
-            train_run(cfg, cell.dir, log=log)
+            train_run(cfg, cell.dir, branch_from=branch, log=log)
         if _la_needed(cell):
             evaluate_run(cell.dir, logit_adjust_tau=cell.logit_adjust_tau, log=log)
         seconds = time.time() - started
         atomic_write_json(cell.dir / "bench.json", {
             "cell": cell.key, "method": cell.method, "imbalance_ratio": cell.ratio, "seed": cell.seed,
             "config": grid.method(cell.method).config, "stage1": cell.stage1.key if cell.stage1 else None,
+            "branch": f"{cell.branch_source.key}@{cell.branch_epoch}" if cell.branch_source else None,
             "mode": state, "wall_seconds": round(seconds, 3),
             "train_seconds_all_sessions": round(sum(float(r.get("seconds", 0.0)) for r in read_metrics(cell.dir)), 3),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -147,7 +147,7 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
                 cells += [_cell_text(e, m) for m in METRICS]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Cells", "", "| method | config | stage 1 | epochs | finished | wall time (bench.json) |",
+    lines += ["## Cells", "", "| method | config | stage 1 / branch | epochs | finished | wall time (bench.json) |",
               "|---|---|---|---:|---:|---:|"]
     for spec in grid.methods:
         cells = grid.cells_of(spec.name)
@@ -155,7 +155,8 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
         cfg = cells[0].cfg
         epochs = "post-hoc" if is_posthoc(cfg.method.name) else str(cfg.train.epochs)
         over = f" ({', '.join(spec.overrides)})" if spec.overrides else ""
-        lines.append(f"| {spec.name} | `{spec.config}`{over} | {spec.stage1 or '-'} | {epochs} | "
+        start = spec.stage1 or (f"{spec.branch_from} @ epoch {spec.branch_epoch}" if spec.branch_from else "-")
+        lines.append(f"| {spec.name} | `{spec.config}`{over} | {start} | {epochs} | "
                      f"{done}/{len(cells)} | {_wall(grid, spec.name)} |")
     lines.append("")
     return "\n".join(lines)

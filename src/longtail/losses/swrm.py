@@ -88,6 +88,7 @@ class SWRMLoss(Loss):
         self.register_buffer("swm_margin", torch.zeros(C))
         self.vector: nn.Parameter | None = None
         self.learning = False
+        self.neutral = True  # w = 1, m = 0: plain F.cross_entropy (bitwise as the `ce` loss)
         if similarity is not None and projection is None:
             raise ConfigError("loss 'swrm': similarity needs a projection too (the projection orders the windows)")
         if projection is not None:
@@ -130,6 +131,11 @@ class SWRMLoss(Loss):
         w, m = self.weights_and_margins(p, self._check_similarity(similarity))
         self.swr_weight.copy_(w.to(self.swr_weight))
         self.swm_margin.copy_(m.to(self.swm_margin))
+        self.neutral = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.neutral = bool(self.swr_weight.eq(1).all() and self.swm_margin.eq(0).all())
 
     def add_learnable_vector(self, init: torch.Tensor) -> nn.Parameter:
         """DySWRM: make the projection a learnable (C,) parameter starting at `init`."""
@@ -154,6 +160,8 @@ class SWRMLoss(Loss):
         if self.vector is not None and self.learning:
             w, m = self.weights_and_margins(self.vector)
             w, m = w.to(logits), m.to(logits)
+        elif self.neutral and self.class_weight is None:
+            return F.cross_entropy(logits, target)  # stage 1 of `swrm`: the same numbers as `ce`
         else:
             w, m = self.swr_weight.to(logits), self.swm_margin.to(logits)
         cw = None if self.class_weight is None else self.class_weight.to(logits)

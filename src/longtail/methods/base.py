@@ -10,6 +10,8 @@ through `state_dict` / `load_state_dict` (saved in the checkpoint).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..data.mixup import mixup_batch
@@ -87,6 +89,17 @@ class Method:
             return lam * loss(logits, target) + (1.0 - lam) * loss(logits, target_b), logits
         logits = self.logits(model, forward, images, target)
         return loss(logits, target), logits
+
+    # -- branching (train/branch.py)
+    def plain_ce_epochs(self) -> float:
+        """Leading epochs in which this configuration trains exactly like the standard method
+        with unweighted `ce` (same steps, no method or loss state), so a run may branch off a
+        plain-CE run's checkpoint inside them. Conservative: 0 unless a method says more."""
+        return 0
+
+    def _unweighted_epochs(self) -> float:
+        r = self.cfg.reweight
+        return math.inf if r.scheme == "none" else r.start_epoch
 
     # -- post-hoc methods
     def fit_posthoc(self, model: Classifier, device) -> dict:

@@ -19,3 +19,10 @@ class Standard(Method):
 
     def __init__(self, *, cfg, data):
         super().__init__(cfg=cfg, data=data)
+
+    def plain_ce_epochs(self) -> float:
+        """Unweighted `ce` without mixup is plain CE until re-weighting starts (DRW's switch)."""
+        c = self.cfg
+        if c.loss.name != "ce" or c.loss.params or c.train.mixup_alpha > 0:
+            return 0
+        return self._unweighted_epochs()

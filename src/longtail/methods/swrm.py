@@ -61,6 +61,10 @@ class _TwoStage(Method):
         self.start_epoch = start_epoch
         self._loss: SWRMLoss | None = None
 
+    def plain_ce_epochs(self) -> float:
+        """Plain CE before `start_epoch` (the SWRM loss is off, no similarity yet)."""
+        return 0 if self.cfg.train.mixup_alpha > 0 else min(self.start_epoch, self._unweighted_epochs())
+
     def build_loss(self) -> SWRMLoss:
         if self.cfg.loss.name != "swrm":
             raise ConfigError(f"method '{self.cfg.method.name}' needs loss.name: swrm, got '{self.cfg.loss.name}'")

@@ -26,7 +26,7 @@ from ..errors import CheckpointError, ConfigError, LongtailError
 from ..eval.metrics import compute_metrics
 from ..eval.predict import predict
 from ..methods import build_method
-from . import distributed
+from . import branch, distributed
 from .checkpoint import append_line, atomic_torch_save, atomic_write_text, safe_torch_load
 from .schedule import learning_rate
 
@@ -181,6 +181,31 @@ class Trainer:
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         self.log(f"resuming {self.run_dir} after epoch {self.start_epoch}/{self.cfg.train.epochs}")
 
+    def branch(self, source: str | Path) -> None:
+        """Start from another run's checkpoint at epoch E (train/branch.py): model, optimiser,
+        epoch, best-val record, RNG state and metrics of epochs < E; this run's own method and
+        loss start fresh, as they would be at epoch E when training from scratch."""
+        path = branch.source_checkpoint(source)
+        ckpt = safe_torch_load(path)
+        source_cfg = branch.source_config(ckpt, path)
+        epoch = int(ckpt["epoch"])
+        branch.check_branch(self.cfg, source_cfg, epoch, plain_epochs=self.method.plain_ce_epochs(),
+                            source_plain_epochs=build_method(source_cfg, self.data).plain_ce_epochs(), source=path)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            branch.load_optimizer_prefix(self.optimizer, ckpt["optimizer"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            best_epoch = ckpt["best_val_epoch"]
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {str(err).splitlines()[0]}") from None
+        self.start_epoch = epoch
+        if self.dist.is_main:
+            if branch.copy_prefix_records(path, self.run_dir, epoch, best_epoch):
+                self.best = {"epoch": best_epoch, "top1": float(ckpt["best_val_top1"])}
+            branch.write_branch_record(self.run_dir, path, epoch)
+            self.save(epoch - 1)  # the branch point is this run's first checkpoint: --resume works from here
+        self.log(f"branched from {path} after epoch {epoch}/{self.cfg.train.epochs}")
+
     def run(self) -> dict:
         t = self.cfg.train
         started = time.time()
@@ -288,18 +313,25 @@ class Trainer:
         return {f"val_{k}": vm[k] for k in ("top1", "many", "medium", "few")}
 
     def save(self, epoch: int) -> None:
-        atomic_torch_save({
+        state = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch + 1,
             "best_val_epoch": self.best["epoch"], "best_val_top1": self.best["top1"],
             "torch_rng": torch.get_rng_state(), "config": self.cfg.to_dict(),
             "loss": self.loss_fn.state_dict(), "method": self.method.state_dict(),
             "class_counts": torch.as_tensor(self.data.class_counts),
-        }, self.run_dir / CHECKPOINT)
+        }
+        atomic_torch_save(state, self.run_dir / CHECKPOINT)
+        if epoch + 1 in self.cfg.train.save_epochs:  # a branch point other runs may start from
+            atomic_torch_save(state, self.run_dir / f"checkpoints/epoch{epoch + 1}.pt")
 
 
-def fit(cfg: RunConfig, data: LTData, run_dir: str | Path, *, resume: bool = False, log=print) -> dict:
-    """Train per `cfg` into `run_dir` (continuing from its checkpoint with `resume`)."""
+def fit(cfg: RunConfig, data: LTData, run_dir: str | Path, *, resume: bool = False, branch_from=None,
+        log=print) -> dict:
+    """Train per `cfg` into `run_dir` (continuing from its checkpoint with `resume`, or
+    starting from another run's checkpoint with `branch_from`)."""
     trainer = Trainer(cfg, data, run_dir, log=log)
     if resume:
         trainer.resume()
+    elif branch_from is not None:
+        trainer.branch(branch_from)
     return trainer.run()

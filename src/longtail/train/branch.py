@@ -1,0 +1,122 @@
+"""Branching a run off another run's checkpoint: share a training prefix between methods.
+
+Methods that train exactly like plain cross-entropy for their first epochs and only change
+later (DRW re-weighting, SWRM / DySWRM after their switch epoch) need not repeat that
+prefix: `longtail train CONFIG --out RUN --branch-from SOURCE` starts RUN from SOURCE's
+checkpoint at epoch E (model, optimiser momentum, RNG state, epoch counter, best-on-
+validation record and the metrics of epochs < E) and trains epochs E+1 ... with CONFIG's
+method. Because every random draw of the loop depends only on (train.seed, epoch), the
+branched run ends with the same weights as training CONFIG from scratch (bitwise on CPU
+with train.deterministic; tests/test_branch.py checks it).
+
+That equivalence is only claimed where it holds, so a branch is refused unless
+
+- the two configs are equal except in the sections / keys of `FREE_KEYS` (loss, method,
+  reweight, eval, train.epochs and keys that do not change the numbers), and
+- E is at most the number of leading epochs in which *both* configs train as plain CE
+  (`Method.plain_ce_epochs()`: a standard run with unweighted `ce` until its re-weighting
+  starts, SWRM / DySWRM until `start_epoch`; 0 for every other method, which therefore
+  cannot branch).
+
+SOURCE is a checkpoint file (a run's `checkpoints/epoch<E>.pt`, kept with
+`train.save_epochs: [E]`, or `checkpoints/last.pt`) or a run folder (its last.pt).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, config_from_dict, diff_configs
+from ..errors import CheckpointError, ConfigError
+from .checkpoint import atomic_write_json, atomic_write_text, safe_torch_load
+
+# keys that may differ between a branch and its source (dotted prefixes)
+FREE_KEYS = ("loss", "method", "reweight", "eval", "train.epochs", "train.save_epochs", "train.progress",
+             "train.num_threads", "train.eval_batch_size")
+
+
+def source_checkpoint(source: str | Path) -> Path:
+    """The checkpoint file a branch starts from: SOURCE itself, or SOURCE/checkpoints/last.pt."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"--branch-from: no checkpoint at {path}")
+    return path
+
+
+def check_branch(cfg: RunConfig, source_cfg: RunConfig, epoch: int, *, plain_epochs: float,
+                 source_plain_epochs: float, source: Path) -> None:
+    """Refuse a branch whose result would differ from training `cfg` from scratch."""
+    bound = [k for k in diff_configs(cfg, source_cfg)
+             if not any(k == f or k.startswith(f + ".") for f in FREE_KEYS)]
+    if bound:
+        raise ConfigError(f"cannot branch from {source}: the configs differ in {', '.join(bound)} "
+                          f"(only {', '.join(FREE_KEYS)} may differ)")
+    if epoch > cfg.train.epochs:
+        raise ConfigError(f"cannot branch from {source}: it is at epoch {epoch}, after this run's "
+                          f"train.epochs = {cfg.train.epochs}")
+    for name, plain, c in (("this config", plain_epochs, cfg), ("the source run", source_plain_epochs, source_cfg)):
+        if epoch > plain:
+            raise ConfigError(f"cannot branch from {source} at epoch {epoch}: {name} (method '{c.method.name}', "
+                              f"loss '{c.loss.name}') trains as plain CE for its first {_epochs(plain)} only")
+
+
+def _epochs(n: float) -> str:
+    return "epochs" if math.isinf(n) else f"{int(n)} epoch{'s' * (n != 1)}"
+
+
+def load_optimizer_prefix(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a source run's optimiser state into `optimizer` whose groups may hold more
+    parameters at their end (DySWRM's similarity vector follows the model's parameters):
+    the saved state of parameter i of a group goes to parameter i of the same group."""
+    current = optimizer.state_dict()
+    groups, saved_groups = current["param_groups"], saved["param_groups"]
+    if len(groups) != len(saved_groups) or any(len(g["params"]) < len(s["params"])
+                                               for g, s in zip(groups, saved_groups)):
+        raise CheckpointError("the source run's optimiser does not fit this run's parameters")
+    state = {}
+    for group, saved_group in zip(groups, saved_groups):
+        for new_id, old_id in zip(group["params"], saved_group["params"]):
+            if old_id in saved["state"]:
+                state[new_id] = saved["state"][old_id]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def copy_prefix_records(source_ckpt: Path, run_dir: Path, epoch: int, best_epoch) -> bool:
+    """Copy the source run's metrics rows of epochs < `epoch` and, when it still holds the
+    best-on-validation weights of those epochs, its best_val.pt. Returns whether it did."""
+    source_run = source_ckpt.parent.parent
+    rows = []
+    if (source_run / "metrics.jsonl").is_file():
+        for line in (source_run / "metrics.jsonl").read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if row.get("epoch", math.inf) < epoch:
+                rows.append(row)
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    best = source_run / "checkpoints" / "best_val.pt"
+    if best_epoch is None or not best.is_file() or int(safe_torch_load(best)["epoch"]) != int(best_epoch) + 1:
+        return False  # none yet, or overwritten by a later epoch of the source run
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "checkpoints" / ".best_val.pt.tmp"
+    shutil.copyfile(best, tmp)
+    tmp.replace(run_dir / "checkpoints" / "best_val.pt")
+    return True
+
+
+def write_branch_record(run_dir: Path, source_ckpt: Path, epoch: int) -> None:
+    atomic_write_json(run_dir / "branch.json", {"from": str(source_ckpt), "epoch": epoch})
+
+
+def source_config(ckpt: dict, path: Path) -> RunConfig:
+    if "config" not in ckpt or "epoch" not in ckpt or "optimizer" not in ckpt:
+        raise CheckpointError(f"--branch-from: {path} is not a training checkpoint (no config / optimiser / epoch)")
+    return config_from_dict(ckpt["config"])
