@@ -275,3 +275,29 @@ def test_shipped_grids_resolve(monkeypatch):
             assert (c.cfg.train.epochs, c.cfg.train.warmup_epochs, c.cfg.train.milestones) == (200, 5, [160, 180])
     drw = next(c for c in full.cells if c.method == "ldam_drw")
     assert drw.cfg.reweight.start_epoch == 160
+
+
+def test_adopting_a_run_trained_outside_the_grid(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    path = write_grid(tmp_path, [{"name": "ce"}, {"name": "bs", "overrides": {"loss.name": "balanced_softmax"}}],
+                      seeds=[0])
+    grid = load_grid(path)
+    cell = next(c for c in grid.cells if c.method == "ce")
+    from longtail.runs import train_run
+
+    train_run(cell.cfg, tmp_path / "runs/ce", log=lambda *a: None)
+    (tmp_path / "runs/ce.log").write_text("exit 0 wall_seconds 40\nexit 0 wall_seconds 2\n")
+    script = str(REPO / "benchmarks/adopt_cell.py")
+    bad = subprocess.run([sys.executable, script, str(path), "bs", str(tmp_path / "runs/ce")], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "was run with another config (loss.name)" in bad.stderr
+    assert not (tmp_path / "out/bs").exists() and not any((tmp_path / "out").rglob("*.adopting"))
+    ok = subprocess.run([sys.executable, script, str(path), "ce", str(tmp_path / "runs/ce")], capture_output=True,
+                        text=True)
+    assert ok.returncode == 0, ok.stderr
+    info = json.loads((cell.dir / "bench.json").read_text())
+    assert info["mode"] == "adopted" and info["wall_seconds"] == 42
+    assert main(["bench", str(path), "--list"]) == 0
+    assert "done    ce/ratio10/seed0" in capsys.readouterr().out
