@@ -124,6 +124,17 @@ def test_unsafe_branches_are_refused_and_leave_nothing(cfg, ckpt, match, source,
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_different_length_is_refused_where_the_prefix_depends_on_it(tmp_path):
+    arrays = tiny_arrays()
+    cosine = tiny_config(**{**BASE, "train.lr_schedule": "cosine", "train.epochs": 1})
+    train_run(config_from_dict(cosine), tmp_path / "short", arrays=arrays, evaluate=False, log=quiet)
+    longer = tiny_config(**{**BASE, "train.lr_schedule": "cosine"})
+    with pytest.raises(ConfigError, match=r"train.epochs differs \(1 there, 3 here\) and the cosine LR schedule"):
+        train_run(config_from_dict(longer), tmp_path / "bad", arrays=arrays, evaluate=False, log=quiet,
+                  branch_from=tmp_path / "short")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_ce_source_past_its_own_drw_switch_is_refused(tmp_path):
     arrays = tiny_arrays()
     train_run(config_from_dict(DRW), tmp_path / "drw", arrays=arrays, evaluate=False, log=quiet)

@@ -12,7 +12,9 @@ with train.deterministic; tests/test_branch.py checks it).
 That equivalence is only claimed where it holds, so a branch is refused unless
 
 - the two configs are equal except in the sections / keys of `FREE_KEYS` (loss, method,
-  reweight, eval, train.epochs and keys that do not change the numbers), and
+  reweight, eval, train.epochs and keys that do not change the numbers), where a different
+  train.epochs is allowed only when nothing before the branch depends on it (the step and
+  constant LR schedules; not the cosine schedule or the progressive sampler), and
 - E is at most the number of leading epochs in which *both* configs train as plain CE
   (`Method.plain_ce_epochs()`: a standard run with unweighted `ce` until its re-weighting
   starts, SWRM / DySWRM until `start_epoch`; 0 for every other method, which therefore
@@ -58,6 +60,12 @@ def check_branch(cfg: RunConfig, source_cfg: RunConfig, epoch: int, *, plain_epo
     if bound:
         raise ConfigError(f"cannot branch from {source}: the configs differ in {', '.join(bound)} "
                           f"(only {', '.join(FREE_KEYS)} may differ)")
+    if cfg.train.epochs != source_cfg.train.epochs:
+        uses = [what for what, yes in (("the cosine LR schedule", cfg.train.lr_schedule == "cosine"),
+                                       ("the progressive sampler", cfg.sampler.name == "progressive")) if yes]
+        if uses:
+            raise ConfigError(f"cannot branch from {source}: train.epochs differs ({source_cfg.train.epochs} there, "
+                              f"{cfg.train.epochs} here) and {' and '.join(uses)} depend on it")
     if epoch > cfg.train.epochs:
         raise ConfigError(f"cannot branch from {source}: it is at epoch {epoch}, after this run's "
                           f"train.epochs = {cfg.train.epochs}")
