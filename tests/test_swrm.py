@@ -259,3 +259,18 @@ def test_configs_use_the_benchmark_budget_and_the_drw_switch(name):
     assert cfg.loss.name == "swrm" and cfg.reweight.scheme == "none"
     loss = build_loss(cfg.loss.name, cfg.loss.params, class_counts=class_counts("exp", 10, 5000, 100))
     assert torch.isfinite(loss(torch.randn(4, 10), torch.tensor([0, 3, 9, 9])))
+
+
+def test_neutral_loss_is_exactly_cross_entropy_and_tracks_its_state():
+    z, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(3)), torch.arange(16) % 4
+    counts = np.array([40, 20, 10, 5])
+    loss = build_loss("swrm", {"window": 3}, class_counts=counts)
+    assert loss.neutral and torch.equal(loss(z, y), F.cross_entropy(z, y))  # stage 1 of `swrm`: bitwise CE
+    fresh = {k: v.clone() for k, v in loss.state_dict().items()}
+    loss.set_similarity(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    assert not loss.neutral and not torch.equal(loss(z, y), F.cross_entropy(z, y))
+    trained = loss.state_dict()
+    loss.load_state_dict(fresh)
+    assert loss.neutral
+    loss.load_state_dict(trained)
+    assert not loss.neutral
