@@ -269,7 +269,7 @@ def test_neutral_loss_is_exactly_cross_entropy_and_tracks_its_state():
     fresh = {k: v.clone() for k, v in loss.state_dict().items()}
     loss.set_similarity(torch.tensor([0.0, 1.0, 2.0, 3.0]))
     assert not loss.neutral and not torch.equal(loss(z, y), F.cross_entropy(z, y))
-    trained = loss.state_dict()
+    trained = {k: v.clone() for k, v in loss.state_dict().items()}
     loss.load_state_dict(fresh)
     assert loss.neutral
     loss.load_state_dict(trained)
