@@ -263,10 +263,15 @@ def test_shipped_grids_resolve(monkeypatch):
     monkeypatch.chdir(REPO)  # grid paths are relative to the folder longtail runs in
     cpu = load_grid("configs/grids/cifar10_lt_cpu.yaml", out="/nonexistent/cpu")
     assert [m.name for m in cpu.methods] == ["ce", "focal", "cb_focal", "ldam_drw", "balanced_softmax",
-                                             "logit_adjustment", "seesaw", "crt", "lws", "tau_norm"]
+                                             "logit_adjustment", "seesaw", "class_balanced", "ce_drw", "swrm",
+                                             "dyswrm", "crt", "lws", "tau_norm"]
     assert {c.cfg.train.epochs for c in cpu.cells if c.stage1 is None} == {30}
     assert all(c.stage1.method == "ce" for c in cpu.cells if c.method in ("crt", "lws", "tau_norm"))
-    assert [state for _, state in plan(cpu)] == ["new"] * 10
+    branched = [c for c in cpu.cells if c.branch_source is not None]
+    assert sorted(c.method for c in branched) == ["ce_drw", "dyswrm", "swrm"]
+    assert all(c.branch_source.method == "ce" and c.branch_epoch == 24 for c in branched)
+    assert next(c for c in cpu.cells if c.method == "ce").cfg.train.save_epochs == [24]
+    assert [state for _, state in plan(cpu)] == ["new"] * 14
     full = load_grid("configs/grids/cifar10_lt_full.yaml", out="/nonexistent/full")
     assert len(full.cells) == 90
     for c in full.cells:
