@@ -5,8 +5,8 @@
 Copies RUN_DIR into the cell folder OUT/<METHOD>/ratio<R>/seed<S>/ after checking that its
 config.yaml is the cell's config (the same check `longtail bench` makes), and writes the
 cell's bench.json with the run's wall time: the sum of the `exit ... wall_seconds N` lines
-that benchmarks/run_queue.sh appended to RUN_DIR.log over all sessions (else the sum of the
-epochs' seconds in metrics.jsonl). `longtail bench GRID.yaml --table-only` then tables it.
+that benchmarks/run_queue.sh appended to RUN_DIR.log over all sessions, or, when a session
+was cut off before it could write its line, the sum of the epochs' seconds in metrics.jsonl. `longtail bench GRID.yaml --table-only` then tables it.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from longtail.train.loop import read_metrics
 def wall_seconds(run: Path) -> tuple[float, str]:
     log = run.parent / f"{run.name}.log"
     if log.is_file():
-        walls = [float(m) for m in re.findall(r"^exit \d+ wall_seconds (\d+)", log.read_text(), re.M)]
-        if walls:
+        text = log.read_text()
+        walls = [float(m) for m in re.findall(r"^exit \d+ wall_seconds (\d+)", text, re.M)]
+        starts = len(re.findall(r"^data: ", text, re.M))  # one per (re)start of the run
+        if walls and len(walls) >= starts:  # else a session was cut off before it could log its time
             return sum(walls), f"{log} ({len(walls)} session(s))"
     return sum(float(r.get("seconds", 0.0)) for r in read_metrics(run)), "metrics.jsonl epoch seconds"
 
