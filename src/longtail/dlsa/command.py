@@ -11,6 +11,7 @@ import csv
 import io
 
 from ..errors import ConfigError
+from ..features import CHECKPOINTS
 
 # (flag, DLSAConfig field, type, help); defaults come from DLSAConfig
 _OPTIONS = (
@@ -136,7 +137,7 @@ def register(sub) -> None:
                                     "vs the same classifier alone; per-filter head-tail separation")
     p.add_argument("run_dir", help="a trained run folder (features are extracted and cached in RUN_DIR/features/)")
     p.add_argument("--out", required=True, help="folder for dlsa.json and summary.csv")
-    p.add_argument("--checkpoint", choices=["last", "best_val"], default="last")
+    p.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="last")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     for flag, key, kind, text in _OPTIONS:
         p.add_argument(flag, dest=key, type=kind, default=None, help=text)

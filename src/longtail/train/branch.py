@@ -26,7 +26,6 @@ SOURCE is a checkpoint file (a run's `checkpoints/epoch<E>.pt`, kept with
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 from ..config import RunConfig, config_from_dict, diff_configs
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import atomic_write_json, atomic_write_text, safe_torch_load
+from .checkpoint import atomic_write_json, safe_torch_load
 
 # keys that may differ between a branch and its source (dotted prefixes)
 FREE_KEYS = ("loss", "method", "reweight", "eval", "train.epochs", "train.save_epochs", "train.progress",
@@ -96,21 +95,10 @@ def load_optimizer_prefix(optimizer: torch.optim.Optimizer, saved: dict) -> None
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def copy_prefix_records(source_ckpt: Path, run_dir: Path, epoch: int, best_epoch) -> bool:
-    """Copy the source run's metrics rows of epochs < `epoch` and, when it still holds the
-    best-on-validation weights of those epochs, its best_val.pt. Returns whether it did."""
-    source_run = source_ckpt.parent.parent
-    rows = []
-    if (source_run / "metrics.jsonl").is_file():
-        for line in (source_run / "metrics.jsonl").read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if row.get("epoch", math.inf) < epoch:
-                rows.append(row)
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    best = source_run / "checkpoints" / "best_val.pt"
+def copy_best_val(source_ckpt: Path, run_dir: Path, best_epoch) -> bool:
+    """Copy the source run's best_val.pt when it still holds the best-on-validation weights
+    of the prefix (0-idx epoch `best_epoch`); returns whether it did."""
+    best = source_ckpt.parent / "best_val.pt"
     if best_epoch is None or not best.is_file() or int(safe_torch_load(best)["epoch"]) != int(best_epoch) + 1:
         return False  # none yet, or overwritten by a later epoch of the source run
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)

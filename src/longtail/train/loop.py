@@ -177,9 +177,13 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {str(err).splitlines()[0]}") from None
         if self.dist.is_main:
-            rows = [r for r in read_metrics(self.run_dir) if r.get("epoch", math.inf) < self.start_epoch]
-            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            self._keep_metrics_before(self.run_dir, self.start_epoch)
         self.log(f"resuming {self.run_dir} after epoch {self.start_epoch}/{self.cfg.train.epochs}")
+
+    def _keep_metrics_before(self, source_run: Path, epoch: int) -> None:
+        """This run's metrics.jsonl := the lines of `source_run`'s for 0-idx epochs < `epoch`."""
+        rows = [r for r in read_metrics(source_run) if r.get("epoch", math.inf) < epoch]
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     def branch(self, source: str | Path) -> None:
         """Start from another run's checkpoint at epoch E (train/branch.py): model, optimiser,
@@ -200,7 +204,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {str(err).splitlines()[0]}") from None
         self.start_epoch = epoch
         if self.dist.is_main:
-            if branch.copy_prefix_records(path, self.run_dir, epoch, best_epoch):
+            self._keep_metrics_before(path.parent.parent, epoch)  # the source run's lines of the prefix
+            if branch.copy_best_val(path, self.run_dir, best_epoch):
                 self.best = {"epoch": best_epoch, "top1": float(ckpt["best_val_top1"])}
             branch.write_branch_record(self.run_dir, path, epoch)
             self.save(epoch - 1)  # the branch point is this run's first checkpoint: --resume works from here
