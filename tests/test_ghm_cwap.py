@@ -21,7 +21,7 @@ def two_class_logits(g, target):
 
 
 def ghm(params=None, counts=(9, 1)):
-    base = {"bins": 4, "alpha": 0.5, "gamma": 0.8}
+    base = {"bins": 4, "alpha": 0.5, "gamma": 0.8, "reduction": "mean"}
     return build_loss("ghm_cwap", {**base, **(params or {})}, class_counts=list(counts)).double()
 
 
@@ -61,19 +61,73 @@ def test_hand_worked_ura_histogram_weights_and_margins():
     assert loss(z1, t1).item() == pytest.approx(expect.item(), rel=1e-12)
 
 
-def test_class_and_batch_normalization_by_hand():
+def test_class_normalization_and_weight_sum_reduction_by_hand():
     loss = ghm({"approximation": "ura", "normalization": "class"})
     run_epoch0(loss)
-    # class 0: mean W over its 9 examples = (4 * 2.5 + 4 * 2.5 + 1 * 5) / 9 = 25/9
-    assert loss.region_weights[0].tolist() == pytest.approx([0.9, 0.9, 1.8, 1.8])
-    # = n_c v_i^-alpha / sum_j v_j^(1 - alpha) = 9 / (sqrt v_i * (2 + 2 + 1))
-    assert loss.region_weights[0, 0].item() == pytest.approx(9 / (2 * 5))
-    assert loss.region_weights[1].tolist() == pytest.approx([1.0] * 4)
-    batch = ghm({"approximation": "ura", "normalization": "batch"})
-    run_epoch0(batch)
-    z1, t1 = two_class_logits([0.45, 0.2], [0, 1])
-    per = F.cross_entropy(z1 + batch.margins(t1), t1, reduction="none")
-    assert batch(z1, t1).item() == pytest.approx(((2.5 * per[0] + per[1]) / 3.5).item(), rel=1e-12)
+    # the histogram keeps Eq. 1's weights; class 0: 5 / sqrt [4, 4, 1 (empty), 1]
+    assert loss.region_weights[0].tolist() == pytest.approx([2.5, 2.5, 5.0, 5.0])
+    # batch 1: class 0 at regions 1 and 3 (Eq. 1: 2.5, 5), class 1 (Eq. 1: 1)
+    # running class means after it: class 0 (2.5 + 5) / 2 = 3.75, class 1: 1
+    z1, t1 = two_class_logits([0.45, 0.8, 0.2], [0, 0, 1])
+    per = F.cross_entropy(z1 + loss.margins(t1), t1, reduction="none")
+    w = [2.5 / 3.75, 5 / 3.75, 1.0]
+    assert loss(z1, t1).item() == pytest.approx(((w[0] * per[0] + w[1] * per[1] + w[2] * per[2]) / 3).item(),
+                                                rel=1e-12)
+    assert loss.class_weight_sums.tolist() == [pytest.approx([7.5, 1.0]), pytest.approx([2.0, 1.0])]
+    # batch 2: one class-0 example in region 0 (Eq. 1: 2.5): class 0's mean is now 10 / 3
+    z2, t2 = two_class_logits([0.1], [0])
+    per2 = F.cross_entropy(z2 + loss.margins(t2), t2, reduction="none")
+    assert loss(z2, t2).item() == pytest.approx((2.5 / (10 / 3) * per2[0]).item(), rel=1e-12)
+    # a new epoch starts its running sums again
+    loss.on_epoch_start(2)
+    assert loss.class_weight_sums.abs().sum() == 0
+    # the default reduction divides by the batch's total weight instead of B
+    summed = ghm({"approximation": "ura", "normalization": "none", "reduction": "weight_sum"})
+    run_epoch0(summed)
+    z3, t3 = two_class_logits([0.45, 0.2], [0, 1])
+    per3 = F.cross_entropy(z3 + summed.margins(t3), t3, reduction="none")
+    assert summed(z3, t3).item() == pytest.approx(((2.5 * per3[0] + per3[1]) / 3.5).item(), rel=1e-12)
+
+
+def test_class_normalization_keeps_class_totals_when_examples_move():
+    """The collapse of the histogram-epoch normalisation (docs/ghm_cwap.md): every example of a
+    class sat in the last region, then most of them move into regions that were empty. Their
+    Eq. 1 weights are large, but the class's total weight in the new epoch stays its count."""
+    loss = ghm({"approximation": "ura", "alpha": 0.9, "gamma": 0.0}, counts=(40, 40))
+    loss.on_epoch_start(0)
+    z, t = two_class_logits([0.95] * 40 + [0.5] * 40, [0] * 40 + [1] * 40)
+    loss(z, t)
+    loss.on_epoch_start(1)
+    assert loss.region_weights[0, 0].item() == pytest.approx(40 ** 0.9)  # the empty regions
+    g = [0.1] * 30 + [0.95] * 10  # 30 of class 0 became easy
+    z, t = two_class_logits(g + [0.5] * 40, [0] * 40 + [1] * 40)
+    w = loss.example_weights_of(loss.gradient_norm(z, t), t)
+    assert w[:40].sum().item() == pytest.approx(40.0) and w[40:].sum().item() == pytest.approx(40.0)
+    assert w[0].item() / w[39].item() == pytest.approx(40 ** 0.9)  # the paper's intra-class ratio
+
+
+def test_weight_sum_bounds_the_step_of_an_isolated_hard_example():
+    """The divergence of `reduction: mean` (docs/ghm_cwap.md): a head class whose examples all
+    sat in one region gives a newly hard example W ~ n^alpha; with `mean` its batch's logit
+    gradient grows with W, with `weight_sum` it stays below one example's."""
+    n, batch = 5000, 128
+    grads = {}
+    for reduction in ("mean", "weight_sum"):
+        loss = build_loss("ghm_cwap", {"approximation": "ura", "gamma": 0.0, "reduction": reduction,
+                                        "normalization": "none"},
+                          class_counts=[n, 50]).double()
+        loss.on_epoch_start(0)
+        easy, _ = two_class_logits([0.01] * n, [0] * n)  # every head example in region 0
+        loss(easy, torch.zeros(n, dtype=torch.int64))
+        loss.on_epoch_start(1)
+        assert loss.region_weights[0, -1].item() == pytest.approx(n ** 0.9, rel=1e-9)  # empty region: one example
+        z, t = two_class_logits([0.01] * (batch - 1) + [0.99], [0] * batch)
+        z.requires_grad_(True)
+        loss(z, t).backward()
+        grads[reduction] = z.grad.norm().item()
+    # one example's logit gradient p - onehot has norm sqrt(2) * 0.99 here
+    assert grads["mean"] > 10 * math.sqrt(2) * 0.99
+    assert grads["weight_sum"] <= math.sqrt(2) * 0.99 + 1e-9
 
 
 def test_hand_worked_aura_widths_and_values():
@@ -134,7 +188,8 @@ def test_equals_cross_entropy_when_weights_are_one_and_margins_zero():
             for epoch in range(3):
                 loss.on_epoch_start(epoch)
                 assert loss(z, t).item() == pytest.approx(ce.item(), rel=1e-12)
-            assert torch.equal(loss.region_weights[:, :], torch.ones_like(loss.region_weights))
+            w = loss.example_weights_of(loss.gradient_norm(z, t), t)
+            assert torch.equal(w, torch.ones_like(w))
     # example_weights false and gamma 0: CE too
     loss = ghm({"example_weights": False, "gamma": 0.0})
     run_epoch0(loss)
@@ -230,7 +285,8 @@ def test_bad_parameters():
                           ({"gamma": -1.0}, "gamma must be a finite number >= 0"),
                           ({"approximation": "exact"}, "approximation must be one of 'aura', 'ura'"),
                           ({"grad_norm": "l1"}, "grad_norm must be one of 'target', 'l2'"),
-                          ({"normalization": "sum"}, "normalization must be one of 'class', 'batch', 'none'"),
+                          ({"normalization": "batch"}, "normalization must be one of 'class', 'none'"),
+                          ({"reduction": "sum"}, "reduction must be one of 'weight_sum', 'mean'"),
                           ({"example_weights": "yes"}, "example_weights must be true or false")]:
         with pytest.raises(ValueError, match=match):
             build_loss("ghm_cwap", params, class_counts=[3, 1])
@@ -238,8 +294,8 @@ def test_bad_parameters():
 
 def test_state_dict_round_trip_and_defaults():
     loss = build_loss("ghm_cwap", class_counts=[9, 1])
-    assert (loss.bins, loss.alpha, loss.gamma, loss.approximation, loss.grad_norm, loss.normalization) == (
-        30, 0.9, 0.8, "aura", "target", "class")
+    assert (loss.bins, loss.alpha, loss.gamma, loss.approximation, loss.grad_norm, loss.normalization,
+            loss.reduction) == (30, 0.9, 0.8, "aura", "target", "class", "weight_sum")
     run_epoch0(loss.double())
     z, t = two_class_logits([0.3, 0.7], [0, 1])
     loss(z, t)

@@ -16,7 +16,8 @@ from .base import Loss
 
 APPROXIMATIONS = ("aura", "ura")
 GRAD_NORMS = ("target", "l2")
-NORMALIZATIONS = ("class", "batch", "none")
+NORMALIZATIONS = ("class", "none")
+REDUCTIONS = ("weight_sum", "mean")
 
 
 @LOSSES.register("ghm_cwap")
@@ -65,13 +66,33 @@ class GHMCWAPLoss(Loss):
       (no new information); a class never seen has weights 1 and S unknown, and a margin
       involving an unknown S is 0. So no weight or margin is infinite or NaN.
     * `normalization` of W (the paper writes Eq. 1 unnormalised): `class` (default)
-      divides each class's W by its mean over that class's examples of the histogram
-      epoch, sum_i v_ci W_ci / sum_i v_ci (counts, not values), so W only re-balances
-      easy and hard examples inside a class (intra-category balance) and the classes'
-      totals are left to the margins (inter-category balance); for URA this is
-      W_ci = n_c v_ci^-alpha / sum_j v_cj^(1 - alpha). With alpha = 0 every weight is 1.
-      `none`: W as Eq. 1; `batch`: loss = sum_i W_i l_i / sum_i W_i.
-      `class` and `none` divide by the batch size B.
+      divides each example's W by the mean W of its class over the examples of the
+      current epoch so far, this batch included (running sums, reset when an epoch
+      ends), so each class's total weight stays its number of examples, as in CE: W only
+      re-balances easy against hard examples inside a class (intra-category balance) and
+      the classes' totals are left to the margins (inter-category balance). `none`: W as
+      Eq. 1. With alpha = 0, `class` makes every weight 1.
+      Why the current epoch and not the histogram's own: the histogram is one epoch old,
+      and early in training a class's examples move between regions from one epoch to
+      the next. Normalising over the histogram epoch's examples (this module's first
+      reading) let a class whose examples moved into regions that were sparse or empty
+      take many times its CE weight: measured on CIFAR-10-LT ratio 100 (ResNet-32, lr 0.1,
+      docs/ghm_cwap.md) the second epoch's weights gave a 387-image class about 60 times
+      its share and the network predicted it for most images (train top-1 18 %, validation
+      at chance) with either reduction. The current-epoch normalisation keeps the class
+      totals, but the weights still stop ResNet-32 from learning there (train top-1 25-33 %
+      over epochs 2-5 against CE's 46-63 %, validation at chance; so does `none`), while the
+      margins alone train like CE: Eq. 1 with alpha 0.9 gives the dense region that holds
+      most of a class about the weight of a region with a few examples. The reading that
+      reproduces the paper's numbers is not known (docs/ghm_cwap.md, "Measured").
+    * `reduction` over the batch (the paper's Eq. 3 is a per-example loss):
+      `weight_sum` (default) loss = sum_i W_i l_i / sum_i W_i, as GHM divides by its
+      total weight; `mean` loss = sum_i W_i l_i / B. Eq. 1 gives an example that is alone
+      in its region a weight of order n_c^alpha (up to about 2,000 for a class of 5,000
+      examples whose other examples share one region), so with `mean` one such example
+      scales its batch's gradient by about W / B; `weight_sum` bounds each step by the
+      largest gradient of one example, and equals `mean` when the batch's weights
+      average 1. Under DDP the sum is per rank.
     * `example_weights: false` sets every W to 1 (margins only; the ablation A of
       Table 3); `gamma: 0` gives no margins (R only). alpha = 0 and gamma = 0 with
       normalization `class` is plain cross-entropy at every epoch.
@@ -84,19 +105,23 @@ class GHMCWAPLoss(Loss):
 
     State (persistent buffers, checkpointed with the loss): `counts` (C, N) int64, the
     current epoch's counts; `count_widths` (C, N) the widths they are counted in;
-    `lookup_widths`, `region_weights` (C, N) and `effective_size` S (C,) (0 = unknown)
-    from the previous epoch; `current_epoch` (the epoch being counted, -1 before the
-    first). Counts are updated in every forward call (under mixup, once per label of the
+    `lookup_widths`, `region_weights` (C, N, Eq. 1 unnormalised) and `effective_size` S
+    (C,) (0 = unknown) from the previous epoch; `class_weight_sums` (2, C) the current
+    epoch's running sum of Eq. 1 weights and number of examples per class (`class`
+    normalisation); `current_epoch` (the epoch being counted, -1 before the first).
+    Counts and sums are updated in every forward call (under mixup, once per label of the
     mixed batch). DDP: `sync_statistics()` all-reduces the count increments since its
     last call (the training loop calls it after every step), so every rank, and rank 0's
-    checkpoint, holds the global counts; it is also called when an epoch ends.
+    checkpoint, holds the global counts; it is also called when an epoch ends. The class
+    sums of a batch are all-reduced in the forward call itself (every rank normalises
+    with the same means).
 
     Shapes: logits (B, C), target (B,) int64 -> scalar. `class_counts` only sets C.
     """
 
     def __init__(self, *, class_counts, bins: int = 30, alpha: float = 0.9, gamma: float = 0.8,
                  approximation: str = "aura", grad_norm: str = "target", normalization: str = "class",
-                 example_weights: bool = True):
+                 reduction: str = "weight_sum", example_weights: bool = True):
         super().__init__(class_counts=class_counts)
         self.bins = integer("bins", bins, low=1)
         self.alpha = number("alpha", alpha, low=0, high=1)
@@ -104,6 +129,7 @@ class GHMCWAPLoss(Loss):
         self.approximation = choice("approximation", approximation, APPROXIMATIONS)
         self.grad_norm = choice("grad_norm", grad_norm, GRAD_NORMS)
         self.normalization = choice("normalization", normalization, NORMALIZATIONS)
+        self.reduction = choice("reduction", reduction, REDUCTIONS)
         if not isinstance(example_weights, bool):
             raise ValueError(f"example_weights must be true or false, got {example_weights!r}")
         self.example_weights = example_weights
@@ -114,6 +140,7 @@ class GHMCWAPLoss(Loss):
         self.register_buffer("lookup_widths", torch.full((C, N), 1.0 / N, dtype=f64))
         self.register_buffer("region_weights", torch.ones(C, N, dtype=f64))
         self.register_buffer("effective_size", torch.zeros(C, dtype=f64))
+        self.register_buffer("class_weight_sums", torch.zeros(2, C, dtype=f64))
         self.register_buffer("current_epoch", torch.tensor(-1, dtype=torch.int64))
         # count increments since the last sync_statistics(); not checkpointed
         self.register_buffer("_pending", torch.zeros(C, N, dtype=torch.int64), persistent=False)
@@ -181,9 +208,6 @@ class GHMCWAPLoss(Loss):
         # an empty region counts as holding one example (the one being weighted)
         floor = torch.where(nonempty, values, unit).pow(self.alpha)
         weights = size[:, None] / floor
-        if self.normalization == "class":
-            mean = (counts * weights).sum(1) / counts.sum(1).clamp(min=1.0)
-            weights = weights / mean.clamp(min=1e-300)[:, None]
         rows = present[:, None]
         self.region_weights.copy_(torch.where(rows, weights, self.region_weights))
         self.lookup_widths.copy_(torch.where(rows, self.count_widths, self.lookup_widths))
@@ -193,14 +217,29 @@ class GHMCWAPLoss(Loss):
             widths = widths / widths.sum(1, keepdim=True)
             self.count_widths.copy_(torch.where(rows, widths, self.count_widths))
         self.counts.zero_()
+        self.class_weight_sums.zero_()
 
     # -- the loss
     def example_weights_of(self, g: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """(B,) W of each example from the previous epoch's histogram (1 before the first)."""
+        """(B,) W of each example from the previous epoch's histogram (1 before the first).
+
+        With `normalization: class` the batch's Eq. 1 weights are added to this epoch's
+        running class sums first (all ranks' batches under DDP), then each W is divided by
+        its class's running mean.
+        """
         if not self.example_weights:
             return torch.ones_like(g)
         idx = self.region_of(g, target, self.lookup_widths)
-        return self.region_weights.to(g.device)[target, idx]
+        weights = self.region_weights.to(g.device)[target, idx]
+        if self.normalization == "none":
+            return weights
+        batch = torch.zeros(2, self.num_classes, dtype=torch.float64, device=g.device)
+        batch[0].index_add_(0, target, weights.to(torch.float64))
+        batch[1].index_add_(0, target, torch.ones_like(weights, dtype=torch.float64))
+        sums = self.class_weight_sums
+        sums += all_reduce_sum(batch).to(sums.device)
+        mean = (sums[0] / sums[1].clamp(min=1.0)).to(g.device, weights.dtype)
+        return weights / mean[target].clamp(min=1e-300)
 
     def margins(self, target: torch.Tensor) -> torch.Tensor:
         """(B, C) margins M_{y_i, n} = gamma log min(1, S_n / S_{y_i}); 0 where an S is unknown."""
@@ -222,6 +261,6 @@ class GHMCWAPLoss(Loss):
             weights = weights * self.class_weight.to(logits.device, logits.dtype)[target]
         adjusted = logits if margins is None else logits + margins.to(logits.dtype)
         per_sample = F.cross_entropy(adjusted, target, reduction="none")
-        if self.normalization == "batch":
+        if self.reduction == "weight_sum":
             return (weights * per_sample).sum() / weights.sum().clamp(min=1e-12)
         return (weights * per_sample).mean()
