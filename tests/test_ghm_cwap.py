@@ -93,7 +93,7 @@ def test_class_normalization_keeps_class_totals_when_examples_move():
     """The collapse of the histogram-epoch normalisation (docs/ghm_cwap.md): every example of a
     class sat in the last region, then most of them move into regions that were empty. Their
     Eq. 1 weights are large, but the class's total weight in the new epoch stays its count."""
-    loss = ghm({"approximation": "ura", "alpha": 0.9, "gamma": 0.0}, counts=(40, 40))
+    loss = ghm({"approximation": "ura", "alpha": 0.9, "gamma": 0.0, "normalization": "class"}, counts=(40, 40))
     loss.on_epoch_start(0)
     z, t = two_class_logits([0.95] * 40 + [0.5] * 40, [0] * 40 + [1] * 40)
     loss(z, t)
@@ -128,6 +128,19 @@ def test_weight_sum_bounds_the_step_of_an_isolated_hard_example():
     # one example's logit gradient p - onehot has norm sqrt(2) * 0.99 here
     assert grads["mean"] > 10 * math.sqrt(2) * 0.99
     assert grads["weight_sum"] <= math.sqrt(2) * 0.99 + 1e-9
+
+
+def test_max_weight_clips_the_weights():
+    for normalization, expect in [("none", [2.5, 3.0, 1.0]), ("class", [2.5 / 3.75, 5 / 3.75, 1.0])]:
+        loss = ghm({"approximation": "ura", "normalization": normalization, "max_weight": 3.0})
+        run_epoch0(loss)
+        z, t = two_class_logits([0.45, 0.8, 0.2], [0, 0, 1])
+        w = loss.example_weights_of(loss.gradient_norm(z, t), t)
+        assert w.tolist() == pytest.approx(expect, rel=1e-12)
+    loss = ghm({"approximation": "ura", "normalization": "class", "max_weight": 1.0})
+    run_epoch0(loss)
+    w = loss.example_weights_of(loss.gradient_norm(z, t), t)
+    assert w.tolist() == pytest.approx([2.5 / 3.75, 1.0, 1.0], rel=1e-12)
 
 
 def test_hand_worked_aura_widths_and_values():
@@ -184,7 +197,8 @@ def test_equals_cross_entropy_when_weights_are_one_and_margins_zero():
     for approximation in ("ura", "aura"):
         for grad_norm in ("target", "l2"):
             # alpha 0 with class normalisation: every W is 1; gamma 0: no margins -> CE at every epoch
-            loss = ghm({"alpha": 0.0, "gamma": 0.0, "approximation": approximation, "grad_norm": grad_norm})
+            loss = ghm({"alpha": 0.0, "gamma": 0.0, "approximation": approximation, "grad_norm": grad_norm,
+                        "normalization": "class"})
             for epoch in range(3):
                 loss.on_epoch_start(epoch)
                 assert loss(z, t).item() == pytest.approx(ce.item(), rel=1e-12)
@@ -285,8 +299,9 @@ def test_bad_parameters():
                           ({"gamma": -1.0}, "gamma must be a finite number >= 0"),
                           ({"approximation": "exact"}, "approximation must be one of 'aura', 'ura'"),
                           ({"grad_norm": "l1"}, "grad_norm must be one of 'target', 'l2'"),
-                          ({"normalization": "batch"}, "normalization must be one of 'class', 'none'"),
+                          ({"normalization": "batch"}, "normalization must be one of 'none', 'class'"),
                           ({"reduction": "sum"}, "reduction must be one of 'weight_sum', 'mean'"),
+                          ({"max_weight": 0.5}, "max_weight must be a finite number >= 1"),
                           ({"example_weights": "yes"}, "example_weights must be true or false")]:
         with pytest.raises(ValueError, match=match):
             build_loss("ghm_cwap", params, class_counts=[3, 1])
@@ -295,7 +310,7 @@ def test_bad_parameters():
 def test_state_dict_round_trip_and_defaults():
     loss = build_loss("ghm_cwap", class_counts=[9, 1])
     assert (loss.bins, loss.alpha, loss.gamma, loss.approximation, loss.grad_norm, loss.normalization,
-            loss.reduction) == (30, 0.9, 0.8, "aura", "target", "class", "weight_sum")
+            loss.reduction) == (30, 0.9, 0.8, "aura", "target", "none", "weight_sum")
     run_epoch0(loss.double())
     z, t = two_class_logits([0.3, 0.7], [0, 1])
     loss(z, t)

@@ -16,7 +16,7 @@ from .base import Loss
 
 APPROXIMATIONS = ("aura", "ura")
 GRAD_NORMS = ("target", "l2")
-NORMALIZATIONS = ("class", "none")
+NORMALIZATIONS = ("none", "class")
 REDUCTIONS = ("weight_sum", "mean")
 
 
@@ -65,13 +65,15 @@ class GHMCWAPLoss(Loss):
     * a class absent from an epoch keeps its previous histogram, weights, S and widths
       (no new information); a class never seen has weights 1 and S unknown, and a margin
       involving an unknown S is 0. So no weight or margin is infinite or NaN.
-    * `normalization` of W (the paper writes Eq. 1 unnormalised): `class` (default)
+    * `normalization` of W: `none` (default) W as Eq. 1, unnormalised as the paper
+      writes it: W = S_c / v^alpha >= 1, smallest in a class's densest region (close to
+      1 when that region holds most of the class), larger in its rarer regions. `class`
       divides each example's W by the mean W of its class over the examples of the
       current epoch so far, this batch included (running sums, reset when an epoch
       ends), so each class's total weight stays its number of examples, as in CE: W only
       re-balances easy against hard examples inside a class (intra-category balance) and
-      the classes' totals are left to the margins (inter-category balance). `none`: W as
-      Eq. 1. With alpha = 0, `class` makes every weight 1.
+      the classes' totals are left to the margins (inter-category balance). With
+      alpha = 0, `class` makes every weight 1.
       Why the current epoch and not the histogram's own: the histogram is one epoch old,
       and early in training a class's examples move between regions from one epoch to
       the next. Normalising over the histogram epoch's examples (this module's first
@@ -81,10 +83,12 @@ class GHMCWAPLoss(Loss):
       its share and the network predicted it for most images (train top-1 18 %, validation
       at chance) with either reduction. The current-epoch normalisation keeps the class
       totals, but the weights still stop ResNet-32 from learning there (train top-1 25-33 %
-      over epochs 2-5 against CE's 46-63 %, validation at chance; so does `none`), while the
-      margins alone train like CE: Eq. 1 with alpha 0.9 gives the dense region that holds
-      most of a class about the weight of a region with a few examples. The reading that
-      reproduces the paper's numbers is not known (docs/ghm_cwap.md, "Measured").
+      over epochs 2-5 against CE's 46-63 %, validation at chance), because it shrinks the
+      dense region's W far below 1: with alpha 0.9 that region, most of the class, weighs
+      about as much in total as a region with a few examples. Unbounded `none` collapses
+      as well (an example alone in its region gets W up to S_c, about 2,800); `none` with
+      `max_weight: 3` trains like CE in the first weighted epochs, and is what the
+      configs use (docs/ghm_cwap.md, "Measured").
     * `reduction` over the batch (the paper's Eq. 3 is a per-example loss):
       `weight_sum` (default) loss = sum_i W_i l_i / sum_i W_i, as GHM divides by its
       total weight; `mean` loss = sum_i W_i l_i / B. Eq. 1 gives an example that is alone
@@ -93,6 +97,9 @@ class GHMCWAPLoss(Loss):
       scales its batch's gradient by about W / B; `weight_sum` bounds each step by the
       largest gradient of one example, and equals `mean` when the batch's weights
       average 1. Under DDP the sum is per rank.
+    * `max_weight` (not in the paper; default None, unbounded): W (after normalisation)
+      is clipped at this value, >= 1: Eq. 1's direction (examples in the rarer regions of
+      their class up to max_weight times the dense bulk) without its range.
     * `example_weights: false` sets every W to 1 (margins only; the ablation A of
       Table 3); `gamma: 0` gives no margins (R only). alpha = 0 and gamma = 0 with
       normalization `class` is plain cross-entropy at every epoch.
@@ -120,8 +127,8 @@ class GHMCWAPLoss(Loss):
     """
 
     def __init__(self, *, class_counts, bins: int = 30, alpha: float = 0.9, gamma: float = 0.8,
-                 approximation: str = "aura", grad_norm: str = "target", normalization: str = "class",
-                 reduction: str = "weight_sum", example_weights: bool = True):
+                 approximation: str = "aura", grad_norm: str = "target", normalization: str = "none",
+                 reduction: str = "weight_sum", max_weight: float | None = None, example_weights: bool = True):
         super().__init__(class_counts=class_counts)
         self.bins = integer("bins", bins, low=1)
         self.alpha = number("alpha", alpha, low=0, high=1)
@@ -130,6 +137,7 @@ class GHMCWAPLoss(Loss):
         self.grad_norm = choice("grad_norm", grad_norm, GRAD_NORMS)
         self.normalization = choice("normalization", normalization, NORMALIZATIONS)
         self.reduction = choice("reduction", reduction, REDUCTIONS)
+        self.max_weight = None if max_weight is None else number("max_weight", max_weight, low=1)
         if not isinstance(example_weights, bool):
             raise ValueError(f"example_weights must be true or false, got {example_weights!r}")
         self.example_weights = example_weights
@@ -232,14 +240,18 @@ class GHMCWAPLoss(Loss):
         idx = self.region_of(g, target, self.lookup_widths)
         weights = self.region_weights.to(g.device)[target, idx]
         if self.normalization == "none":
-            return weights
+            return self.clip(weights)
         batch = torch.zeros(2, self.num_classes, dtype=torch.float64, device=g.device)
         batch[0].index_add_(0, target, weights.to(torch.float64))
         batch[1].index_add_(0, target, torch.ones_like(weights, dtype=torch.float64))
         sums = self.class_weight_sums
         sums += all_reduce_sum(batch).to(sums.device)
         mean = (sums[0] / sums[1].clamp(min=1.0)).to(g.device, weights.dtype)
-        return weights / mean[target].clamp(min=1e-300)
+        return self.clip(weights / mean[target].clamp(min=1e-300))
+
+    def clip(self, weights: torch.Tensor) -> torch.Tensor:
+        """W bounded above by `max_weight` (not in the paper; None: unbounded)."""
+        return weights if self.max_weight is None else weights.clamp(max=self.max_weight)
 
     def margins(self, target: torch.Tensor) -> torch.Tensor:
         """(B, C) margins M_{y_i, n} = gamma log min(1, S_n / S_{y_i}); 0 where an S is unknown."""
