@@ -18,6 +18,7 @@ process so that peak memory is per pipeline:
             the training device, channels_last).
   fastest   the same with the fastest options (--fastest; default per device below).
   nchw, bf16, compile, nondet   single-option variants of `default` (with --pipelines all).
+  ddp2      `default` in 2 data-parallel processes (gloo), one thread each (CPU only).
 
 Reported per pipeline: images/s (wall), images per CPU-second (process + DataLoader
 workers, robust to other load on the machine), the ratio to `classic`, peak RSS of the
@@ -75,6 +76,11 @@ VARIANTS = {
     "compile": ["train.compile=true"],
     "nondet": ["train.deterministic=false"],
 }
+# Data-parallel variants, CPU only: the default pipeline in W processes joined by a gloo
+# process group (as `torchrun --nproc_per_node W` would), one torch thread each; each process
+# takes batch / W of every global batch (docs/distributed.md). BatchNorm then normalises each
+# half batch on its own, so the numbers of a run change.
+DDP = {"ddp2": 2}
 CORE = ("classic", "default", "fastest")
 
 
@@ -342,6 +348,54 @@ def in_child(fn, *fn_args) -> dict:
     return result
 
 
+def in_ddp_children(world: int, fn, *fn_args) -> dict:
+    """Run fn(*fn_args) in `world` forked processes joined by a gloo process group, as torchrun
+    would start them (RANK, WORLD_SIZE, MASTER_ADDR / PORT); returns rank 0's dict (its peak RSS
+    is rank 0's) or the first error."""
+    import multiprocessing as mp
+    import socket
+
+    import torch.distributed as dist
+
+    from longtail.train import distributed
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def target(rank):
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        try:
+            distributed.init("cpu")
+            result = fn(*fn_args)
+            if rank == 0:
+                send.send({**result, "processes": world})
+        except BaseException as err:  # noqa: BLE001  (reported by the parent)
+            send.send({"error": f"rank {rank}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                       "traceback": traceback.format_exc()})
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    procs = [ctx.Process(target=target, args=(rank,)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    send.close()
+    try:
+        result = recv.recv()
+    except EOFError:
+        result = {"error": "the measuring processes died without a result"}
+    for proc in procs:
+        proc.join(timeout=60)
+        if proc.is_alive():  # a rank left waiting in a collective after another one failed
+            proc.terminate()
+            proc.join()
+    return result
+
+
 # ----------------------------------------------------------------------------- costs of the extras
 
 
@@ -468,6 +522,8 @@ def render(results: dict) -> str:
 
         cuda = f"  cuda peak {row['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in row else ""
         opts = "classic" if row["overrides"] is None else (" ".join(row["overrides"]) or "defaults")
+        if row.get("processes"):
+            opts += f" in {row['processes']} data-parallel processes"
         lines.append(
             f"{name:<9} {f('images_per_s', '8.1f')} {f('ratio_to_classic', '9.2f')} {f('images_per_cpu_s', '9.1f')} "
             f"{f('cpu_ratio_to_classic', '9.2f')} {f('achieved_gflops', '8.1f')} "
@@ -514,7 +570,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the classic pipeline")
     p.add_argument("--pipelines", default=",".join(CORE),
-                   help=f"comma-separated, from {', '.join([*CORE, *VARIANTS])}, or 'all'")
+                   help=f"comma-separated, from {', '.join([*CORE, *VARIANTS, *DDP])}, or 'all'")
     p.add_argument("--fastest", default=None,
                    help="space-separated config overrides of the fastest pipeline "
                         f"(default cpu: '{' '.join(FASTEST['cpu'])}'; cuda: '{' '.join(FASTEST['cuda'])}')")
@@ -532,10 +588,15 @@ def parse_args(argv=None):
         args.steps = args.steps or 2
         args.warmup_steps = 1
         args.epochs = 1
-    names = [*CORE, *VARIANTS] if args.pipelines == "all" else [n.strip() for n in args.pipelines.split(",") if n.strip()]
-    unknown = [n for n in names if n not in (*CORE, *VARIANTS)]
+    known = [*CORE, *VARIANTS, *DDP]
+    cpu = args.device == "cpu"
+    names = ([n for n in known if cpu or n not in DDP] if args.pipelines == "all"
+             else [n.strip() for n in args.pipelines.split(",") if n.strip()])
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        p.error(f"unknown pipeline(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join([*CORE, *VARIANTS])}")
+        p.error(f"unknown pipeline(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
+    if not cpu and any(n in DDP for n in names):
+        p.error(f"{', '.join(n for n in names if n in DDP)} runs on the CPU only (--device cpu)")
     for key in ("epochs", "batch_size", "warmup_steps"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
@@ -581,14 +642,18 @@ def main(argv=None) -> int:
     for name in args.names:
         print(f"measuring {name} ...", end=" ", file=sys.stderr, flush=True)
         tic = time.perf_counter()
-        row = in_child(measure_pipeline, name, plans[name], args)
+        if name in DDP:
+            row = in_ddp_children(DDP[name], measure_pipeline, name, ["train.num_threads=1"], args)
+        else:
+            row = in_child(measure_pipeline, name, plans[name], args)
         print(f"{time.perf_counter() - tic:.1f} s", file=sys.stderr, flush=True)
         if "error" in row:
             print(f"{name} failed: {row['error']}\n{row.get('traceback', '')}", file=sys.stderr)
         else:
             results["settings"]["train_images"] = row["train_images"]
             results["settings"]["data_description"] = row["data_description"]
-            results["threads"] = row["threads"]
+            if name not in DDP:
+                results["threads"] = row["threads"]
             if row.get("device_name"):
                 results["device_name"] = row["device_name"]
         results["pipelines"][name] = row

@@ -86,7 +86,7 @@ def test_throughput_script_quick_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--quick", "--data", "random",
-         "--fastest", "train.channels_last=false", "--out", str(out)],
+         "--fastest", "train.channels_last=false", "--pipelines", "classic,default,fastest,ddp2", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout
@@ -95,15 +95,24 @@ def test_throughput_script_quick_run(tmp_path):
         assert field in text, field
     res = json.loads(out.read_text())
     rows = res["pipelines"]
-    assert set(rows) == {"classic", "default", "fastest"}
+    assert set(rows) == {"classic", "default", "fastest", "ddp2"}
     for row in rows.values():
         assert row["images"] == 2 * 16 and row["images_per_s"] > 0 and row["peak_rss_mib"] > 0
         assert row["achieved_gflops"] > 0 and 0 < row["fraction_of_conv_peak"]
     assert rows["classic"]["worker_peak_rss_mib"] > 0 and rows["fastest"]["overrides"] == ["train.channels_last=false"]
+    # two data-parallel processes, one thread each, count the global batches
+    assert rows["ddp2"]["processes"] == 2 and rows["ddp2"]["threads"] == 1
+    assert "in 2 data-parallel processes" in text
     assert res["ratio_b_over_a"] == pytest.approx(rows["default"]["images_per_s"] / rows["classic"]["images_per_s"])
     # ResNet-32 (option A), forward + backward, per image: 3 x 68,862,592 MACs x 2 FLOPs, minus the
     # input gradient of the first convolution (3->16 channels, 32x32, not needed for the images)
     assert res["peaks"]["flops_per_image"] == 3 * 2 * 68_862_592 - 2 * 3 * 16 * 9 * 32 * 32
+
+
+def test_ddp_pipeline_is_cpu_only():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--device", "cuda",
+                           "--pipelines", "default,ddp2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "ddp2 runs on the CPU only (--device cpu)" in proc.stderr
 
 
 def test_costs_mode_refuses_a_folder_without_metrics(tmp_path, capsys):
