@@ -323,36 +323,13 @@ def measure_peaks(args, precisions: list[str]) -> dict:
 
 def in_child(fn, *fn_args) -> dict:
     """Run fn(*fn_args) in a forked process (own peak RSS); returns its dict or {'error': ...}."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
-
-    def target():
-        try:
-            send.send(fn(*fn_args))
-        except BaseException as err:  # noqa: BLE001  (reported by the parent)
-            send.send({"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                       "traceback": traceback.format_exc()})
-
-    proc = ctx.Process(target=target)
-    proc.start()
-    send.close()
-    try:
-        result = recv.recv()
-    except EOFError:
-        result = {"error": "the measuring process died without a result"}
-    proc.join()
-    if proc.exitcode not in (0, None) and "error" not in result:
-        result["error"] = f"the measuring process exited with code {proc.exitcode}"
-    return result
+    return _forked(1, lambda rank: fn(*fn_args))
 
 
 def in_ddp_children(world: int, fn, *fn_args) -> dict:
     """Run fn(*fn_args) in `world` forked processes joined by a gloo process group, as torchrun
     would start them (RANK, WORLD_SIZE, MASTER_ADDR / PORT); returns rank 0's dict (its peak RSS
     is rank 0's) or the first error."""
-    import multiprocessing as mp
     import socket
 
     import torch.distributed as dist
@@ -362,23 +339,37 @@ def in_ddp_children(world: int, fn, *fn_args) -> dict:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ctx = mp.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
 
-    def target(rank):
+    def run(rank):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         try:
             distributed.init("cpu")
-            result = fn(*fn_args)
-            if rank == 0:
-                send.send({**result, "processes": world})
-        except BaseException as err:  # noqa: BLE001  (reported by the parent)
-            send.send({"error": f"rank {rank}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                       "traceback": traceback.format_exc()})
+            return {**fn(*fn_args), "processes": world}
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+    return _forked(world, run)
+
+
+def _forked(world: int, run) -> dict:
+    """run(rank) in `world` forked processes; returns rank 0's dict, or the first error as
+    {'error': ..., 'traceback': ...}."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def target(rank):
+        try:
+            result = run(rank)
+            if rank == 0:
+                send.send(result)
+        except BaseException as err:  # noqa: BLE001  (reported by the parent)
+            where = f"rank {rank}: " if world > 1 else ""
+            send.send({"error": f"{where}{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                       "traceback": traceback.format_exc()})
 
     procs = [ctx.Process(target=target, args=(rank,)) for rank in range(world)]
     for proc in procs:
@@ -387,12 +378,14 @@ def in_ddp_children(world: int, fn, *fn_args) -> dict:
     try:
         result = recv.recv()
     except EOFError:
-        result = {"error": "the measuring processes died without a result"}
+        result = {"error": "the measuring process died without a result"}
     for proc in procs:
-        proc.join(timeout=60)
+        proc.join(timeout=60 if world > 1 else None)
         if proc.is_alive():  # a rank left waiting in a collective after another one failed
             proc.terminate()
             proc.join()
+    if world == 1 and procs[0].exitcode not in (0, None) and "error" not in result:
+        result["error"] = f"the measuring process exited with code {procs[0].exitcode}"
     return result
 
 
