@@ -72,6 +72,27 @@ def test_tables_equal_the_eval_json_files(grid_run):
     assert "## Best on validation, test set" in md and "| crt | " in md
 
 
+def test_four_group_tables_read_four_group(grid_run, capsys):
+    path, out = grid_run
+    four = path.parent / "grid_four.yaml"
+    four.write_text(path.read_text() + "groups: four\n")
+    assert main(["bench", str(four), "--table-only"]) == 0
+    capsys.readouterr()
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert "rare_mean" in rows[0] and "| method | ratio 10 top-1 | many | medium | few | rare |" in (out / "results.md").read_text()
+    for r in (r for r in rows if r["method"] == "ce" and r["table"] == "last"):
+        files = [json.loads((out / "ce" / "ratio10" / f"seed{s}" / "eval.json").read_text()) for s in (0, 1)]
+        for metric in ("many", "medium", "few", "rare"):
+            values = [f["four_group"][metric] for f in files]
+            if None in values:
+                assert r[f"{metric}_mean"] == ""
+            else:
+                assert float(r[f"{metric}_mean"]) == pytest.approx(statistics.mean(values), abs=1e-12)
+        assert float(r["top1_mean"]) == pytest.approx(statistics.mean(f["top1"] for f in files), abs=1e-12)
+    assert main(["bench", str(path), "--table-only"]) == 0  # back to the three groups
+    assert "rare_mean" not in (out / "results.csv").read_text()
+
+
 def test_stage2_cells_share_their_seeds_stage1(grid_run):
     _, out = grid_run
     for seed in (0, 1):
@@ -159,6 +180,7 @@ def test_methods_filter_needs_finished_stage1(tmp_path, capsys):
 
 @pytest.mark.parametrize("change, message", [
     ({"epochz": 1}, "unknown key 'epochz' in grid"),
+    ({"groups": "five"}, "grid key 'groups' must be one of three, four, got 'five'"),
     ({"methods": [{"name": "ce", "confg": "x.yaml"}]},
      "unknown key 'confg' in grid methods[0] (did you mean 'config'?)"),
     ({"methods": [{"name": "ce", "config": "missing.yaml"}]}, "grid method 'ce': config file not found: missing.yaml"),

@@ -9,6 +9,9 @@ A grid file (YAML)::
     seeds: [0, 1, 2]                               # sets every key of seed_keys per cell
     seed_keys: [train.seed]                        # optional; default [train.seed]
     overrides: {train.epochs: 30}                  # optional, every cell ({key: value} or ["k=v"])
+    groups: three                                  # optional: table columns many / medium / few
+                                                   #   (three, default) or many / medium / few / rare
+                                                   #   (four: eval.json four_group, docs/evaluation.md)
     methods:
       - name: ce
         config: configs/cifar10_lt/ce.yaml         # optional; default: base
@@ -48,7 +51,8 @@ from pathlib import Path
 from ..config import RunConfig, apply_overrides, config_from_dict, read_yaml
 from ..errors import ConfigError, did_you_mean
 
-GRID_KEYS = ("name", "base", "out", "imbalance_ratios", "seeds", "seed_keys", "overrides", "methods")
+GRID_KEYS = ("name", "base", "out", "imbalance_ratios", "seeds", "seed_keys", "overrides", "groups", "methods")
+GROUPS = ("three", "four")
 METHOD_KEYS = ("name", "config", "overrides", "stage1", "logit_adjust_tau", "branch_from", "branch_epoch")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 GRID_SET_KEYS = ("data.imbalance_ratio", "method.params.stage1", "train.save_epochs")  # set per cell by the grid
@@ -114,6 +118,7 @@ class Grid:
     seed_keys: list[str]
     methods: list[MethodSpec]  # the file's order (the tables' rows)
     cells: list[Cell]  # by seed, then ratio, then method with each stage 1 before its stage 2
+    groups: str = "three"  # shot groups of the tables: "three" (many/medium/few) or "four" (+ rare)
 
     def method(self, name: str) -> MethodSpec:
         return next(m for m in self.methods if m.name == name)
@@ -349,5 +354,7 @@ def load_grid(path: str | Path, *, out: str | Path | None = None, overrides: lis
                 cells.append(cell)
     name = raw.get("name") or path.stem
     _need(isinstance(name, str), f"grid key 'name' must be a string, got {name!r}")
+    groups = raw.get("groups", "three")
+    _need(groups in GROUPS, f"grid key 'groups' must be one of {', '.join(GROUPS)}, got {groups!r}")
     return Grid(path=path, name=name, base=base, out=out, ratios=[float(r) for r in ratios], seeds=list(seeds),
-                seed_keys=list(seed_keys), methods=specs, cells=cells)
+                seed_keys=list(seed_keys), methods=specs, cells=cells, groups=groups)

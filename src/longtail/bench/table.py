@@ -2,8 +2,9 @@
 
 Rows are the grid's methods (file order), plus "<method> + post-hoc LA" where the cells
 have `eval_logit_adjusted.json`; for each imbalance ratio the columns are overall top-1
-and many / medium / few accuracy (%). Two tables: the last epoch (eval.json top level)
-and, when any cell has one, the best-on-validation epoch (eval.json `best_val`).
+and many / medium / few accuracy (%), or with the grid's `groups: four` many / medium / few /
+rare from eval.json `four_group` (docs/evaluation.md). Two tables: the last epoch (eval.json
+top level) and, when any cell has one, the best-on-validation epoch (eval.json `best_val`).
 
 Each entry is the mean over the finished seeds and the *sample* standard deviation
 (numpy `ddof=1`); with one seed only the value is shown. A group that is empty (null in
@@ -30,6 +31,7 @@ from .grid import Grid, is_posthoc
 from .runner import _duration, check_cell_config
 
 METRICS = ("top1", "many", "medium", "few")
+FOUR = ("top1", "many", "medium", "few", "rare")  # groups: four, the groups from `four_group`
 TABLES = (("last", "Last epoch, test set"), ("best_val", "Best on validation, test set"))
 LA_SUFFIX = " + post-hoc LA"
 
@@ -65,8 +67,19 @@ def _read(path: Path) -> dict | None:
         raise CheckpointError(f"cannot read {path}: {err}") from None
 
 
+def metrics_of(grid: Grid) -> tuple[str, ...]:
+    return FOUR if grid.groups == "four" else METRICS
+
+
+def _values(m: dict, metrics: tuple[str, ...]) -> dict:
+    """One eval.json (or its best_val) -> {metric: value}; the four groups from `four_group`."""
+    groups = (m.get("four_group") or {}) if metrics is FOUR else m
+    return {metric: m.get("top1") if metric == "top1" else groups.get(metric) for metric in metrics}
+
+
 def collect(grid: Grid) -> list[Entry]:
     """Every table entry of the grid, read from the cells' eval.json / eval_logit_adjusted.json."""
+    metrics = metrics_of(grid)
     entries = []
     for table, _ in TABLES:
         for spec in grid.methods:
@@ -78,7 +91,7 @@ def collect(grid: Grid) -> list[Entry]:
                 variants.append((spec.name + LA_SUFFIX, las))
             for row, source in variants:
                 for ratio in grid.ratios:
-                    seeds, values, finished = [], {m: [] for m in METRICS}, 0
+                    seeds, values, finished = [], {m: [] for m in metrics}, 0
                     for seed in grid.seeds:
                         ev = source.get((ratio, seed))
                         if ev is None:
@@ -88,8 +101,8 @@ def collect(grid: Grid) -> list[Entry]:
                         if m is None:
                             continue
                         seeds.append(seed)
-                        for metric in METRICS:
-                            values[metric].append(m.get(metric))
+                        for metric, value in _values(m, metrics).items():
+                            values[metric].append(value)
                     entries.append(Entry(table=table, row=row, method=spec.name, ratio=ratio,
                                          seeds_total=len(grid.seeds), seeds=seeds, finished=finished, values=values))
     return entries
@@ -137,14 +150,14 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
         lines += [f"## {title}", ""]
         header = ["method"]
         for ratio in grid.ratios:
-            header += [f"ratio {ratio:g} top-1", "many", "medium", "few"]
+            header += [f"ratio {ratio:g} top-1", *metrics_of(grid)[1:]]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|---|" + "---:|" * (len(header) - 1))
         for row in dict.fromkeys(e.row for e in rows):
             cells = [row]
             for ratio in grid.ratios:
                 e = next(x for x in rows if x.row == row and x.ratio == ratio)
-                cells += [_cell_text(e, m) for m in METRICS]
+                cells += [_cell_text(e, m) for m in metrics_of(grid)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Cells", "", "| method | config | stage 1 / branch | epochs | finished | wall time (bench.json) |",
@@ -162,20 +175,23 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
     return "\n".join(lines)
 
 
-CSV_HEADER = ["table", "method", "imbalance_ratio", "seeds_finished", "seeds_total", "seeds",
-              *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")]]
+def csv_header(metrics: tuple[str, ...] = METRICS) -> list[str]:
+    return ["table", "method", "imbalance_ratio", "seeds_finished", "seeds_total", "seeds",
+            *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]]
+
 
 
 def csv_text(entries: list[Entry]) -> str:
     """results.csv: one line per (table, row, ratio); empty fields for '-', 'pending', 'n/a'."""
+    metrics = tuple(entries[0].values) if entries else METRICS
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
+    writer.writerow(csv_header(metrics))
     for e in entries:
         if e.table == "best_val" and not e.seeds:
             continue
         stats = []
-        for m in METRICS:
+        for m in metrics:
             mean, std = e.mean(m), e.std(m)
             stats += ["" if mean is None else repr(mean), "" if std is None else repr(std)]
         writer.writerow([e.table, e.row, f"{e.ratio:g}", len(e.seeds), e.seeds_total,
