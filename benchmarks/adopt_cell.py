@@ -6,7 +6,8 @@ Copies RUN_DIR into the cell folder OUT/<METHOD>/ratio<R>/seed<S>/ after checkin
 config.yaml is the cell's config (the same check `longtail bench` makes), and writes the
 cell's bench.json with the run's wall time: the sum of the `exit ... wall_seconds N` lines
 that benchmarks/run_queue.sh appended to RUN_DIR.log over all sessions, or, when a session
-was cut off before it could write its line, the sum of the epochs' seconds in metrics.jsonl. `longtail bench GRID.yaml --table-only` then tables it.
+was cut off before it could write its line, the sum of the epochs' seconds in metrics.jsonl.
+`longtail bench GRID.yaml --table-only` then tables it.
 """
 
 from __future__ import annotations

@@ -291,6 +291,8 @@ def load_grid(path: str | Path, *, out: str | Path | None = None, overrides: lis
     _need(isinstance(seed_keys, list) and seed_keys and all(isinstance(k, str) and k.endswith("seed")
                                                             for k in seed_keys),
           f"grid key 'seed_keys' must be a list of dotted seed keys such as train.seed, got {seed_keys!r}")
+    groups = raw.get("groups", "three")
+    _need(groups in GROUPS, f"grid key 'groups' must be one of {', '.join(GROUPS)}, got {groups!r}")
     grid_overrides = _overrides(raw.get("overrides"), "grid key 'overrides'")
     entries = raw["methods"]
     _need(isinstance(entries, list) and entries, "grid key 'methods' must be a non-empty list")
@@ -354,7 +356,5 @@ def load_grid(path: str | Path, *, out: str | Path | None = None, overrides: lis
                 cells.append(cell)
     name = raw.get("name") or path.stem
     _need(isinstance(name, str), f"grid key 'name' must be a string, got {name!r}")
-    groups = raw.get("groups", "three")
-    _need(groups in GROUPS, f"grid key 'groups' must be one of {', '.join(GROUPS)}, got {groups!r}")
     return Grid(path=path, name=name, base=base, out=out, ratios=[float(r) for r in ratios], seeds=list(seeds),
                 seed_keys=list(seed_keys), methods=specs, cells=cells, groups=groups)

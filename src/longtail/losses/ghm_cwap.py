@@ -74,21 +74,13 @@ class GHMCWAPLoss(Loss):
       re-balances easy against hard examples inside a class (intra-category balance) and
       the classes' totals are left to the margins (inter-category balance). With
       alpha = 0, `class` makes every weight 1.
-      Why the current epoch and not the histogram's own: the histogram is one epoch old,
-      and early in training a class's examples move between regions from one epoch to
-      the next. Normalising over the histogram epoch's examples (this module's first
-      reading) let a class whose examples moved into regions that were sparse or empty
-      take many times its CE weight: measured on CIFAR-10-LT ratio 100 (ResNet-32, lr 0.1,
-      docs/ghm_cwap.md) the second epoch's weights gave a 387-image class about 60 times
-      its share and the network predicted it for most images (train top-1 18 %, validation
-      at chance) with either reduction. The current-epoch normalisation keeps the class
-      totals, but the weights still stop ResNet-32 from learning there (train top-1 25-33 %
-      over epochs 2-5 against CE's 46-63 %, validation at chance), because it shrinks the
-      dense region's W far below 1: with alpha 0.9 that region, most of the class, weighs
-      about as much in total as a region with a few examples. Unbounded `none` collapses
-      as well (an example alone in its region gets W up to S_c, about 2,800); `none` with
-      `max_weight: 3` trains like CE in the first weighted epochs, and is what the
-      configs use (docs/ghm_cwap.md, "Measured").
+      It is the current epoch's examples because the histogram is one epoch old and early
+      in training a class's examples move between regions from one epoch to the next.
+      Measured on CIFAR-10-LT ratio 100 (ResNet-32, docs/ghm_cwap.md "Measured"): with
+      unbounded weights every normalisation collapses training from the first weighted
+      epoch (validation at chance), `class` even with `max_weight` (it pushes the dense
+      bulk of a class far below 1); `none` with `max_weight: 3` trains like CE and is what
+      the configs use. The margins alone train like CE.
     * `reduction` over the batch (the paper's Eq. 3 is a per-example loss):
       `weight_sum` (default) loss = sum_i W_i l_i / sum_i W_i, as GHM divides by its
       total weight; `mean` loss = sum_i W_i l_i / B. Eq. 1 gives an example that is alone
