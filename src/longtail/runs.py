@@ -89,12 +89,15 @@ def train_run(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, e
     if cfg is None and resume:
         cfg = load_run_config(out)
     ctx = distributed.init(cfg.train.device if cfg is not None else "cpu")
-    try:
-        return _train_run(cfg, out, resume=resume, evaluate=evaluate, arrays=arrays, ctx=ctx, branch_from=branch_from,
-                          log=log if ctx.is_main else (lambda *a: None))
-    finally:
-        if ctx.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    result = _train_run(cfg, out, resume=resume, evaluate=evaluate, arrays=arrays, ctx=ctx, branch_from=branch_from,
+                        log=log if ctx.is_main else (lambda *a: None))
+    if ctx.enabled and torch.distributed.is_initialized():
+        # Only after a success, and together: a rank that tore its gloo connections down while
+        # rank 0 was still evaluating sometimes aborted ("terminate called without an active
+        # exception") once rank 0 closed its end. After a failure torchrun stops the others.
+        distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
 
 
 def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, log, branch_from=None) -> dict:
