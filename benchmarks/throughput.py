@@ -343,12 +343,11 @@ def in_ddp_children(world: int, fn, *fn_args) -> dict:
     def run(rank):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        try:
-            distributed.init("cpu")
-            return {**fn(*fn_args), "processes": world}
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        distributed.init("cpu")
+        result = {**fn(*fn_args), "processes": world}
+        distributed.barrier()  # tear down together, as longtail.runs.train_run does
+        dist.destroy_process_group()
+        return result
 
     return _forked(world, run)
 
