@@ -19,7 +19,7 @@
 # at the end they are also packed into $OUT/runs.tgz (the device tool returns few files).
 # On the device tool, wrap it in `timeout` and do not follow it with `pkill -f "longtail train"`
 # on the same command line: the pattern matches that shell itself, which then dies before it
-# can pack $OUT. The machine returns only a few files per call, so fetch runs.tgz.
+# can pack $OUT.
 # DEVICE (default cuda) and EXTRA (overrides appended to every run) exist for a dry run on CPU.
 set -u
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1

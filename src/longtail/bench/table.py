@@ -67,19 +67,19 @@ def _read(path: Path) -> dict | None:
         raise CheckpointError(f"cannot read {path}: {err}") from None
 
 
-def metrics_of(grid: Grid) -> tuple[str, ...]:
+def _metrics(grid: Grid) -> tuple[str, ...]:
     return FOUR if grid.groups == "four" else METRICS
 
 
 def _values(m: dict, metrics: tuple[str, ...]) -> dict:
     """One eval.json (or its best_val) -> {metric: value}; the four groups from `four_group`."""
-    groups = (m.get("four_group") or {}) if metrics is FOUR else m
+    groups = (m.get("four_group") or {}) if metrics == FOUR else m
     return {metric: m.get("top1") if metric == "top1" else groups.get(metric) for metric in metrics}
 
 
 def collect(grid: Grid) -> list[Entry]:
     """Every table entry of the grid, read from the cells' eval.json / eval_logit_adjusted.json."""
-    metrics = metrics_of(grid)
+    metrics = _metrics(grid)
     entries = []
     for table, _ in TABLES:
         for spec in grid.methods:
@@ -136,6 +136,7 @@ def _wall(grid: Grid, method: str) -> str:
 
 def markdown(grid: Grid, entries: list[Entry]) -> str:
     """results.md: the paper-style tables and the cells they come from."""
+    metrics = _metrics(grid)
     seeds = ", ".join(str(s) for s in grid.seeds)
     lines = [f"# {grid.name}", "",
              f"Grid `{grid.path}`, cells `{grid.out}/<method>/ratio<R>/seed<S>/`. Test-set accuracy (%): mean ± "
@@ -150,14 +151,14 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
         lines += [f"## {title}", ""]
         header = ["method"]
         for ratio in grid.ratios:
-            header += [f"ratio {ratio:g} top-1", *metrics_of(grid)[1:]]
+            header += [f"ratio {ratio:g} top-1", *metrics[1:]]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|---|" + "---:|" * (len(header) - 1))
         for row in dict.fromkeys(e.row for e in rows):
             cells = [row]
             for ratio in grid.ratios:
                 e = next(x for x in rows if x.row == row and x.ratio == ratio)
-                cells += [_cell_text(e, m) for m in metrics_of(grid)]
+                cells += [_cell_text(e, m) for m in metrics]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Cells", "", "| method | config | stage 1 / branch | epochs | finished | wall time (bench.json) |",
@@ -175,18 +176,13 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
     return "\n".join(lines)
 
 
-def csv_header(metrics: tuple[str, ...] = METRICS) -> list[str]:
-    return ["table", "method", "imbalance_ratio", "seeds_finished", "seeds_total", "seeds",
-            *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]]
-
-
-
 def csv_text(entries: list[Entry]) -> str:
     """results.csv: one line per (table, row, ratio); empty fields for '-', 'pending', 'n/a'."""
     metrics = tuple(entries[0].values) if entries else METRICS
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(csv_header(metrics))
+    writer.writerow(["table", "method", "imbalance_ratio", "seeds_finished", "seeds_total", "seeds",
+                     *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]])
     for e in entries:
         if e.table == "best_val" and not e.seeds:
             continue
