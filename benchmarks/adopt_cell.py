@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import shutil
 import sys
@@ -22,10 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from longtail.bench import load_grid
+from longtail.bench.grid import BENCH_RECORD
 from longtail.bench.runner import check_cell_config
 from longtail.errors import LongtailError
-from longtail.train.checkpoint import atomic_write_json
-from longtail.train.loop import read_metrics
+from longtail.io import atomic_write_json
+from longtail.rundir import RunDir
 
 
 def wall_seconds(run: Path) -> tuple[float, str]:
@@ -36,7 +36,7 @@ def wall_seconds(run: Path) -> tuple[float, str]:
         starts = len(re.findall(r"^data: ", text, re.M))  # one per (re)start of the run
         if walls and len(walls) >= starts:  # else a session was cut off before it could log its time
             return sum(walls), f"{log} ({len(walls)} session(s))"
-    return sum(float(r.get("seconds", 0.0)) for r in read_metrics(run)), "metrics.jsonl epoch seconds"
+    return sum(float(r.get("seconds", 0.0)) for r in RunDir(run).read_metrics()), f"{RunDir.METRICS} epoch seconds"
 
 
 def main(argv=None) -> int:
@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     if not cells:
         raise LongtailError(f"no cell {args.method} / ratio {ratio:g} / seed {seed} in {args.grid}")
     cell = cells[0]
-    if not (run / "eval.json").is_file():
-        raise LongtailError(f"{run} is not a finished run (no eval.json)")
+    if not RunDir(run).has(RunDir.EVAL):
+        raise LongtailError(f"{run} is not a finished run (no {RunDir.EVAL})")
     if cell.dir.exists():
         raise LongtailError(f"cell folder {cell.dir} exists already")
     check_cell_config(dataclasses.replace(cell, dir=run))  # before anything is copied
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     shutil.rmtree(staged, ignore_errors=True)
     shutil.copytree(run, staged)
     seconds, source = wall_seconds(run)
-    atomic_write_json(staged / "bench.json", {
+    atomic_write_json(staged / BENCH_RECORD, {
         "cell": cell.key, "method": cell.method, "imbalance_ratio": cell.ratio, "seed": cell.seed,
         "config": grid.method(cell.method).config, "stage1": cell.stage1.key if cell.stage1 else None,
         "mode": "adopted", "adopted_from": str(run), "wall_seconds": round(seconds, 3), "wall_source": source,

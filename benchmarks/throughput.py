@@ -34,7 +34,6 @@ similarity modelling, DLSA, report generation) as shares of that run's training 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -54,9 +53,11 @@ from longtail.data.build import LTData, build_data
 from longtail.data.profiles import class_counts as profile_counts
 from longtail.errors import LongtailError
 from longtail.models import build_model
-from longtail.train.checkpoint import atomic_write_json
-from longtail.train.loop import Trainer, resolve_device
-from longtail.train.schedule import learning_rate
+from longtail.io import atomic_write_json
+from longtail.dist import cpu_model, resolve_device
+from longtail.rundir import RunDir
+from longtail.engine.loop import Trainer
+from longtail.optim.schedule import learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = Path(os.environ.get("LONGTAIL_SHARED", REPO.parent / "shared")) / "data" / "cifar10-jpeg.tar.gz"
@@ -221,7 +222,7 @@ class LongtailRunner:
         }
         self.cfg = config_from_dict(apply_overrides(values, overrides))
         self.tmp = tempfile.TemporaryDirectory(prefix="longtail-throughput-")
-        self.trainer = Trainer(self.cfg, data, self.tmp.name, log=lambda *a: None)
+        self.trainer = Trainer(self.cfg, data, self.tmp.name)
         self.full_sampler = self.trainer.sampler
 
     def epoch(self, epoch: int, max_steps: int | None) -> int:
@@ -334,7 +335,7 @@ def in_ddp_children(world: int, fn, *fn_args) -> dict:
 
     import torch.distributed as dist
 
-    from longtail.train import distributed
+    from longtail import dist as distributed
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -403,10 +404,10 @@ def measure_costs(run_dir: Path, out: Path) -> dict:
     """
     import subprocess
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = RunDir(run_dir).read_metrics()
     train_s = sum(float(r.get("seconds", 0.0)) for r in rows)
     if not rows or train_s <= 0:
-        raise LongtailError(f"{run_dir}/metrics.jsonl has no timed training epochs")
+        raise LongtailError(f"{run_dir}/{RunDir.METRICS} has no timed training epochs")
     steps = {
         "startup": ["--help"],
         "features": ["features", str(run_dir), "--refresh"],
@@ -452,14 +453,7 @@ def render_costs(costs: dict) -> str:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "usable_cores": cores, "torch": torch.__version__, "python": platform.python_version(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
@@ -665,8 +659,8 @@ def main(argv=None) -> int:
 
 def costs_main(args) -> int:
     run_dir = Path(args.costs)
-    if not (run_dir / "metrics.jsonl").is_file():
-        print(f"throughput: error: {run_dir} is not a trained run folder (no metrics.jsonl)", file=sys.stderr)
+    if not RunDir(run_dir).has(RunDir.METRICS):
+        print(f"throughput: error: {run_dir} is not a trained run folder (no {RunDir.METRICS})", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="longtail-costs-") as tmp:
         out = Path(args.costs_out) if args.costs_out else Path(tmp)

@@ -70,7 +70,7 @@ def full_and_resumed(cfg: dict, root: Path, monkeypatch, *, stop_after_epoch: in
     from longtail.config import config_from_dict
     from longtail.runs import train_run
 
-    train_run(config_from_dict(cfg), root / "full", arrays=arrays, evaluate=evaluate, log=_quiet)
+    train_run(config_from_dict(cfg), root / "full", arrays=arrays, evaluate=evaluate)
     cut = interrupted_then_resumed(cfg, root / "cut", monkeypatch, stop_after_epoch=stop_after_epoch, arrays=arrays,
                                    evaluate=evaluate)
     return root / "full", root / "cut", cut
@@ -82,8 +82,8 @@ def interrupted_then_resumed(cfg: dict, run: Path, monkeypatch, *, stop_after_ep
     `stop_after_epoch`, `--resume` to the end; returns the interrupted checkpoint."""
     from longtail.config import config_from_dict
     from longtail.runs import train_run
-    from longtail.train.checkpoint import safe_torch_load
-    from longtail.train.loop import Trainer
+    from longtail.io import safe_torch_load
+    from longtail.engine.loop import Trainer
 
     original_save = Trainer.save
 
@@ -95,11 +95,7 @@ def interrupted_then_resumed(cfg: dict, run: Path, monkeypatch, *, stop_after_ep
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "save", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
-            train_run(config_from_dict(cfg), run, arrays=arrays, evaluate=evaluate, log=_quiet)
+            train_run(config_from_dict(cfg), run, arrays=arrays, evaluate=evaluate)
     cut = safe_torch_load(run / "checkpoints/last.pt")
-    train_run(None, run, resume=True, arrays=arrays, evaluate=evaluate, log=_quiet)
+    train_run(None, run, resume=True, arrays=arrays, evaluate=evaluate)
     return cut
-
-
-def _quiet(*args) -> None:
-    pass

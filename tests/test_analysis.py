@@ -23,11 +23,7 @@ from longtail.errors import ConfigError
 from longtail.models.heads import TauNormLinear
 from longtail.report import build_report
 from longtail.runs import train_run
-from longtail.train.checkpoint import safe_torch_load
-
-
-def quiet(*_):
-    pass
+from longtail.io import safe_torch_load
 
 
 # rows of norm 5, 1 and 2; classes with 100, 10 and 50 training images
@@ -101,14 +97,14 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis_runs")
     arrays = tiny_arrays(test_per_class=8)
     cfg = tiny_config(**{"data.val_per_class": 2, "train.epochs": 1})
-    train_run(config_from_dict(cfg), root / "ce", arrays=arrays, log=quiet)
+    train_run(config_from_dict(cfg), root / "ce", arrays=arrays)
     tau = tiny_config(**{"data.val_per_class": 2, "method.name": "tau_norm",
                          "method.params": {"stage1": str(root / "ce/checkpoints/last.pt")}})
-    train_run(config_from_dict(tau), root / "tau_norm", arrays=arrays, log=quiet)
+    train_run(config_from_dict(tau), root / "tau_norm", arrays=arrays)
     cosine = tiny_config(**{"model.head": "cosine", "train.epochs": 1})
-    train_run(config_from_dict(cosine), root / "cosine", arrays=arrays, evaluate=False, log=quiet)
+    train_run(config_from_dict(cosine), root / "cosine", arrays=arrays, evaluate=False)
     ssp = tiny_config(**{"method.name": "ssp", "train.epochs": 1})
-    train_run(config_from_dict(ssp), root / "ssp", arrays=arrays, evaluate=False, log=quiet)
+    train_run(config_from_dict(ssp), root / "ssp", arrays=arrays, evaluate=False)
     return root, arrays
 
 
@@ -120,7 +116,7 @@ def test_analyze_writes_norms_tau_and_tsne_of_tiny_runs(runs, tmp_path, monkeypa
     monkeypatch.setattr("longtail.analysis.analyze.extract_features",
                         lambda *a, **k: real(*a, **{**k, "arrays": arrays}))  # in-memory data source
     out = tmp_path / "out"
-    result = analyze_runs([root / "ce", root / "tau_norm"], out, taus=[0.5], tsne_samples=20, seed=1, log=quiet)
+    result = analyze_runs([root / "ce", root / "tau_norm"], out, taus=[0.5], tsne_samples=20, seed=1)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["analysis.json", "weight_norms.png", "weight_norms_tau_ce.png", "weight_norms_tau_tau_norm.png",
          "tsne_ce.png", "tsne_tau_norm.png"])
@@ -142,7 +138,7 @@ def test_analyze_writes_norms_tau_and_tsne_of_tiny_runs(runs, tmp_path, monkeypa
     assert ce["head_to_tail"] == [0, 1, 2, 3] and ce["train_counts"][0] > ce["train_counts"][-1]
     assert result["table"][0]["variance"] == ce["weight_norms"]["variance"]
     assert not ce["seconds"]["features_from_cache"]
-    again = analyze_runs([root / "ce"], tmp_path / "again", tsne=False, log=quiet)
+    again = analyze_runs([root / "ce"], tmp_path / "again", tsne=False)
     assert again["runs"][0]["seconds"]["features_from_cache"] and "tsne" not in again["runs"][0]
     # the report now finds the cached head: a seventh figure, the weight norms
     info = build_report([root / "ce"], tmp_path / "report.html")

@@ -122,7 +122,7 @@ def test_second_invocation_skips_finished_cells(grid_run, monkeypatch, capsys):
 
 def test_interrupted_grid_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     from longtail.runs import train_run as real_train_run
-    from longtail.train.loop import Trainer
+    from longtail.engine.loop import Trainer
 
     path = write_grid(tmp_path, METHODS_OF_GRID[:2], seeds=[0], overrides={"train.epochs": 2})
     save = Trainer.save
@@ -154,7 +154,7 @@ def test_interrupted_grid_resumes_where_it_stopped(tmp_path, monkeypatch, capsys
     assert main(["bench", str(path), "--no-progress"]) == 0
     assert calls == [("seed0", True)]  # only bs, resumed from its saved config and checkpoint
     assert (ce / "eval.json").stat().st_mtime_ns == stamp
-    assert [r["epoch"] for r in map(json.loads, (bs / "metrics.jsonl").read_text().splitlines())] == [0, 1]
+    assert [r["epoch"] for r in map(json.loads, (bs / "metrics.jsonl").read_text().splitlines())] == [1, 2]
     assert json.loads((bs / "eval.json").read_text())["epoch"] == 2
     assert json.loads((bs / "bench.json").read_text())["mode"] == "resume"
 
@@ -314,7 +314,7 @@ def test_adopting_a_run_trained_outside_the_grid(tmp_path, capsys):
     cell = next(c for c in grid.cells if c.method == "ce")
     from longtail.runs import train_run
 
-    train_run(cell.cfg, tmp_path / "runs/ce", log=lambda *a: None)
+    train_run(cell.cfg, tmp_path / "runs/ce")
     (tmp_path / "runs/ce.log").write_text("exit 0 wall_seconds 40\nexit 0 wall_seconds 2\n")
     script = str(REPO / "benchmarks/adopt_cell.py")
     bad = subprocess.run([sys.executable, script, str(path), "bs", str(tmp_path / "runs/ce")], capture_output=True,

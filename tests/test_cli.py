@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -112,3 +113,134 @@ def test_posthoc_logit_adjustment(tmp_path, capsys):
     expected = (preds["logits"] - np.log(counts / counts.sum())).argmax(1)  # z_y - tau log pi_y, tau = 1
     assert adjusted["top1"] == pytest.approx((expected == preds["labels"]).mean() * 100)
     assert adjusted["tau"] == 1.0 and "eval_logit_adjusted.json" in capsys.readouterr().out
+
+
+def _eval_options() -> set[str]:
+    from longtail.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return {o for a in sub.choices["eval"]._actions for o in a.option_strings if o not in ("-h", "--help")}
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    """Two tiny digits runs: without and with a validation split (checkpoints/best_val.pt)."""
+    runs = {}
+    for name, val in (("plain", 0), ("val", 5)):
+        base = tmp_path_factory.mktemp(f"eval_{name}")
+        cfg = {"data": {"source": "digits", "imbalance_ratio": 10, "test_per_class": 20, "val_per_class": val},
+               "model": {"name": "small_cnn", "params": {"width": 8}},
+               "train": {"epochs": 3, "batch_size": 64, "warmup_epochs": 0, "progress": False}}
+        (base / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["train", str(base / "cfg.yaml"), "--out", str(base / "run")]) == 0
+        runs[name] = base / "run"
+    return runs
+
+
+def test_every_eval_option_is_tested_here():
+    assert _eval_options() == {"--logit-adjust-tau"}  # a new option: add it to test_eval_options below
+
+
+@pytest.mark.parametrize("name", ["plain", "val"])
+def test_eval_options(digits_runs, name, capsys):
+    run = digits_runs[name]
+    has_val = name == "val"
+    assert (run / "checkpoints/best_val.pt").is_file() == has_val
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    ev = json.loads((run / "eval.json").read_text(), parse_constant=pytest.fail)
+    assert out.splitlines()[0].startswith("last (epoch 3)") and f"wrote {run}/eval.json" in out
+    assert ("best_val" in ev) == has_val and ("best-val (epoch" in out) == has_val
+    for tau in ("1", "0"):
+        assert main(["eval", str(run), "--logit-adjust-tau", tau]) == 0
+        out = capsys.readouterr().out
+        la = json.loads((run / "eval_logit_adjusted.json").read_text(), parse_constant=pytest.fail)
+        lines = out.splitlines()
+        assert lines[0].startswith("last (epoch 3)") and la["epoch"] == 3 and la["tau"] == float(tau)
+        assert f"wrote {run}/eval_logit_adjusted.json" in out and f"tau {tau}: eval_logit_adjusted.json" in out
+        assert ("best_val" in la) == has_val
+        if has_val:
+            assert la["best_val"]["epoch"] == ev["best_val"]["epoch"]
+            assert lines[1].startswith(f"best-val (epoch {ev['best_val']['epoch']})")
+        if tau == "0":  # no adjustment: the plain evaluation's numbers
+            assert la["top1"] == ev["top1"] and la.get("best_val", {}).get("top1") == ev.get("best_val", {}).get("top1")
+    assert json.loads((run / "eval.json").read_text()) == ev  # logit adjustment leaves eval.json alone
+    for bad in ("-1", "nan"):
+        assert main(["eval", str(run), "--logit-adjust-tau", bad]) == 2
+        err = capsys.readouterr().err
+        assert "tau must be a finite number >= 0" in err and err.count("\n") == 1
+
+
+def test_eval_logit_adjustment_after_best_val_checkpoint_is_gone(digits_runs, tmp_path, capsys):
+    """predictions.npz still holds best-val logits, best_val.pt is deleted: its epoch is unknown (null, '?')."""
+    run = tmp_path / "run"
+    shutil.copytree(digits_runs["val"], run)
+    (run / "checkpoints/best_val.pt").unlink()
+    capsys.readouterr()
+    assert main(["eval", str(run), "--logit-adjust-tau", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("best-val (epoch ?)")
+    assert json.loads((run / "eval_logit_adjusted.json").read_text())["best_val"]["epoch"] is None
+    (run / "predictions.npz").unlink()
+    assert main(["eval", str(run), "--logit-adjust-tau", "1"]) == 2
+    assert "no predictions.npz" in capsys.readouterr().err
+
+
+def test_label_out_of_range_through_the_cli(tmp_path, capsys):
+    """An IDX test label that is not a training class: named with its file and index, not as a class without
+    training images; exit 2, one line, no run folder."""
+    import numpy as np
+
+    def idx(array, code=0x08):
+        return bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape) \
+            + array.astype(np.uint8).tobytes()
+
+    root = tmp_path / "mnist"
+    root.mkdir()
+    (root / "train-images-idx3-ubyte").write_bytes(idx(np.zeros((30, 6, 6))))
+    (root / "train-labels-idx1-ubyte").write_bytes(idx(np.arange(30) % 3))
+    (root / "t10k-images-idx3-ubyte").write_bytes(idx(np.zeros((4, 6, 6))))
+    (root / "t10k-labels-idx1-ubyte").write_bytes(idx(np.array([0, 1, 3, 2])))
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path)
+    assert main(["train", str(cfg), "data.source=idx", f"data.root={root}", "data.profile=none",
+                 "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"longtail: error: label 3 out of range [0, 3) in {root}/t10k-labels-idx1-ubyte (index 2)\n"
+    assert not run.exists()
+
+
+def test_class_without_test_images_end_to_end(tmp_path, capsys, caplog):
+    """train / eval / report / doctor on an image folder whose class 'c2' has training but no test images."""
+    import numpy as np
+    from PIL import Image
+
+    rs = np.random.RandomState(0)
+    for split, counts in (("train", (12, 8, 6)), ("test", (3, 3, 0))):
+        for c, n in enumerate(counts):
+            folder = tmp_path / "ds" / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rs.randint(0, 256, (6, 6, 3)).astype(np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", str(write_config(tmp_path)), "data.source=imagefolder", f"data.root={tmp_path / 'ds'}",
+                 "data.profile=none", f"data.cache_dir={tmp_path / 'cache'}", "eval.many_threshold=10",
+                 "eval.few_threshold=7", "eval.rare_threshold=5", "--out", str(run)]) == 0
+    assert any("class 'c2' has training images but no test images" in r.getMessage() for r in caplog.records)
+    assert "few   -  " in capsys.readouterr().out  # the summary line, not 'nan'
+    ev = json.loads((run / "eval.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+    assert ev["groups"]["few"] == [2] and ev["few"] is None and ev["per_class"][2] is None
+    assert ev["mean_per_class"] == pytest.approx((ev["per_class"][0] + ev["per_class"][1]) / 2)
+    assert ev["warnings"] == ["class 'c2' has no test images: its accuracy is undefined (null) and it is left out "
+                              "of mean_per_class and the shot-group means"]
+    assert main(["eval", str(run), "--logit-adjust-tau", "1"]) == 0
+    la = json.loads((run / "eval_logit_adjusted.json").read_text(), parse_constant=pytest.fail)
+    assert la["few"] is None and la["warnings"] == ev["warnings"]
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    html = re.sub(r'src="data:[^"]*"', "", (tmp_path / "r.html").read_text())  # the text, not the figures
+    assert "n/a" in html and not re.search(r"\bnan\b", html, re.IGNORECASE)
+    assert "class &#x27;c2&#x27; has no test images" in html
+    capsys.readouterr()
+    assert main(["doctor", str(tmp_path / "ds"), "--out", str(tmp_path / "doc"), "--no-progress"]) == 0
+    assert "note: class 'c2' has training images but no test images" in capsys.readouterr().out
+    assert json.loads((tmp_path / "doc/doctor.json").read_text())["no_test_images"] == ["c2"]

@@ -94,3 +94,19 @@ def test_normalisation_from_training_subset():
     data = build_data(DataConfig(source="arrays", profile="none"), arrays=_arrays())
     x = data.train.batch(np.arange(len(data.train))).astype(np.float64) / 255
     assert np.allclose(data.mean, x.mean(axis=(0, 1, 2)))
+
+
+def test_class_without_test_images_is_a_warning_naming_it(caplog):
+    arrays = _arrays()
+    keep = arrays["test_labels"] != 3
+    arrays["test_images"], arrays["test_labels"] = arrays["test_images"][keep], arrays["test_labels"][keep]
+    arrays["class_names"] = ["a", "b", "c", "d", "e"]
+    with caplog.at_level("WARNING", logger="longtail.data.build"):
+        data = build_data(DataConfig(source="arrays", imbalance_ratio=10), arrays=arrays)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith("class 'd' has training images but no test images")
+    assert data.class_counts[3] > 0 and 3 not in data.test.labels
+    caplog.clear()
+    build_data(DataConfig(source="arrays", imbalance_ratio=10), arrays=_arrays())
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

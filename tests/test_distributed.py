@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from longtail.train.checkpoint import safe_torch_load
+from longtail.io import safe_torch_load
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
@@ -132,8 +132,10 @@ def test_resume_under_torchrun(runs, tmp_path):
     proc = run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "longtail", "train", "--resume",
                 "--out", str(run_dir)], tmp_path / "seen")
     assert "resuming" in proc.stdout and "top1" in proc.stdout
+    # rank 0 alone logs (torchrun joins both ranks' stdout)
+    assert proc.stdout.count(f"resuming {run_dir} after epoch 2/3") == 1 and proc.stdout.count("epoch 3/3: ") == 1
     rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[2]["ranks_identical"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[2]["ranks_identical"]
     assert safe_torch_load(run_dir / "checkpoints/last.pt")["epoch"] == 3
 
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from longtail.cli import main
-from longtail.dlsa import DLSAConfig, GaussianMixtureFlow, cluster_posterior, default_clusters, route, run_dlsa
-from longtail.dlsa.cascade import Standardiser, cluster_prior_table, likelihood_threshold
+from longtail.dlsa import (DLSACascade, DLSAConfig, GaussianMixtureFlow, cluster_posterior, default_clusters, route,
+                           run_dlsa)
+from longtail.dlsa import cascade as cascade_module
+from longtail.dlsa.cascade import Standardiser, cluster_prior_table, likelihood_threshold, train_flow
 from longtail.dlsa.classifier import ClusterAidedClassifier
 from longtail.dlsa.flow import MADE, FlowBatchNorm, made_masks
 from longtail.dlsa.losses import BalancednessLoss, PairSampler, likelihood_weights, purity_loss, weighted_nll
@@ -225,6 +227,23 @@ def test_standardiser_drops_constant_dimensions():
     np.testing.assert_allclose(out.std(0), 1, atol=1e-5)
 
 
+def test_standardiser_floors_nearly_dead_dimensions():
+    rng = np.random.default_rng(0)
+    n = 5000
+    nearly_dead = np.zeros(n)
+    nearly_dead[:2] = 0.05  # a post-ReLU channel active in 2 of 5000 samples
+    x = np.c_[rng.normal(size=n), 3 * rng.normal(size=n) + 1, nearly_dead]
+    unfloored = Standardiser(x, std_floor=0)(x)
+    assert np.abs(unfloored[:, 2]).max() > 40  # ~sqrt(n / 2): the outliers that broke the flows
+    std = Standardiser(x)
+    out = std(x)
+    assert std.keep.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(out[:, :2].std(0), 1, atol=1e-5)  # ordinary dimensions: unchanged
+    np.testing.assert_allclose(out[:, :2], unfloored[:, :2])
+    assert np.abs(out[:, 2]).max() < 1  # the floor keeps the nearly dead channel small
+    np.testing.assert_allclose(out.mean(0), 0, atol=1e-6)
+
+
 def test_config_validation_and_default_clusters():
     assert [default_clusters(c) for c in (10, 100, 365, 1000)] == [50, 158, 302, 500]
     with pytest.raises(ConfigError, match="filter_share"):
@@ -233,6 +252,12 @@ def test_config_validation_and_default_clusters():
         DLSAConfig(clusters=1)
     with pytest.raises(ConfigError, match="unknown dlsa option 'depht'.*depth"):
         DLSAConfig.from_dict({"depht": 2})
+    with pytest.raises(ConfigError, match="flow_noise must be a number >= 0"):
+        DLSAConfig(flow_noise=-0.1)
+    with pytest.raises(ConfigError, match="flow_retries must be an integer >= 0"):
+        DLSAConfig(flow_retries=1.5)
+    with pytest.raises(ConfigError, match="std_floor"):
+        DLSAConfig(std_floor=float("nan"))
 
 
 # ---- the cascade -----------------------------------------------------------------------------
@@ -257,7 +282,7 @@ _TINY = dict(clusters=8, depth=2, flow_epochs=2, flow_batch=64, cls_epochs=4, ev
 
 def test_cascade_runs_on_a_tiny_feature_set_and_is_deterministic():
     fs = _tiny_feature_set()
-    result = run_dlsa(fs, DLSAConfig(**_TINY), log=lambda *a: None)
+    result = run_dlsa(fs, DLSAConfig(**_TINY))
     assert result["config"]["clusters"] == 8 and result["head_tail"]["tail_threshold"] == 30
     assert result["head_tail"]["tail_classes"] == [2, 3, 4]
     for model in ("classifier_alone", "dlsa"):
@@ -275,14 +300,145 @@ def test_cascade_runs_on_a_tiny_feature_set_and_is_deterministic():
     assert set(result["dlsa_by_depth"]) == {"1", "2"} and result["dlsa"] == result["dlsa_by_depth"]["2"]
     assert result["dlsa_val_selected"]["depth"] in (1, 2)
     assert result["regular_classifier"]["classifier_top1"] is not None
-    again = run_dlsa(_tiny_feature_set(), DLSAConfig(**_TINY), log=lambda *a: None)
+    again = run_dlsa(_tiny_feature_set(), DLSAConfig(**_TINY))
     assert again["dlsa"]["last"]["top1"] == result["dlsa"]["last"]["top1"]
     assert again["filters"][1]["threshold"] == filters[1]["threshold"]
 
 
+# ---- flow training safeguards (docs/dlsa.md, "Numerical safeguards") ------------------------
+
+def _relu_features(*, n_max, ratio=10.0, classes=10, dim=64, seed=0, scale=1.0):
+    """Synthetic post-ReLU, average-pooled backbone features: non-negative, ~40 % exact zeros
+    (mean ~0.5 at scale 1), dead channels, nearly dead channels (dimensions constant within
+    most classes), class-selective channels and a per-sample gain; exponential long-tailed
+    counts n_max * ratio^(-c / (C - 1)). Returns (features (N, dim) float32, labels (N,))."""
+    rng = np.random.default_rng(seed)
+    counts = np.floor(n_max * ratio ** (-np.arange(classes) / (classes - 1))).astype(int)
+    labels = np.repeat(np.arange(classes), counts)
+    base = rng.normal(0.0, 0.6, size=(classes, dim))
+    base[:, :dim // 8] = -3.0                          # dead channels
+    base[rng.random((classes, dim)) < 0.15] += 1.5     # class-selective channels
+    pre = base[labels] + rng.normal(0.0, 0.5, size=(len(labels), dim)) + 0.2
+    features = np.maximum(pre, 0) * rng.gamma(2.0, 0.5, size=(len(labels), 1))
+    return (features * scale).astype(np.float32), labels
+
+
+def _standardised(features, cfg=DLSAConfig()):
+    x = features.astype(np.float64)
+    return torch.as_tensor(Standardiser(x, std_floor=cfg.std_floor)(x))
+
+
+# name: (feature set, DLSAConfig overrides, blow-up check); the flows run with the defaults of
+# `longtail dlsa` (3 filters, 50 epochs, batch 512, lr 0.2) unless a case says otherwise. Before
+# the safeguards the three 2,040-sample sets broke like the reported CIFAR-10 run: scale 1e3
+# stopped with "filter 3: the flow loss became non-finite at epoch 34", scale 1 and 1e-3
+# finished with blown-up flows (mean training log-likelihood -2e6 and -4e13 nats).
+_FEATURE_SETS = {
+    "relu_10_classes": (dict(n_max=500, seed=1), {}, True),
+    "relu_scale_1e-3": (dict(n_max=500, scale=1e-3), {}, True),
+    "relu_scale_1e3": (dict(n_max=500, scale=1e3), {}, True),
+    # fewer samples than dimensions and one step per epoch: finite, but the eval-mode
+    # likelihoods lag the batch-norm running statistics (official semantics), so no bound
+    "relu_tiny": (dict(n_max=20), {}, False),  # 78 samples, 2 in the rarest class; filter 3 trains on 37
+    "relu_100_classes": (dict(n_max=30, classes=100), {"flow_epochs": 20}, True),
+    "relu_512_dims": (dict(n_max=60, dim=512), {"flow_epochs": 20}, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_FEATURE_SETS))
+def test_default_flow_cascade_trains_without_restarts(case):
+    set_args, overrides, bounded = _FEATURE_SETS[case]
+    features, labels = _relu_features(**set_args)
+    cfg = DLSAConfig(cls_epochs=1, eval_every=1, **overrides)
+    x = _standardised(features, cfg)
+    cascade = DLSACascade(cfg, int(labels.max()) + 1).fit(x, labels)
+    assert len(cascade.info) == 3
+    for info in cascade.info:
+        flow = info["flow"]
+        assert flow["restarts"] == [] and flow["final_lr"] == cfg.flow_lr
+        assert len(flow["history"]) == cfg.flow_epochs
+        assert all(math.isfinite(h["loss"]) and h["max_grad_norm"] < 1e4 for h in flow["history"])
+        if bounded:  # no blow-up: healthy flows stay near -1.5 nats per dimension
+            assert min(h["mean_loglik"] for h in flow["history"]) > -10 * x.shape[1]
+        assert math.isfinite(info["threshold"])
+    routes, _ = cascade.route(x)
+    assert np.bincount(routes, minlength=4).sum() == len(labels)
+
+
+def _flaky_nll(monkeypatch, bad_calls):
+    """Make the weighted likelihood loss NaN on the given (1-based) calls, or on every call."""
+    calls = {"n": 0}
+    real = cascade_module.weighted_nll
+
+    def flaky(loglik, target, weights):
+        calls["n"] += 1
+        value = real(loglik, target, weights)
+        return value * float("nan") if bad_calls == "all" or calls["n"] in bad_calls else value
+
+    monkeypatch.setattr(cascade_module, "weighted_nll", flaky)
+
+
+def test_non_finite_epoch_goes_back_and_halves_the_rate(monkeypatch, caplog):
+    features, labels = _relu_features(n_max=40)  # 159 samples: 4 steps of 32 per epoch
+    x = _standardised(features)
+    args = dict(clusters=8, num_classes=10, seed=0)
+    reference, _ = train_flow(x, labels, cfg=DLSAConfig(flow_epochs=1, flow_batch=32, flow_select="last"), **args)
+    after_epoch_1 = reference.state_dict()
+    initial = GaussianMixtureFlow(x.shape[1], clusters=8, seed=0).state_dict()
+    restored = []
+    real_restore = cascade_module._restore
+    monkeypatch.setattr(cascade_module, "_restore",
+                        lambda flow, balance, saved: (restored.append(saved), real_restore(flow, balance, saved)))
+    _flaky_nll(monkeypatch, {6, 7})  # epoch 2, step 2; then the repeated epoch 2 fails again at once
+    caplog.clear()  # the reference flow's own lines (logged when an earlier test set the level to INFO)
+    with caplog.at_level("INFO", logger="longtail"):
+        _, info = train_flow(x, labels, cfg=DLSAConfig(flow_epochs=4, flow_batch=32), **args)
+    logs = caplog.messages
+    assert info["restarts"] == [
+        {"epoch": 2, "failure": "the flow loss is not finite at step 2", "resumed_after_epoch": 1, "new_lr": 0.1},
+        {"epoch": 2, "failure": "the flow loss is not finite at step 1", "resumed_after_epoch": 0, "new_lr": 0.05}]
+    assert "epoch 2: the flow loss is not finite at step 2; went back to the state after epoch 1 and halved " \
+           "the flow learning rate to 0.1" in logs[0]
+    assert "went back to the initial weights and halved the flow learning rate to 0.05" in logs[1]
+    assert [r.levelname for r in caplog.records[:2]] == ["WARNING", "WARNING"]
+    for saved, expected in zip(restored, (after_epoch_1, initial), strict=True):
+        assert saved["flow"].keys() == expected.keys()
+        assert all(torch.equal(saved["flow"][k], expected[k]) for k in expected)
+    assert saved["step"] == 0  # the balancedness estimator starts over too
+    history = info["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and {h["lr"] for h in history} == {0.05}
+    assert info["final_lr"] == 0.05 and "2 restart(s), final lr 0.05" in logs[-1]
+
+
+def test_flow_that_keeps_diverging_stops_with_advice(monkeypatch):
+    features, labels = _relu_features(n_max=40)
+    _flaky_nll(monkeypatch, "all")
+    with pytest.raises(ConfigError) as err:
+        train_flow(_standardised(features), labels, cfg=DLSAConfig(flow_epochs=3, flow_retries=2), clusters=8,
+                   num_classes=10, seed=0, name="filter 2")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("filter 2: flow training diverged at epoch 1 (the flow loss is not finite at step 1) "
+                              "after 2 restart(s), each with half the learning rate (last 0.05); ")
+    assert "lower --flow-lr (now 0.2), raise --flow-noise (now 0.05;" in message
+    assert message.endswith("raise --flow-retries (now 2)")
+
+
+def test_dequantisation_noise_is_seeded_and_only_in_training():
+    features, labels = _relu_features(n_max=40)
+    x = _standardised(features)
+    cfg = DLSAConfig(flow_epochs=2, flow_batch=32, flow_select="last")
+    runs = [train_flow(x, labels, cfg=c, clusters=8, num_classes=10, seed=0)
+            for c in (cfg, cfg, DLSAConfig(flow_epochs=2, flow_batch=32, flow_select="last", flow_noise=0))]
+    lls = [flow.score(x)[0] for flow, _ in runs]
+    assert torch.equal(lls[0], lls[1])  # same seed: the same noise, the same flow
+    assert not torch.equal(lls[0], lls[2])  # the noise does change training
+    assert torch.equal(runs[0][0].score(x)[0], lls[0])  # scoring is deterministic: no noise in eval
+
+
 def test_dlsa_command_end_to_end(tmp_path, monkeypatch, capsys):
     import longtail.features
-    import longtail.runs
+    import longtail.rundir
 
     fs = _tiny_feature_set()
     monkeypatch.setattr(longtail.features, "extract_features", lambda *a, **k: fs)
@@ -290,7 +446,7 @@ def test_dlsa_command_end_to_end(tmp_path, monkeypatch, capsys):
     class _Eval:
         many_threshold, few_threshold = 100, 20
 
-    monkeypatch.setattr(longtail.runs, "load_run_config", lambda run_dir: type("C", (), {"eval": _Eval})())
+    monkeypatch.setattr(longtail.rundir.RunDir, "read_config", lambda self: type("C", (), {"eval": _Eval})())
     args = ["dlsa", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--clusters", "8", "--depth", "2",
             "--flow-epochs", "2", "--flow-batch", "64", "--cls-epochs", "3", "--eval-every", "3", "--flow-lr", "0.05"]
     assert main(args) == 0
@@ -307,5 +463,47 @@ def test_dlsa_command_bad_input_is_one_line(tmp_path, capsys):
     assert main(["dlsa", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--filter-share", "2"]) == 2
     assert "filter_share must be a number in (0, 1)" in capsys.readouterr().err
     assert main(["dlsa", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "run folder not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _patch_run_inputs(monkeypatch):
+    """`longtail dlsa` on the tiny feature set without a run folder (as in the end-to-end test)."""
+    import longtail.features
+    import longtail.rundir
+
+    fs = _tiny_feature_set()
+    monkeypatch.setattr(longtail.features, "extract_features", lambda *a, **k: fs)
+
+    class _Eval:
+        many_threshold, few_threshold = 100, 20
+
+    monkeypatch.setattr(longtail.rundir.RunDir, "read_config", lambda self: type("C", (), {"eval": _Eval})())
+
+
+_FLOW_ARGS = ["--clusters", "8", "--depth", "2", "--flow-epochs", "2", "--flow-batch", "64", "--cls-epochs", "1"]
+
+
+def test_dlsa_command_reports_flow_restarts(tmp_path, monkeypatch, capsys):
+    _patch_run_inputs(monkeypatch)
+    _flaky_nll(monkeypatch, {1})
+    assert main(["dlsa", str(tmp_path / "run"), "--out", str(tmp_path / "out"), *_FLOW_ARGS]) == 0
+    captured = capsys.readouterr()
+    assert "filter 1: epoch 1: the flow loss is not finite at step 1; went back to the initial weights" in captured.err
+    assert "1 flow restart(s), lr 0.1" in captured.out
+    result = json.loads((tmp_path / "out" / "dlsa.json").read_text())
+    assert result["filters"][0]["flow"]["restarts"][0]["new_lr"] == 0.1 and result["config"]["flow_noise"] == 0.05
+    assert [h["lr"] for h in result["flow_history"][0]] == [0.1, 0.1]
+    assert result["filters"][1]["flow"]["restarts"] == []
+
+
+def test_dlsa_command_flow_divergence_is_one_line(tmp_path, monkeypatch, capsys):
+    _patch_run_inputs(monkeypatch)
+    _flaky_nll(monkeypatch, "all")
+    args = ["dlsa", str(tmp_path / "run"), "--out", str(tmp_path / "out"), *_FLOW_ARGS, "--flow-retries", "1"]
+    assert main(args) == 2
+    *warnings, err = capsys.readouterr().err.strip().splitlines()  # the error is one line, the last
+    assert len(warnings) == 1 and "went back to the initial weights and halved the flow learning rate" in warnings[0]
+    assert "filter 1: flow training diverged at epoch 1" in err
+    assert "lower --flow-lr (now 0.2), raise --flow-noise (now 0.05" in err
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,8 @@ from longtail.cli import main
 from longtail.config import config_from_dict
 from longtail.data import build_data
 from longtail.doctor import run_doctor
-from longtail.doctor.confusable import class_prototypes, first_per_tail, rank_pairs, sample_per_class
+from longtail.doctor.confusable import first_per_tail, rank_pairs, sample_per_class
+from longtail.similarity.projection import class_prototypes
 from longtail.doctor.stats import effective_number
 from longtail.errors import ConfigError, DataError
 from longtail.losses import effective_number_weights
@@ -49,7 +50,7 @@ def flat(tmp_path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("doctor") / "run"
-    train_run(config_from_dict(tiny_config(**{"train.epochs": 1})), out, arrays=tiny_arrays(), log=lambda *a: None)
+    train_run(config_from_dict(tiny_config(**{"train.epochs": 1})), out, arrays=tiny_arrays())
     return out
 
 
@@ -191,3 +192,26 @@ def test_doctor_cli(flat, run, tmp_path, capsys):
     with pytest.raises(DataError, match="is an archive"):
         (tmp_path / "d.tar.gz").write_bytes(b"")
         run_doctor(tmp_path / "d.tar.gz", out=tmp_path / "y")
+
+
+def test_class_with_training_but_no_test_images_is_flagged(tmp_path):
+    root = tmp_path / "ds"
+    for name, (n_train, n_test) in {"a": (4, 2), "b": (3, 0), "c": (2, 1)}.items():
+        for i in range(n_train):
+            _png(root / "train" / name / f"{i}.png", 10 * i + n_train)
+        for i in range(n_test):
+            _png(root / "test" / name / f"{i}.png", 100 + 10 * i + n_test)
+    r = run_doctor(root, out=tmp_path / "out")
+    assert r["no_test_images"] == ["b"]
+    note = [n for n in r["notes"] if "no test images" in n]
+    assert note == ["class 'b' has training images but no test images: its test accuracy will be undefined "
+                    "(null in eval.json) and left out of the mean and shot-group accuracies"]
+    from longtail.doctor.report import format_report
+
+    assert f"note: {note[0]}" in format_report(r)
+    path = tmp_path / "cfg.yaml"  # the same folder as a config: build_data's test split
+    path.write_text(yaml.safe_dump({"data": {"source": "imagefolder", "root": str(root), "profile": "none",
+                                             "cache_dir": str(tmp_path / "cache")}}))
+    assert run_doctor(path, out=tmp_path / "out2")["no_test_images"] == ["b"]
+    shutil.rmtree(root / "test")  # no test split at all: training holds one out, nothing to flag
+    assert run_doctor(root, out=tmp_path / "out3")["no_test_images"] == []

@@ -41,7 +41,7 @@ def exported(tmp_path_factory):
     """A cosine-head run (the predict tests cover the linear head), exported through the CLI."""
     root = tmp_path_factory.mktemp("export")
     cfg = config_from_dict(tiny_config(**{"model.head": "cosine", "train.epochs": 1}))
-    train_run(cfg, root / "run", arrays=tiny_arrays(num_classes=5), log=lambda *a: None)
+    train_run(cfg, root / "run", arrays=tiny_arrays(num_classes=5))
     assert main(["export", str(root / "run"), "--out", str(root / "model.pt2")]) == 0
     return root
 

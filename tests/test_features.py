@@ -21,12 +21,12 @@ def digits_run(tmp_path_factory):
     cfg = tiny_config(**{"data": {"source": "digits", "imbalance_ratio": 5, "test_per_class": 10, "val_per_class": 2},
                          "train.epochs": 1})
     run = tmp_path_factory.mktemp("feat") / "run"
-    train_run(config_from_dict(cfg), run, log=lambda *a: None)
+    train_run(config_from_dict(cfg), run)
     return run
 
 
 def test_features_of_every_split_match_the_runs_head(digits_run):
-    fs = extract_features(digits_run, log=lambda *a: None)
+    fs = extract_features(digits_run)
     assert set(fs.splits) == {"train", "val", "test"}
     assert fs.num_classes == 10 and fs["train"]["features"].shape == (int(fs.class_counts.sum()), fs.dim)
     assert np.bincount(fs["val"]["labels"], minlength=10).tolist() == [2] * 10
@@ -38,28 +38,32 @@ def test_features_of_every_split_match_the_runs_head(digits_run):
     np.testing.assert_allclose(saved["logits"], test["logits"], rtol=1e-4, atol=1e-5)
 
 
-def test_cache_is_reused_and_refreshed_when_the_checkpoint_changes(digits_run):
-    first = extract_features(digits_run, log=lambda *a: None)
-    calls = []
-    again = extract_features(digits_run, log=calls.append)
-    assert calls == [] and np.array_equal(again["test"]["features"], first["test"]["features"])
+def test_cache_is_reused_and_refreshed_when_the_checkpoint_changes(digits_run, caplog):
+    first = extract_features(digits_run)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="longtail"):
+        again = extract_features(digits_run)
+    assert caplog.messages == [] and np.array_equal(again["test"]["features"], first["test"]["features"])
+    assert again.from_cache
     ckpt = digits_run / "checkpoints" / "last.pt"
     st = ckpt.stat()
     os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    extract_features(digits_run, log=calls.append)
-    assert len(calls) == 3  # extracted again: train, val, test
+    with caplog.at_level("INFO", logger="longtail"):
+        fresh = extract_features(digits_run)  # extracted again: train, val, test
+    assert not fresh.from_cache
+    assert [m.split(" (")[0] for m in caplog.messages] == [f"features: {s}" for s in ("train", "val", "test")]
 
 
 def test_bad_inputs_name_the_problem(digits_run, tmp_path, capsys):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="run folder not found"):
         extract_features(tmp_path / "nope")
-    with pytest.raises(ConfigError, match="unknown checkpoint 'first'"):
+    with pytest.raises(ConfigError, match="checkpoint must be one of last, best_val, got 'first'"):
         extract_features(digits_run, checkpoint="first")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no last checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a run folder \(no config.yaml\)"):
         extract_features(tmp_path / "empty")
     assert main(["features", str(tmp_path / "empty")]) == 2
-    assert "no last checkpoint" in capsys.readouterr().err
+    assert "not a run folder" in capsys.readouterr().err
     assert not (tmp_path / "empty" / "features").exists()
 
 
@@ -72,6 +76,6 @@ def test_command_prints_shapes(digits_run, capsys):
 def test_cosine_head_weight_is_stored_classes_first(tmp_path):
     cfg = tiny_config(**{"data": {"source": "digits", "imbalance_ratio": 5, "test_per_class": 4},
                          "model.head": "cosine", "train.epochs": 1})
-    train_run(config_from_dict(cfg), tmp_path / "run", evaluate=False, log=lambda *a: None)
-    fs = extract_features(tmp_path / "run", log=lambda *a: None)
+    train_run(config_from_dict(cfg), tmp_path / "run", evaluate=False)
+    fs = extract_features(tmp_path / "run")
     assert fs.head["weight"].shape == (10, fs.dim) and "bias" not in fs.head

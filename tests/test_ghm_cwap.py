@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from longtail.losses import build_loss
 from longtail.losses import ghm_cwap as mod
-from longtail.train.distributed import DistContext
+from longtail.dist import DistContext
 
 
 def two_class_logits(g, target):
@@ -353,7 +353,7 @@ def test_sync_statistics_adds_the_other_ranks_counts(monkeypatch):
 
 def test_trainer_resume_equals_uninterrupted(tmp_path, monkeypatch):
     from conftest import full_and_resumed, tiny_arrays, tiny_config
-    from longtail.train.checkpoint import safe_torch_load
+    from longtail.io import safe_torch_load
 
     cfg = tiny_config(**{"train.epochs": 3, "loss.name": "ghm_cwap", "loss.params": {"bins": 6}})
     _, _, cut = full_and_resumed(cfg, tmp_path, monkeypatch, stop_after_epoch=1, arrays=tiny_arrays(),

@@ -19,11 +19,7 @@ from longtail.methods.lcreg import (LatentCategories, LatentCategoryClassifier, 
                                     part_features, reconstruction_loss)
 from longtail.models import build_model
 from longtail.runs import train_run
-from longtail.train.checkpoint import safe_torch_load
-
-
-def quiet(*a):
-    pass
+from longtail.io import safe_torch_load
 
 
 def _method(**params):
@@ -191,7 +187,7 @@ def test_bad_parameters_name_the_key(params, key):
 
 @pytest.mark.parametrize("aug_target", ["part", "location"])
 def test_total_loss_is_eq7_and_lambda_rises_per_iteration(aug_target):
-    from longtail.train.loop import TrainForward
+    from longtail.engine.loop import TrainForward
 
     params = {"num_latents": 3, "alpha": 0.3, "beta": 0.2, "gamma": 0.7, "aug_target": aug_target}
     cfg = config_from_dict(tiny_config(**{"method.name": "lcreg", "method.params": params, "train.epochs": 3}))
@@ -206,7 +202,8 @@ def test_total_loss_is_eq7_and_lambda_rises_per_iteration(aug_target):
     gen = torch.Generator().manual_seed(0)
     for k in range(2):
         assert method.lam == pytest.approx(0.5 * (steps + k) / (3 * steps))  # lam = lambda0 t / T
-        total, logits = method.training_loss(model, TrainForward(model), images, target, loss, gen)
+        step = method.training_step(model, TrainForward(model), images, target, loss, gen)
+        total, logits = step.loss, step.logits
     # recompute Eq. 7 from the same pass (train-mode BN gives the same batch statistics)
     out = model.latent(model.backbone.forward_features(images))
     n = out.features.shape[2]
@@ -237,7 +234,7 @@ def test_lcreg_run_resumes_exactly_then_mislas_stage2(tmp_path, monkeypatch):
     # stage 2 rebuilds the LCReg network from the checkpoint's config; latent pool frozen with the backbone
     stage2 = tiny_config(**{"method.name": "mislas", "method.params": {"stage1": str(full / "checkpoints/last.pt")},
                             "loss.name": "label_aware_smoothing", "sampler.name": "class_aware"})
-    train_run(config_from_dict(stage2), tmp_path / "s2", arrays=tiny_arrays(), log=quiet)
+    train_run(config_from_dict(stage2), tmp_path / "s2", arrays=tiny_arrays())
     after = safe_torch_load(tmp_path / "s2/checkpoints/last.pt")["model"]
     for k, v in a["model"].items():
         if k.startswith("backbone.fc."):

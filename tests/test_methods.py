@@ -13,11 +13,7 @@ from longtail.data.mixup import mixup_batch
 from longtail.errors import CheckpointError, ConfigError
 from longtail.methods.isda import CovarianceEstimator, isda_logits
 from longtail.runs import train_run
-from longtail.train.checkpoint import safe_torch_load
-
-
-def quiet(*a):
-    pass
+from longtail.io import safe_torch_load
 
 
 def test_mixup_batch_formula_and_determinism():
@@ -73,14 +69,14 @@ def test_isda_gradcheck_through_weight():
 def stage1(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage1")
     cfg = config_from_dict(tiny_config(**{"data.val_per_class": 2, "train.epochs": 2}))
-    train_run(cfg, root / "ce", arrays=tiny_arrays(), log=quiet)
+    train_run(cfg, root / "ce", arrays=tiny_arrays())
     return root / "ce" / "checkpoints" / "last.pt"
 
 
 def _stage2(tmp_path, stage1, name, **over):
     cfg = tiny_config(**{"data.val_per_class": 2, "method.name": name, "method.params": {"stage1": str(stage1)},
                          "sampler.name": "class_aware", **over})
-    return train_run(config_from_dict(cfg), tmp_path / name, arrays=tiny_arrays(), log=quiet)
+    return train_run(config_from_dict(cfg), tmp_path / name, arrays=tiny_arrays())
 
 
 def test_crt_retrains_only_a_fresh_head(tmp_path, stage1):
@@ -140,8 +136,7 @@ def test_missing_stage1_fails_before_writing(tmp_path):
         _stage2(tmp_path, tmp_path / "none.pt", "crt")
     assert not (tmp_path / "crt").exists()
     with pytest.raises(ConfigError, match="needs method.params.stage1"):
-        train_run(config_from_dict(tiny_config(**{"method.name": "crt"})), tmp_path / "x", arrays=tiny_arrays(),
-                  log=quiet)
+        train_run(config_from_dict(tiny_config(**{"method.name": "crt"})), tmp_path / "x", arrays=tiny_arrays())
 
 
 def test_isda_and_mixup_runs_resume_exactly(tmp_path, monkeypatch):

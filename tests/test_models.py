@@ -3,7 +3,7 @@ import torch
 
 from longtail.models import build_model, load_weights
 from longtail.registry import MODELS
-from longtail.train.checkpoint import atomic_torch_save
+from longtail.io import atomic_torch_save
 
 
 def n_params(model):

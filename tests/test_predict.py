@@ -21,14 +21,10 @@ from longtail.logit_adjust import read_prior_file
 from longtail.runs import train_run
 
 
-def quiet(*a):
-    pass
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("predict") / "run"
-    train_run(config_from_dict(tiny_config()), out, arrays=tiny_arrays(), log=quiet)
+    train_run(config_from_dict(tiny_config()), out, arrays=tiny_arrays())
     return out
 
 
@@ -236,7 +232,7 @@ def test_predict_cli_prior_and_errors(run, image_folder, tmp_path, capsys):
                           ([str(image_folder), "--k", "0"], "k must be an integer >= 1"),
                           ([str(image_folder), "--tau", "-1"], "tau must be a finite number >= 0"),
                           ([str(image_folder), "--prior", str(tmp_path / "no.txt")],
-                           "prior must be uniform, train or a file"),
+                           "prior must be auto, uniform, train or a file"),
                           ([str(tmp_path / "empty_dir")], "no image files under"),
                           ([str(image_folder), "--batch-size", "0"], "batch size must be an integer >= 1")):
         (tmp_path / "empty_dir").mkdir(exist_ok=True)
@@ -250,15 +246,55 @@ def test_predict_cli_prior_and_errors(run, image_folder, tmp_path, capsys):
     assert "run folder not found" in capsys.readouterr().err
 
 
-def test_predict_notes_a_rebalanced_run(run, image_folder, tmp_path, capsys):
+def _rebalanced_copy(run, tmp_path):
+    """The run's folder with a class-balanced loss in its config.yaml (the weights stay CE's)."""
     copy = tmp_path / "cb"
     shutil.copytree(run, copy)
     cfg = yaml.safe_load((copy / "config.yaml").read_text())
     cfg["loss"] = {"name": "class_balanced", "params": {}}
     (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return copy
+
+
+def test_predict_notes_a_rebalanced_run(run, image_folder, tmp_path, capsys):
+    copy = _rebalanced_copy(run, tmp_path)
     args = ["predict", str(copy), str(image_folder / "img0.png"), "--out", str(tmp_path / "p.csv"), "--no-progress"]
-    assert main(args) == 0 and "trained with re-balancing (loss class_balanced)" in capsys.readouterr().err
+    assert main(args + ["--prior", "uniform"]) == 0
+    assert "trained with re-balancing (loss class_balanced)" in capsys.readouterr().err
     assert main(args + ["--prior", "train"]) == 0 and "re-balancing" not in capsys.readouterr().err
+    assert main(args) == 0 and "longtail: note" not in capsys.readouterr().err  # auto: no second adjustment
+
+
+def test_prior_auto_adjusts_a_plain_ce_run_and_leaves_a_rebalanced_one(run, image_folder, tmp_path, capsys):
+    """auto = uniform for plain CE with instance sampling, = train (no adjustment) for a re-balanced run;
+    the command prints which, and why, in one line; longtail.load(...).predict does the same."""
+    image = str(image_folder / "img0.png")
+    copy = _rebalanced_copy(run, tmp_path)
+
+    def csv_of(run_dir, *extra):
+        out = tmp_path / "p.csv"
+        assert main(["predict", str(run_dir), image, "--out", str(out), "--no-progress", *extra]) == 0
+        return _read_csv(out), capsys.readouterr().out
+
+    auto, printed = csv_of(run)
+    assert auto == csv_of(run, "--prior", "uniform")[0] and auto != csv_of(run, "--prior", "train")[0]
+    line = next(x for x in printed.splitlines() if x.startswith("prior "))
+    assert line.startswith("prior uniform (auto): the run was trained toward its training prior (loss ce, "
+                           "instance sampling")
+    assert "; prior uniform, tau 1" in printed
+    auto, printed = csv_of(copy)
+    assert auto == csv_of(copy, "--prior", "train")[0] and auto != csv_of(copy, "--prior", "uniform")[0]
+    line = next(x for x in printed.splitlines() if x.startswith("prior "))
+    assert line.startswith("prior train (auto): the run was trained with re-balancing (loss class_balanced)")
+    assert "; prior train, tau 1" in printed
+    assert "(auto)" not in csv_of(copy, "--prior", "uniform")[1]  # an explicit prior is used as given
+
+    images = [image]
+    ce, cb = longtail.load(run, device="cpu"), longtail.load(copy, device="cpu")
+    assert ce.choose_prior()[0] == "uniform" and cb.choose_prior()[0] == "train"
+    assert np.array_equal(ce.predict(images).probs, ce.predict(images, prior="uniform").probs)
+    assert np.array_equal(cb.predict(images).probs, cb.predict(images, prior="train").probs)
+    assert not np.allclose(cb.predict(images).probs, cb.predict(images, prior="uniform").probs)
 
 
 def test_load_and_predict_in_a_fresh_process(run, predictor, image_folder):
@@ -283,7 +319,7 @@ def test_load_a_run_whose_method_replaces_the_head(run, tmp_path, test_images):
     if "ncm" not in METHODS:
         pytest.skip("needs the decoupled methods (ncm)")
     cfg = tiny_config(**{"method.name": "ncm", "method.params": {"stage1": str(run / "checkpoints" / "last.pt")}})
-    train_run(config_from_dict(cfg), tmp_path / "ncm", arrays=tiny_arrays(), log=quiet)
+    train_run(config_from_dict(cfg), tmp_path / "ncm", arrays=tiny_arrays())
     predictor = longtail.load(tmp_path / "ncm", device="cpu")
     assert type(predictor.model.head).__name__ == "NCMHead"
     stored = np.load(tmp_path / "ncm" / "predictions.npz")["logits"]

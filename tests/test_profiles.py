@@ -43,3 +43,23 @@ def test_bad_imbalance_ratio(bad):
 def test_unknown_profile():
     with pytest.raises(ConfigError, match="unknown profile"):
         class_counts("zipf", 10, 5000, 10)
+
+
+def test_pareto_default_is_one_number_everywhere(capsys):
+    """config default == profiles default == `longtail data counts` == a training data build == docs/data.md."""
+    from conftest import REPO
+    from longtail.cli import main
+    from longtail.config import DataConfig
+    from longtail.data import build_data
+    from longtail.data.profiles import PARETO_DEFAULT_SHAPE
+
+    assert DataConfig().pareto_shape == PARETO_DEFAULT_SHAPE
+    assert f"a = `data.pareto_shape` (default {PARETO_DEFAULT_SHAPE:g})" in (REPO / "docs/data.md").read_text()
+    assert main(["data", "counts", "--profile", "pareto", "--num-classes", "10", "--max-count", "100",
+                 "--imbalance-ratio", "10"]) == 0
+    printed = [int(line.split()[2]) for line in capsys.readouterr().out.splitlines() if line.startswith("class ")]
+    expected = class_counts("pareto", 10, 100, 10, pareto_shape=PARETO_DEFAULT_SHAPE).tolist()
+    assert printed == expected
+    assert expected != class_counts("pareto", 10, 100, 10, pareto_shape=0.9).tolist()  # the shape matters here
+    data = build_data(DataConfig(source="digits", profile="pareto", imbalance_ratio=10, max_count=100))
+    assert data.class_counts.tolist() == expected

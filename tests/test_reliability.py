@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,8 @@ from PIL import Image
 from longtail.cli import main
 from longtail.config import RunConfig, apply_overrides, config_from_dict
 from longtail.errors import ConfigError
-from longtail.train import checkpoint as ckpt_mod
-from longtail.train.checkpoint import safe_torch_load
+from longtail import io as ckpt_mod
+from longtail.io import safe_torch_load
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -66,49 +68,119 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert la == lb
 
 
+# `longtail train` that SIGKILLs itself right after optimizer step STEP of epoch EPOCH (both 1-based):
+# a kill during an epoch at a point fixed by the run itself, not by how fast the machine is.
+KILL_DURING_EPOCH = """
+import os, signal, sys
+import torch
+from longtail.engine import loop
+EPOCH, STEP = int(sys.argv[1]), int(sys.argv[2])
+where = {"epoch": 0, "step": 0}
+real_train_epoch, real_step = loop.Trainer.train_epoch, torch.optim.SGD.step
+def train_epoch(self, epoch, bar):
+    where.update(epoch=epoch + 1, step=0)
+    return real_train_epoch(self, epoch, bar)
+def step(self, *args, **kwargs):
+    result = real_step(self, *args, **kwargs)
+    where["step"] += 1
+    if (where["epoch"], where["step"]) == (EPOCH, STEP):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+loop.Trainer.train_epoch, torch.optim.SGD.step = train_epoch, step
+from longtail.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def kill_during_epoch(cfg: Path, run: Path, *, epoch: int, step: int) -> None:
+    """`longtail train CFG --out RUN`, SIGKILLed by itself after `step` optimizer steps of `epoch`."""
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_EPOCH, str(epoch), str(step), "train", str(cfg),
+                           "--out", str(run)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
 def test_kill_9_during_an_epoch_then_resume(reference, tmp_path):
     cfg, ref = reference
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "longtail", "train", str(cfg), "--out", str(run)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
-        time.sleep(0.02)
-    time.sleep(0.3)  # into the next epoch
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    done = safe_torch_load(run / "checkpoints/last.pt")["epoch"]
-    assert 1 <= done < 5
+    kill_during_epoch(cfg, run, epoch=2, step=3)  # after the epoch-1 checkpoint, inside epoch 2
+    assert safe_torch_load(run / "checkpoints/last.pt")["epoch"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (run / ".lock").is_file()  # the killed process's lock file: no obstacle to --resume
     resumed = longtail("train", "--resume", "--out", str(run))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {run} after epoch {done}/5" in resumed.stdout
+    assert f"resuming {run} after epoch 1/5" in resumed.stdout
     assert_same_run(ref, run)
 
 
+def _corrupt(path: Path) -> None:
+    """Flip one byte inside the tensor payload: the zip is intact, a record's CRC-32 is not."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_last_checkpoint_of_a_killed_run_resumes_from_prev(reference, tmp_path):
+    cfg, ref = reference
+    run = tmp_path / "run"
+    kill_during_epoch(cfg, run, epoch=3, step=2)
+    assert safe_torch_load(run / "checkpoints/last.pt")["epoch"] == 2
+    assert safe_torch_load(run / "checkpoints/prev.pt")["epoch"] == 1
+    _corrupt(run / "checkpoints/last.pt")
+    resumed = longtail("train", "--resume", "--out", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    last, prev = run / "checkpoints/last.pt", run / "checkpoints/prev.pt"
+    assert f"longtail: warning: {last} failed its integrity check (CRC mismatch in " in resumed.stderr
+    assert f"; resuming from {prev} (epoch 1)\n" in resumed.stderr
+    assert f"resuming {run} after epoch 1/5" in resumed.stdout
+    assert_same_run(ref, run)  # metrics.jsonl: the line of epoch 2 was dropped and written again
+    assert safe_torch_load(prev)["epoch"] == 4
+
+
+def test_corrupt_last_checkpoint_of_a_finished_run(reference, tmp_path):
+    cfg, ref = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    _corrupt(run / "checkpoints/last.pt")
+    evaluated = longtail("eval", str(run))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"; evaluating {run / 'checkpoints/prev.pt'} (epoch 4)" in evaluated.stderr  # a warning
+    assert json.loads((run / "eval.json").read_text())["epoch"] == 4
+    resumed = longtail("train", "--resume", "--out", str(run))  # trains epoch 5 again
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {run / 'checkpoints/prev.pt'} (epoch 4)" in resumed.stderr
+    assert_same_run(ref, run)
+
+
+# `longtail train` that SIGKILLs itself when the NTH rename onto checkpoints/NAME is about to happen
 KILL_WHILE_SAVING = """
 import os, signal, sys
-from longtail.train import checkpoint
+from longtail import io as checkpoint
+NAME, NTH = sys.argv[1], int(sys.argv[2])
 real_replace = os.replace
 calls = {"n": 0}
 def replace(src, dst):
-    if str(dst).endswith("last.pt"):
+    if str(dst).endswith(NAME):
         calls["n"] += 1
-        if calls["n"] == 2:  # the epoch-2 checkpoint is fully written to its temporary file, not renamed
+        if calls["n"] == NTH:
             os.kill(os.getpid(), signal.SIGKILL)
     return real_replace(src, dst)
 checkpoint.os.replace = replace
 from longtail.cli import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(sys.argv[3:]))
 """
 
 
-def test_kill_9_while_a_checkpoint_is_written_then_resume(reference, tmp_path):
+@pytest.mark.parametrize("name, nth", [
+    ("last.pt", 2),  # the epoch-2 checkpoint is fully written to its temporary file, not renamed
+    ("prev.pt", 1),  # epoch 2: the hard link to the epoch-1 checkpoint is made, not yet renamed to prev.pt
+])
+def test_kill_9_while_a_checkpoint_is_written_then_resume(reference, tmp_path, name, nth):
     cfg, ref = reference
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING, "train", str(cfg), "--out", str(run)], env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING, name, str(nth), "train", str(cfg),
+                           "--out", str(run)], env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL
-    assert list((run / "checkpoints").glob(".last.pt.*.tmp"))  # the interrupted write
+    assert list((run / "checkpoints").glob(f".{name}.*.tmp"))  # the interrupted write
     assert safe_torch_load(run / "checkpoints/last.pt")["epoch"] == 1  # the previous checkpoint is intact
     resumed = longtail("train", "--resume", "--out", str(run))
     assert resumed.returncode == 0, resumed.stderr
@@ -154,6 +226,71 @@ def test_disk_full_mid_run_keeps_a_resumable_run(tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     assert main(["train", "--resume", "--out", str(run)]) == 0
     assert safe_torch_load(run / "checkpoints/last.pt")["epoch"] == 2
+
+
+# ------------------------------------------------------------------ one writer per run folder
+
+
+def _hold_lock(run: Path, pid: int) -> int:
+    """Take RUN/.lock as another process would (its own open file), recording `pid` as the holder."""
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{pid} {socket.gethostname()}\n".encode())
+    return fd
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_second_writer_of_a_run_folder_is_refused(reference, tmp_path, capsys):
+    cfg, ref = reference
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    shutil.copytree(ref, run)
+    fresh.mkdir()  # a new run whose first writer has just created its folder and taken the lock
+    fds = [_hold_lock(run, 4242), _hold_lock(fresh, 4343)]
+    try:
+        before = _snapshot(run), _snapshot(fresh)
+        in_use = "is in use by another longtail process"
+        for argv, message in [
+            (["train", str(cfg), "--out", str(fresh)],
+             f"run folder {fresh} {in_use} (pid 4343); wait for it to finish or choose another --out"),
+            (["train", "--resume", "--out", str(run)], f"run folder {run} {in_use} (pid 4242); wait for it to finish"),
+            (["eval", str(run)], f"run folder {run} {in_use} (pid 4242); wait for it to finish"),
+            (["features", str(run)], f"run folder {run} {in_use} (pid 4242)"),
+            (["similarity", str(run)], f"run folder {run} {in_use} (pid 4242)"),
+        ]:
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.startswith(f"longtail: error: {message}") and err.count("\n") == 1, err
+        assert (_snapshot(run), _snapshot(fresh)) == before  # nothing written, nothing removed
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+HOLD_LOCK = ("import sys; from longtail.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+             "print('locked', flush=True); sys.stdin.read()")
+
+
+def test_lock_of_a_killed_writer_does_not_block_the_next(reference, tmp_path, capsys):
+    cfg, ref = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], env=ENV, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"  # it holds the lock now
+        assert main(["eval", str(run)]) == 2
+        assert f"is in use by another longtail process (pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / ".lock").read_text().split()[0] == str(holder.pid)  # left behind by the SIGKILL
+    assert main(["train", "--resume", "--out", str(run)]) == 0  # the kernel released its lock
+    assert not (run / ".lock").exists()
+    assert json.loads((run / "eval.json").read_text())["epoch"] == 5
 
 
 def _jpeg(color):

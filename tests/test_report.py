@@ -28,21 +28,17 @@ RUN_FIGURES = {"count_histogram", "accuracy_vs_frequency", "group_bars", "confus
                "training_curves"}
 
 
-def quiet(*_):
-    pass
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A CE run with a validation split and post-hoc LA, and a tau_norm run on it (no epochs)."""
     root = tmp_path_factory.mktemp("report_runs")
     arrays = tiny_arrays()
     cfg = tiny_config(**{"data.val_per_class": 2, "train.epochs": 2})
-    train_run(config_from_dict(cfg), root / "ce", arrays=arrays, log=quiet)
-    evaluate_run(root / "ce", logit_adjust_tau=1.0, log=quiet)
+    train_run(config_from_dict(cfg), root / "ce", arrays=arrays)
+    evaluate_run(root / "ce", logit_adjust_tau=1.0)
     stage2 = tiny_config(**{"data.val_per_class": 2, "method.name": "tau_norm",
                             "method.params": {"stage1": str(root / "ce/checkpoints/last.pt")}})
-    train_run(config_from_dict(stage2), root / "tau_norm", arrays=arrays, log=quiet)
+    train_run(config_from_dict(stage2), root / "tau_norm", arrays=arrays)
     return root
 
 
@@ -193,3 +189,38 @@ def test_report_renders_in_headless_chromium(one_report, tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text(html[:start] + "AAAA" + html[html.index('"', start):])
     assert figures_loaded(broken) == (5, 6)
+
+
+def test_undefined_values_print_as_n_a(runs, tmp_path):
+    """A NaN in an eval.json written before metrics were strict, and a null group that has classes
+    (none with test images), print as 'n/a'; an empty group stays '-'; eval.json warnings are shown."""
+    import re
+
+    from longtail.report.tables import fmt, metric_text
+
+    assert fmt(float("nan")) == "n/a" and fmt(float("inf"), "frac") == "n/a" and fmt(None) == "-"
+    assert metric_text({"few": None, "groups": {"few": [3]}}, "few") == "n/a"
+    assert metric_text({"many": None, "groups": {"many": []}}, "many") == "-"
+    run = tmp_path / "old"
+    shutil.copytree(runs / "ce", run)
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["groups"]["few"] and ev["few"] is not None
+    ev["few"] = float("nan")
+    ev["warnings"] = ["class 'x' has no test images: its accuracy is undefined"]
+    (run / "eval.json").write_text(json.dumps(ev))  # python's default writes NaN
+    assert "NaN" in (run / "eval.json").read_text()
+    build_report([run], tmp_path / "r.html")
+    text = " ".join(parse(tmp_path / "r.html").text)
+    assert "n/a" in text and not re.search(r"\bnan\b", text, re.IGNORECASE)
+    assert "warning (eval.json): class 'x' has no test images" in text
+
+
+def test_top5_column_only_where_a_run_has_top5():
+    """eval.json holds top-5 for 6 classes or more; the table shows the column when a row has it."""
+    from longtail.report.tables import metrics_table
+
+    base = {"top1": 40.0, "many": 50.0, "medium": 40.0, "few": 30.0, "mcc": 0.3, "nmi": 0.4, "ece": 0.1}
+    with_top5 = metrics_table([("a", {**base, "top5": 87.5}), ("b", base)])
+    assert "<th>top-5</th>" in with_top5 and "87.50" in with_top5
+    assert with_top5.index("<th>top-1</th>") < with_top5.index("<th>top-5</th>") < with_top5.index("<th>many</th>")
+    assert "<th>top-5</th>" not in metrics_table([("a", base)])

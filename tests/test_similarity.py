@@ -184,7 +184,7 @@ def test_head_to_tail_table_by_hand():
 def digits_run(tmp_path_factory):
     cfg = tiny_config(**{"data": {"source": "digits", "imbalance_ratio": 5, "test_per_class": 10}, "train.epochs": 1})
     run = tmp_path_factory.mktemp("sim") / "run"
-    train_run(config_from_dict(cfg), run, log=lambda *a: None)
+    train_run(config_from_dict(cfg), run)
     return run
 
 
@@ -192,7 +192,7 @@ def _tree(folder):
     return sorted((p.relative_to(folder).as_posix(), p.stat().st_mtime_ns) for p in folder.rglob("*"))
 
 
-def test_similarity_command_with_out_leaves_the_run_untouched(digits_run, tmp_path, capsys):
+def test_similarity_command_with_out_leaves_the_run_untouched(digits_run, tmp_path, capsys, caplog):
     before = _tree(digits_run)
     out = tmp_path / "sim"
     assert main(["similarity", str(digits_run), "--out", str(out), "--window", "3", "--compare", str(digits_run)]) == 0
@@ -214,18 +214,19 @@ def test_similarity_command_with_out_leaves_the_run_untouched(digits_run, tmp_pa
     assert (out / "weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "features" / "last.npz").is_file()  # the cache went to --out
     # a second call reads that cache (no feature extraction)
-    calls = []
-    analyse_run(digits_run, out=out, window=3, log=calls.append)
-    assert calls == []
+    caplog.clear()  # the command's own lines above
+    with caplog.at_level("INFO", logger="longtail"):
+        analyse_run(digits_run, out=out, window=3)
+    assert not any(m.startswith("features:") for m in caplog.messages)
 
 
 def test_similarity_command_default_folder_and_errors(digits_run, tmp_path, capsys):
-    result = analyse_run(digits_run, similarity="cosine", edge="truncate", log=lambda *a: None)
+    result = analyse_run(digits_run, similarity="cosine", edge="truncate")
     assert result["out"] == str(digits_run / "similarity") and (digits_run / "similarity" / "weights.png").is_file()
     assert result["settings"]["effective_window"] == 10  # default W = 15 > C = 10: one window of every class
     assert min(min(row) for row in result["similarity"]) >= math.exp(-2) - 1e-9
     assert main(["similarity", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "run folder not found" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError):
         analyse_run(tmp_path / "empty", out=tmp_path / "o2")

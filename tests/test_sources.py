@@ -207,7 +207,7 @@ def test_split_list(tmp_path):
     (tmp_path / "train.txt").write_text("train/class0/000.jpg zero\n")
     with pytest.raises(DataError, match="train.txt:1: label 'zero' is not an integer"):
         load_split_list(cfg)
-    (tmp_path / "train.txt").write_text("train/class0/missing.jpg 0\n")
+    (tmp_path / "train.txt").write_text("train/class0/missing.jpg 0\ntrain/class1/001.png 1\n")
     with pytest.raises(DataError, match="does not exist"):
         load_split_list(cfg)
 
@@ -217,3 +217,124 @@ def test_decode_image_converts_cmyk_and_palette():
     Image.new("CMYK", (3, 2), (0, 0, 0, 0)).save(buf, format="JPEG")
     assert images_mod.decode_image(buf.getvalue(), "x.jpg").shape == (2, 3, 3)
     assert images_mod.decode_image(_png(3, mode="P"), "p.png", channels=1).shape == (6, 6, 1)
+
+
+# ------------------------------------------------- labels out of range, every source, train and test parts
+
+
+def _idx_int8(array: np.ndarray) -> bytes:
+    """An IDX file of signed bytes (type 0x09), so a label can be negative."""
+    header = bytes([0, 0, 0x09, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.int8).tobytes()
+
+
+def _write_idx(root, train_labels, test_labels):
+    rs = np.random.RandomState(0)
+    for stem, labels in (("train", train_labels), ("t10k", test_labels)):
+        (root / f"{stem}-images-idx3-ubyte").write_bytes(_idx(rs.randint(0, 256, (len(labels), 5, 4))))
+        (root / f"{stem}-labels-idx1-ubyte").write_bytes(_idx_int8(np.asarray(labels)))
+    return DataConfig(source="idx", root=str(root), profile="none")
+
+
+def _set_cifar_label(path, key, index, label):
+    with open(path, "rb") as fh:
+        d = pickle.load(fh)
+    d[key][index] = label
+    with open(path, "wb") as fh:
+        pickle.dump(d, fh)
+
+
+def _write_lists(tmp_path, train="", val="", test=""):
+    """Split lists over the imagefolder fixture: classes 0 and 1 unless a line says otherwise."""
+    write_imagefolder(tmp_path / "ds")
+    base = {"train": "train/class0/000.jpg 0\ntrain/class1/001.png 1\n" + train,
+            "val": "test/class0/001.png 0\n" + val, "test": "test/class1/000.jpg 1\n" + test}
+    for split, text in base.items():
+        (tmp_path / f"{split}.txt").write_text(text)
+    return DataConfig(source="split_list", root=str(tmp_path / "ds"), profile="none", cache_dir=str(tmp_path / "c"),
+                      **{f"{s}_list": str(tmp_path / f"{s}.txt") for s in base})
+
+
+@pytest.mark.parametrize("part, label", [("train", 10), ("train", -1), ("test", 10), ("test", -1)])
+def test_cifar10_label_out_of_range(tmp_path, part, label):
+    folder, _ = write_cifar10(tmp_path)
+    name = "data_batch_3" if part == "train" else "test_batch"
+    _set_cifar_label(folder / name, b"labels", 7, label)
+    with pytest.raises(DataError, match=rf"^label {label} out of range \[0, 10\) in .*{name} \(index 7\)$"):
+        build_data(DataConfig(source="cifar10", root=str(tmp_path), profile="none"))
+
+
+@pytest.mark.parametrize("part, label", [("train", 100), ("test", -1)])
+def test_cifar100_label_out_of_range(tmp_path, part, label):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rs = np.random.RandomState(1)
+    for name in ("train", "test"):
+        batch = _cifar_batch(300, 100, b"fine_labels", rs)
+        batch[b"fine_labels"] = [i % 100 for i in range(300)]
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh)
+    with open(folder / "meta", "wb") as fh:
+        pickle.dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}, fh)
+    _set_cifar_label(folder / part, b"fine_labels", 5, label)
+    with pytest.raises(DataError, match=rf"^label {label} out of range \[0, 100\) in .*{part} \(index 5\)$"):
+        build_data(DataConfig(source="cifar100", root=str(tmp_path), profile="none"))
+
+
+@pytest.mark.parametrize("train, test, message", [
+    ([0, 1, 2, 0, 1, 2], [0, 1, 3, 2], r"^label 3 out of range \[0, 3\) in .*t10k-labels-idx1-ubyte \(index 2\)$"),
+    ([0, 1, 2, 0, 1, 2], [0, -1, 1, 2], r"^label -1 out of range \[0, 3\) in .*t10k-labels-idx1-ubyte \(index 1\)$"),
+    ([0, 1, -1, 0, 1, 2], [0, 1, 2], r"^label -1 out of range \[0, 3\) in .*train-labels-idx1-ubyte \(index 2\)$"),
+    ([0, 1, 2, 0, 9, 2], [0, 1, 2], r"^class '3' has no training images in .*train-labels-idx1-ubyte: classes are "
+                                    r"numbered by label from 0 to the largest training label, 9 at .* \(index 4\)$"),
+])
+def test_idx_label_out_of_range(tmp_path, train, test, message):
+    with pytest.raises(DataError, match=message):
+        build_data(_write_idx(tmp_path, train, test))
+
+
+@pytest.mark.parametrize("names, part, label, message", [
+    (["a", "b", "c"], "train", 3, r"^label 3 out of range \[0, 3\) in train_labels \(index 4\)$"),
+    (["a", "b", "c"], "train", -1, r"^label -1 out of range \[0, 3\) in train_labels \(index 4\)$"),
+    (["a", "b", "c"], "test", 3, r"^label 3 out of range \[0, 3\) in test_labels \(index 4\)$"),
+    (None, "test", 3, r"^label 3 out of range \[0, 3\) in test_labels \(index 4\)$"),
+    (None, "test", -1, r"^label -1 out of range \[0, 3\) in test_labels \(index 4\)$"),
+    (None, "train", -1, r"^label -1 out of range \[0, 3\) in train_labels \(index 4\)$"),
+    (None, "train", 7, r"^class '3' has no training images in train_labels: .* largest training label, 7 at "
+                       r"train_labels \(index 4\)$"),
+])
+def test_arrays_label_out_of_range(names, part, label, message):
+    from conftest import tiny_arrays
+
+    arrays = tiny_arrays(num_classes=3, per_class=6, test_per_class=2, size=4)
+    arrays[f"{part}_labels"][4] = label
+    if names is not None:
+        arrays["class_names"] = names
+    with pytest.raises(DataError, match=message):
+        build_data(DataConfig(source="arrays", profile="none"), arrays=arrays)
+
+
+@pytest.mark.parametrize("lists, message", [
+    ({"train": "train/class0/002.jpg -1\n"}, r"train\.txt:3: label -1 out of range"),
+    ({"train": "train/class0/002.jpg 7\n"}, r"^class '2' has no training images in .*train\.txt: classes are "
+                                            r"numbered .* largest training label, 7 at .*train\.txt:3$"),
+    ({"val": "test/class1/001.png 2\n"}, r"val\.txt:2: label 2 out of range \[0, 2\)$"),
+    ({"val": "test/class1/001.png -1\n"}, r"val\.txt:2: label -1 out of range"),
+    ({"test": "# a comment\ntest/class0/000.jpg 2\n"}, r"test\.txt:3: label 2 out of range \[0, 2\)$"),
+    ({"test": "test/class0/000.jpg -1\n"}, r"test\.txt:2: label -1 out of range"),
+])
+def test_split_list_label_out_of_range(tmp_path, lists, message):
+    with pytest.raises(DataError, match=message):
+        build_data(_write_lists(tmp_path, **lists))
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_imagefolder_class_missing_from_train(tmp_path, split):
+    """ImageFolder labels are the train folders' indices, so no label can be out of range; a val / test
+    class folder that training lacks is the same mistake, and is named."""
+    write_imagefolder(tmp_path / "ds")
+    (tmp_path / "ds" / split / "zebra").mkdir(parents=True)
+    (tmp_path / "ds" / split / "zebra" / "0.png").write_bytes(_png((1, 2, 3)))
+    with pytest.raises(DataError, match=rf"class 'zebra' of {split}/ has no images in train/"):
+        build_data(DataConfig(source="imagefolder", root=str(tmp_path / "ds"), profile="none",
+                              cache_dir=str(tmp_path / "c")))

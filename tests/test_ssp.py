@@ -20,11 +20,7 @@ from longtail.methods.ssp import balanced_rotation_labels, rotate_batch, rotatio
 from longtail.models import build_model, load_weights
 from longtail.report import build_report
 from longtail.runs import evaluate_run, train_run
-from longtail.train.checkpoint import safe_torch_load
-
-
-def quiet(*_):
-    pass
+from longtail.io import safe_torch_load
 
 
 DIGITS = {"source": "digits", "imbalance_ratio": 5, "test_per_class": 10, "val_per_class": 2}
@@ -92,7 +88,7 @@ def test_rotation_predictions_cover_every_image_in_four_rotations():
     assert (out["logits"].argmax(1) == out["labels"]).all()  # the oracle is right on every rotation
 
 
-def test_training_loss_scores_rotations_not_classes():
+def test_training_step_scores_rotations_not_classes():
     cfg = config_from_dict(tiny_config(**{"method.name": "ssp"}))
     data = build_data(cfg.data, arrays=tiny_arrays())
     method = build_method(cfg, data)
@@ -100,8 +96,9 @@ def test_training_loss_scores_rotations_not_classes():
     assert model.head.out_features == 4
     images = torch.randn(8, 3, 8, 8)
     forward = (lambda x: (None, model(x)))
-    loss, logits, rotations = method.training_loss(model, forward, images, torch.zeros(8, dtype=torch.int64),
-                                                   method.build_loss(), torch.Generator().manual_seed(0))
+    step = method.training_step(model, forward, images, torch.zeros(8, dtype=torch.int64), method.build_loss(),
+                                torch.Generator().manual_seed(0))
+    loss, logits, rotations = step.loss, step.logits, step.target
     assert logits.shape == (8, 4) and torch.bincount(rotations, minlength=4).tolist() == [2, 2, 2, 2]
     again = rotations.clone()
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(model(rotate_batch(images, again)), again))
@@ -112,7 +109,7 @@ def test_pretraining_checkpoint_starts_fine_tuning_with_a_fresh_head(tmp_path):
     checkpoint's declaration keeps the rotation head out."""
     arrays = tiny_arrays(num_classes=4)
     cfg = tiny_config(**{"method.name": "ssp", "train.epochs": 1})
-    train_run(config_from_dict(cfg), tmp_path / "ssp", arrays=arrays, evaluate=False, log=quiet)
+    train_run(config_from_dict(cfg), tmp_path / "ssp", arrays=arrays, evaluate=False)
     ckpt = safe_torch_load(tmp_path / "ssp/checkpoints/last.pt")
     assert ckpt["method"] == {"pretext": "rotation", "pretext_head": ["fc.bias", "fc.weight"]}
     torch.manual_seed(5)
@@ -137,7 +134,7 @@ def test_pretraining_checkpoint_starts_fine_tuning_with_a_fresh_head(tmp_path):
 def test_a_pretraining_checkpoint_of_another_backbone_is_refused(tmp_path):
     arrays = tiny_arrays(num_classes=4)
     cfg = tiny_config(**{"method.name": "ssp", "train.epochs": 1})
-    train_run(config_from_dict(cfg), tmp_path / "ssp", arrays=arrays, evaluate=False, log=quiet)
+    train_run(config_from_dict(cfg), tmp_path / "ssp", arrays=arrays, evaluate=False)
     wider = build_model("small_cnn", num_classes=4, in_channels=3, params={"width": 8})
     with pytest.raises(CheckpointError, match="does not fit model 'SmallCNN'"):
         load_weights(wider, tmp_path / "ssp/checkpoints/last.pt")
@@ -151,7 +148,7 @@ def test_a_pretraining_checkpoint_of_another_backbone_is_refused(tmp_path):
 def test_ssp_then_fine_tuning_end_to_end_on_digits(tmp_path, capsys):
     ssp = tmp_path / "ssp"
     cfg = tiny_config(**{"data": DIGITS, "method.name": "ssp", "train.epochs": 1})
-    result = train_run(config_from_dict(cfg), ssp, log=quiet)
+    result = train_run(config_from_dict(cfg), ssp)
     ev = json.loads((ssp / "eval.json").read_text())
     assert ev == json.loads(json.dumps(result))
     assert ev["task"] == "rotation" and ev["num_samples"] == 4 * 100 and len(ev["per_class"]) == 4
@@ -172,7 +169,7 @@ def test_ssp_then_fine_tuning_end_to_end_on_digits(tmp_path, capsys):
     ft = tmp_path / "ft"
     cfg = tiny_config(**{"data": DIGITS, "model.weights": str(ssp / "checkpoints/last.pt"), "train.epochs": 1,
                          "reweight": {"scheme": "effective_number", "beta": 0.99, "start_epoch": 0}})
-    result = train_run(config_from_dict(cfg), ft, log=quiet)
+    result = train_run(config_from_dict(cfg), ft)
     assert "task" not in result and len(result["per_class"]) == 10 and result["num_samples"] == 100
     assert main(["eval", str(ssp), "--logit-adjust-tau", "1"]) == 2
     err = capsys.readouterr().err
@@ -199,7 +196,7 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
 def test_what_the_pretext_task_does_not_use_is_refused(override, message, tmp_path, capsys):
     cfg = tiny_config(**{"data": DIGITS, "method.name": "ssp", **override})
     with pytest.raises(ConfigError, match=message):
-        train_run(config_from_dict(cfg), tmp_path / "run", log=quiet)
+        train_run(config_from_dict(cfg), tmp_path / "run")
     assert not (tmp_path / "run").exists()
     path = tmp_path / "cfg.yaml"
     path.write_text(json.dumps(cfg))
@@ -213,12 +210,12 @@ def test_non_square_images_are_refused(tmp_path):
     arrays = {k: (v[:, :, :6] if k.endswith("images") else v) for k, v in arrays.items()}
     cfg = tiny_config(**{"method.name": "ssp"})
     with pytest.raises(ConfigError, match="needs square images, got 8x6"):
-        train_run(config_from_dict(cfg), tmp_path / "run", arrays=arrays, log=quiet)
+        train_run(config_from_dict(cfg), tmp_path / "run", arrays=arrays)
 
 
 def test_evaluating_a_pretraining_run_again_gives_the_same_file(tmp_path):
     cfg = tiny_config(**{"method.name": "ssp", "train.epochs": 1})
     arrays = tiny_arrays()
-    first = train_run(config_from_dict(cfg), tmp_path / "ssp", arrays=arrays, log=quiet)
-    again = evaluate_run(tmp_path / "ssp", arrays=arrays, log=quiet)
+    first = train_run(config_from_dict(cfg), tmp_path / "ssp", arrays=arrays)
+    again = evaluate_run(tmp_path / "ssp", arrays=arrays)
     assert first == again and again["task"] == "rotation"

@@ -139,7 +139,7 @@ def test_toy_point_builds_exactly_its_counts_and_nested_subsets():
 
 def test_toy_study_end_to_end_resumes_and_skips(tmp_path, monkeypatch):
     out = tmp_path / "toy"
-    kw = dict(budget=TINY, min_count=5, max_count=15, step=10, log=lambda *a: None)
+    kw = dict(budget=TINY, min_count=5, max_count=15, step=10)
     result = T.run_toy(out, **kw)
     # case 1: 5, 15 (minority 5); case 2: 15, 5 (majority 15): three distinct trainings
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["m00005_n00005_s0", "m00015_n00005_s0",
@@ -213,8 +213,7 @@ def test_mixup_study_trains_on_replaced_images_with_kept_labels(tmp_path, monkey
 
     monkeypatch.setattr(M, "run_point", spy)
     result = M.run_mixup_similarity(tmp_path / "mix", budget=TINY, imbalance_ratio=10.0, max_count=40,
-                                    rhos=[0.0, 0.5], lams=[0.2], rho_fixed=0.5, lam_fixed=0.2,
-                                    log=lambda *a: None)
+                                    rhos=[0.0, 0.5], lams=[0.2], rho_fixed=0.5, lam_fixed=0.2)
     base = build_data(config_from_dict(M.base_config(TINY, imbalance_ratio=10.0, max_count=40, seed=0)).data)
     assert result["train_counts"] == base.class_counts.tolist() and base.class_counts[0] == 40
     base_images = base.train.batch(np.arange(len(base.train)))

@@ -18,14 +18,10 @@ from longtail.losses import build_loss
 from longtail.losses.swrm import swrm_loss
 from longtail.runs import train_run
 from longtail.similarity.windows import weights_and_margins
-from longtail.train.checkpoint import safe_torch_load
+from longtail.io import safe_torch_load
 
 COUNTS = [50, 20, 5]
 PROJ = [0.0, 1.0, 0.4]
-
-
-def quiet(*a):
-    pass
 
 
 def _batch(dtype=torch.float32):
@@ -147,7 +143,7 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_swrm_switches_at_the_configured_epoch_and_survives_resume(tmp_path, monkeypatch):
     arrays = tiny_arrays()
-    train_run(config_from_dict(_cfg("swrm")), tmp_path / "full", arrays=arrays, evaluate=False, log=quiet)
+    train_run(config_from_dict(_cfg("swrm")), tmp_path / "full", arrays=arrays, evaluate=False)
     a = safe_torch_load(tmp_path / "full/checkpoints/last.pt")
     assert a["method"]["switched_at"] == 1 and a["method"]["projection"].shape == (4,)
     assert not torch.equal(a["loss"]["swr_weight"], torch.ones(4))
@@ -166,8 +162,7 @@ def test_swrm_switches_at_the_configured_epoch_and_survives_resume(tmp_path, mon
     c = safe_torch_load(tmp_path / "b/checkpoints/last.pt")
     assert _same(a["model"], c["model"]) and _same(a["loss"], c["loss"])
     # stage 1 is plain cross-entropy: epoch 0 equals a CE run's (same seed, LR and batches), epoch 1 does not
-    train_run(config_from_dict(tiny_config(**{"train.epochs": 1})), tmp_path / "ce", arrays=arrays, evaluate=False,
-              log=quiet)
+    train_run(config_from_dict(tiny_config(**{"train.epochs": 1})), tmp_path / "ce", arrays=arrays, evaluate=False)
 
     def losses(run):
         return [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -201,12 +196,12 @@ def test_swrm_with_another_run_as_similarity_model_and_cosine(tmp_path):
     from longtail.similarity.windows import cosine_similarity_from_prototypes
 
     digits = {"data": {"source": "digits", "imbalance_ratio": 5, "test_per_class": 5}, "train.epochs": 1}
-    train_run(config_from_dict(tiny_config(**digits)), tmp_path / "ce", evaluate=False, log=quiet)
+    train_run(config_from_dict(tiny_config(**digits)), tmp_path / "ce", evaluate=False)
     cfg = _cfg("swrm", **{**digits, "method.params": {
         "start_epoch": 0, "similarity_run": str(tmp_path / "ce"), "similarity": "cosine"}})
-    train_run(config_from_dict(cfg), tmp_path / "swrm", evaluate=False, log=quiet)
+    train_run(config_from_dict(cfg), tmp_path / "swrm", evaluate=False)
     state = safe_torch_load(tmp_path / "swrm/checkpoints/last.pt")
-    fs = extract_features(tmp_path / "ce", log=quiet)
+    fs = extract_features(tmp_path / "ce")
     protos = prototypes_from_features(fs["train"]["features"], fs["train"]["labels"], 10)
     assert np.allclose(state["method"]["projection"].numpy(), tsne_projection(protos, seed=0))
     assert np.allclose(state["method"]["similarity"].numpy(), cosine_similarity_from_prototypes(protos).numpy())
@@ -227,7 +222,7 @@ def test_swrm_with_another_run_as_similarity_model_and_cosine(tmp_path):
 ])
 def test_method_configuration_errors(tmp_path, over, match):
     with pytest.raises(ConfigError, match=match):
-        train_run(config_from_dict(_cfg("swrm", **over)), tmp_path / "r", arrays=tiny_arrays(), log=quiet)
+        train_run(config_from_dict(_cfg("swrm", **over)), tmp_path / "r", arrays=tiny_arrays())
     assert not (tmp_path / "r").exists()
 
 

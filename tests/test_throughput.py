@@ -14,8 +14,8 @@ from conftest import REPO, full_and_resumed, tiny_arrays, tiny_config
 from longtail.config import config_from_dict
 from longtail.data.build import build_data
 from longtail.errors import ConfigError
-from longtail.train.checkpoint import safe_torch_load
-from longtail.train.loop import Trainer, TrainForward, resident_split
+from longtail.io import safe_torch_load
+from longtail.engine.loop import Trainer, TrainForward, resident_split
 
 
 class _NoBar:
@@ -28,7 +28,7 @@ class _NoBar:
 def _trainer(tmp_path, **over):
     cfg = config_from_dict(tiny_config(**over))
     data = build_data(cfg.data, arrays=tiny_arrays())
-    return Trainer(cfg, data, tmp_path, log=lambda *a: None)
+    return Trainer(cfg, data, tmp_path)
 
 
 def test_precision_and_compile_are_validated():

@@ -3,14 +3,17 @@
 A config is YAML with the sections below; every key is optional and falls back to the
 LDAM-DRW CIFAR recipe. `load_config(path, ["train.lr=0.05"])` returns a validated
 `RunConfig`; an unknown key, a wrong type or an invalid value raises `ConfigError` naming
-the key. Component parameters (`loss.params`, `sampler.params`, `model.params`,
-`method.params`) are checked by the registry when the component is built.
+the key. A file may start from other files with `base: FILE` (read_config_file). Component
+parameters (`loss.params`, `sampler.params`, `model.params`, `method.params`) are checked by
+the registry when the component is built, and `data.source` by the data sources' registry
+when the data is built (data/sources.py: this ground floor cannot know the registered names).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -22,8 +25,10 @@ import yaml
 from .errors import ConfigError, did_you_mean
 
 PROFILES = ("exp", "step", "pareto", "counts", "none")
-SOURCES = ("cifar10", "cifar100", "imagefolder", "idx", "split_list", "digits", "arrays")
 PRECISIONS = ("fp32", "bf16")
+# shape a of the pareto profile: the one default, used by DataConfig, data/profiles.py and
+# `longtail data counts` (docs/data.md explains the value)
+PARETO_DEFAULT_SHAPE = 0.337
 
 
 @dataclass
@@ -35,7 +40,7 @@ class DataConfig:
     profile: str = "exp"  # exp | step | pareto | counts (data.counts) | none (use the source's counts as they are)
     imbalance_ratio: float = 100.0  # n_max / n_min, >= 1
     max_count: int | None = None  # n_max; None: the head class's available count
-    pareto_shape: float = 0.9  # shape a of the pareto profile (docs/data.md)
+    pareto_shape: float = PARETO_DEFAULT_SHAPE  # shape a of the pareto profile (docs/data.md)
     step_fraction: float = 0.5  # fraction of classes that keep n_max in the step profile
     counts: list | None = None  # profile counts: training images per class, in class-index order
     class_order: list | None = None  # head-to-tail order (class indices or names)
@@ -63,6 +68,16 @@ class ModelConfig:
 class ComponentConfig:
     name: str = ""
     params: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer (optim/optimizers.py): `sgd` takes train.momentum / train.nesterov, `adamw`
+    its `params` (betas, eps); learning rate and weight decay are train.lr / train.weight_decay."""
+
+    name: str = "sgd"
+    params: dict = field(default_factory=dict)
+    no_decay_norm_bias: bool = False  # no weight decay on normalisation layers and biases
 
 
 @dataclass
@@ -124,6 +139,7 @@ class RunConfig:
     sampler: ComponentConfig = field(default_factory=lambda: ComponentConfig(name="instance"))
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     method: ComponentConfig = field(default_factory=lambda: ComponentConfig(name="standard"))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -210,7 +226,6 @@ def _check_values(cfg: RunConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    need(d.source in SOURCES, f"config key 'data.source' must be one of {', '.join(SOURCES)}, got '{d.source}'{did_you_mean(d.source, SOURCES)}")
     need(d.profile in PROFILES, f"config key 'data.profile' must be one of {', '.join(PROFILES)}, got '{d.profile}'{did_you_mean(d.profile, PROFILES)}")
     need(math.isfinite(d.imbalance_ratio) and d.imbalance_ratio >= 1, f"config key 'data.imbalance_ratio' must be a number >= 1, got {d.imbalance_ratio}")
     need(d.max_count is None or d.max_count >= 1, f"config key 'data.max_count' must be >= 1, got {d.max_count}")
@@ -264,19 +279,67 @@ def _check_values(cfg: RunConfig) -> None:
     need(e.ece_bins >= 1, f"config key 'eval.ece_bins' must be >= 1, got {e.ece_bins}")
 
 
+# ----------------------------------------------------------------------------- paths
+
+# The path-valued keys. A relative path in a config file is relative to the file's folder
+# (load_config); one in a dotted override, a grid's per-cell value, a run folder's
+# config.yaml written before paths were stored absolute, or a dictionary given in Python is
+# relative to the current folder. A validated RunConfig holds them absolute, so a run
+# folder's config.yaml works from any folder (docs/training.md, "Paths in a config").
+PATH_KEYS = ("data.root", "data.cache_dir", "data.train_list", "data.val_list", "data.test_list",
+             "model.weights", "method.params.stage1", "method.params.similarity_run")
+
+
+def _absolute(value: Any, base: str | Path) -> Any:
+    """A relative path string joined to the folder `base` and normalised, '~' expanded; any
+    other value (absolute path, empty string, None, a wrong type left to validation) as it is."""
+    if not isinstance(value, str) or not value:
+        return value
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return expanded
+    return os.path.normpath(os.path.join(os.path.realpath(base), expanded))
+
+
+def resolve_paths(values: dict, base: str | Path) -> dict:
+    """Make the relative PATH_KEYS values of a raw config dictionary absolute against the
+    folder `base`, in place (sections that are not mappings are left to validation)."""
+    for key in PATH_KEYS:
+        *sections, name = key.split(".")
+        node = values
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
+            node[name] = _absolute(node[name], base)
+    return values
+
+
+def absolute_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
+    """`cfg` with its relative PATH_KEYS values made absolute against `base` (default: the
+    current folder); no other value changes and nothing is validated."""
+    resolved = resolve_paths(cfg.to_dict(), Path.cwd() if base is None else base)
+    sections: dict[str, Any] = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")[:2]
+        current = sections.get(section, getattr(cfg, section))
+        sections[section] = dataclasses.replace(current, **{name: resolved[section][name]})
+    return dataclasses.replace(cfg, **sections)
+
+
 def config_from_dict(values: dict | None) -> RunConfig:
-    """Validate a plain dictionary into a RunConfig (raises ConfigError, nothing else)."""
+    """Validate a plain dictionary into a RunConfig (raises ConfigError, nothing else); its
+    relative paths are taken relative to the current folder and made absolute (PATH_KEYS)."""
     try:
         cfg = _build(RunConfig, values, "")
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid config: {err}") from err
-    for section in ("loss", "sampler", "method"):
+    for section in ("loss", "sampler", "method", "optimizer"):
         if not getattr(cfg, section).name:
             raise ConfigError(f"config key '{section}.name' must be a non-empty string")
     _check_values(cfg)
-    return cfg
+    return absolute_paths(cfg)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -326,9 +389,74 @@ def read_yaml(path: str | Path) -> dict:
     return values
 
 
+# ----------------------------------------------------------------------------- inheritance
+
+
+def merge_values(base: dict, update: dict) -> dict:
+    """A new dictionary: `base` with `update` merged in; mappings are merged key by key,
+    anything else (scalars, lists, a mapping replacing a scalar) is replaced by `update`'s. An
+    empty section (`train:` with nothing under it, None) over a mapping adds nothing."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_values(out[key], value)
+        elif value is None and isinstance(out.get(key), dict):
+            continue
+        else:
+            out[key] = value
+    return out
+
+
+def _base_paths(path: Path, bases: Any) -> list[Path]:
+    """The files named by `base:` in `path`, relative to its folder; ConfigError if malformed or missing."""
+    names = [bases] if isinstance(bases, str) else bases
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"config key 'base' in {path} must be a config file path or a list of them, got {bases!r}")
+    out = []
+    for name in names:
+        base = Path(_absolute(name, path.parent))
+        if not base.is_file():
+            raise ConfigError(f"base config not found: {base} (named by 'base' in {path})")
+        out.append(base)
+    return out
+
+
+def _read_inherited(path: Path, chain: tuple[str, ...]) -> dict:
+    """`path`'s values over its bases' (each loaded the same way, merged in order); `chain`
+    holds the files that led here, to refuse a cycle."""
+    real = os.path.realpath(path)
+    if real in chain:
+        cycle = " -> ".join([*chain[chain.index(real):], real])
+        raise ConfigError(f"config files name each other as base in a cycle: {cycle}")
+    values = resolve_paths(read_yaml(path), path.parent)  # this file's paths: relative to its folder
+    if "base" not in values:
+        return values
+    merged: dict = {}
+    for base in _base_paths(path, values.pop("base")):
+        merged = merge_values(merged, _read_inherited(base, (*chain, real)))
+    return merge_values(merged, values)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config file's raw values with its `base:` files merged in, relative paths made absolute.
+
+    `base: FILE` (or a list of files, merged in order) names configs this one starts from, each
+    relative to this file's folder and itself free to name bases; mappings merge key by key,
+    lists and scalars are replaced, the file's own keys come last. Paths in each file are
+    relative to that file's folder. The result has no `base` key. A cycle or a missing base is
+    a ConfigError naming the files.
+    """
+    return _read_inherited(Path(path), ())
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load YAML (optional), apply dotted overrides, validate."""
-    values = read_yaml(path) if path is not None else {}
+    """Load YAML (optional, with its `base:` files: read_config_file), apply dotted overrides
+    (last), validate.
+
+    Relative paths in a file are relative to that file's folder, those in `overrides` to the
+    current folder (like any command-line argument); the RunConfig holds them absolute.
+    """
+    values = read_config_file(path) if path is not None else {}
     apply_overrides(values, list(overrides or []))
     return config_from_dict(values)
 

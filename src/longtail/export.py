@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
 from .errors import LongtailError
 from .inference import Predictor, load
-from .train.checkpoint import atomic_write_bytes
+from .io import atomic_write_bytes
 
 METADATA_FILE = "longtail.json"
 
@@ -54,7 +53,7 @@ class UInt8Classifier(nn.Module):
 
 def metadata(predictor: Predictor) -> dict:
     s = predictor.spec
-    return {"format": "longtail-export-1", "longtail_version": __version__, "torch_version": torch.__version__,
+    return {"format": "longtail-export-1", "longtail_version": _version(), "torch_version": torch.__version__,
             "input": f"uint8 (B, {s.height}, {s.width}, {s.channels}), B >= 1",
             "output": f"float32 logits (B, {predictor.num_classes}), no logit adjustment",
             "class_names": predictor.class_names, "class_counts": predictor.class_counts.tolist(),
@@ -87,3 +86,12 @@ def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str = "last"
     torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(meta)})
     atomic_write_bytes(out, buffer.getvalue())
     return meta
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("longtail")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"

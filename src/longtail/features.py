@@ -18,15 +18,18 @@ t-SNE figures. Command line: ``longtail features RUN_DIR``.
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
+from .rundir import CHECKPOINT_CHOICES, RunDir
 
 SPLITS = ("train", "val", "test")
-CHECKPOINTS = {"last": "last.pt", "best_val": "best_val.pt"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +42,7 @@ class FeatureSet:
     head: dict[str, np.ndarray] = field(default_factory=dict)  # "weight" (C, D), optional "bias" (C,)
     epoch: int = 0
     path: Path | None = None
+    from_cache: bool = False  # read from a fresh cache (nothing extracted)
 
     def __getitem__(self, split: str) -> dict[str, np.ndarray]:
         if split not in self.splits:
@@ -53,15 +57,6 @@ class FeatureSet:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-
-def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
-    if checkpoint not in CHECKPOINTS:
-        raise ConfigError(f"unknown checkpoint '{checkpoint}' (choose from: {', '.join(CHECKPOINTS)})")
-    path = run_dir / "checkpoints" / CHECKPOINTS[checkpoint]
-    if not path.is_file():
-        raise CheckpointError(f"no {checkpoint} checkpoint in {run_dir} ({path} is missing)")
-    return path
 
 
 def _stamp(path: Path) -> np.ndarray:
@@ -80,43 +75,53 @@ def _load_cache(cache: Path, stamp: np.ndarray) -> FeatureSet | None:
                       for s in SPLITS if f"{s}_features" in z}
             head = {k: z[f"head_{k}"] for k in ("weight", "bias") if f"head_{k}" in z}
             return FeatureSet(splits=splits, class_counts=z["class_counts"], class_names=z["class_names"].tolist(),
-                              head=head, epoch=int(z["epoch"]), path=cache)
+                              head=head, epoch=int(z["epoch"]), path=cache, from_cache=True)
     except (OSError, KeyError, ValueError):
         return None  # unreadable or old cache: extract again
 
 
 def extract_features(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = None,
-                     refresh: bool = False, arrays: dict | None = None, cache_dir: str | Path | None = None,
-                     log=print) -> FeatureSet:
+                     refresh: bool = False, arrays: dict | None = None,
+                     cache_dir: str | Path | None = None) -> FeatureSet:
     """Features of every split of a trained run (module docstring), from the cache when fresh.
 
     `arrays` supplies the images of a run trained on in-memory arrays (data.source 'arrays').
     `cache_dir` keeps the cache there instead of RUN_DIR/features (a run folder that must stay
     untouched); a fresh cache already in RUN_DIR/features is still read.
     """
+    from .runlock import lock_if_inside
+
+    run = RunDir(run_dir).require()
+    ckpt = run.require_checkpoint(checkpoint)
+    stamp = _stamp(ckpt)
+    own = run.features_cache(checkpoint)
+    cache = own if cache_dir is None else Path(cache_dir) / own.name
+    if not refresh:
+        for candidate in dict.fromkeys((own, cache)):
+            if (hit := _load_cache(candidate, stamp)) is not None:
+                return hit
+    run_dir = run.path
+    with lock_if_inside(cache, run_dir):  # the default cache is written into the run folder: one writer
+        return _extract(run_dir, checkpoint, ckpt, stamp, cache, device=device, arrays=arrays)
+
+
+def _extract(run_dir: Path, checkpoint: str, ckpt: Path, stamp: np.ndarray, cache: Path, *, device,
+             arrays) -> FeatureSet:
+    """extract_features without the cache look-up: run the network, write the cache."""
     import torch
 
     from .data.build import build_data
     from .eval.predict import predict
     from .models.heads import NormedLinear
-    from .runs import _load_model, load_run_config
-    from .train.checkpoint import atomic_write_bytes
-    from .train.loop import resolve_device
+    from .dist import resolve_device
+    from .io import atomic_write_bytes
+    from .runmodel import load_run_model
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder {run_dir} does not exist")
-    ckpt = _checkpoint_path(run_dir, checkpoint)
-    stamp = _stamp(ckpt)
-    cache = (run_dir / "features" if cache_dir is None else Path(cache_dir)) / f"{checkpoint}.npz"
-    if not refresh:
-        for candidate in dict.fromkeys((run_dir / "features" / f"{checkpoint}.npz", cache)):
-            if (hit := _load_cache(candidate, stamp)) is not None:
-                return hit
-    cfg = load_run_config(run_dir)
+    run = RunDir(run_dir)
+    cfg = run.read_config()
     data = build_data(cfg.data, arrays=arrays)
     dev = resolve_device(device or cfg.train.device)
-    model, epoch = _load_model(cfg, data, ckpt, dev)
+    model, epoch, _ = load_run_model(run, which=checkpoint, device=dev, cfg=cfg, info=data.info)
     kw = dict(mean=data.mean, std=data.std, batch_size=cfg.train.eval_batch_size, device=dev, features=True,
               channels_last=cfg.train.channels_last)
     splits = {}
@@ -124,7 +129,7 @@ def extract_features(run_dir: str | Path, *, checkpoint: str = "last", device: s
         split = getattr(data, name)
         if split is None or len(split) == 0:
             continue
-        log(f"features: {name} ({len(split)} images) with {checkpoint} checkpoint of {run_dir}")
+        log.info("features: %s (%d images) with %s checkpoint of %s", name, len(split), checkpoint, run_dir)
         out = predict(model, split, **kw)
         splits[name] = {"features": out["features"], "logits": out["logits"], "labels": out["labels"]}
     head = {}
@@ -143,8 +148,7 @@ def extract_features(run_dir: str | Path, *, checkpoint: str = "last", device: s
     buffer = io.BytesIO()
     np.savez(buffer, stamp=stamp, epoch=np.int64(epoch), class_counts=result.class_counts,
              class_names=np.asarray(result.class_names, dtype=str), **arrays)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cache, buffer.getvalue())
+    atomic_write_bytes(cache, buffer.getvalue())  # creates its folder; a failure is one line
     return result
 
 
@@ -161,7 +165,7 @@ def register(sub) -> None:
     p = sub.add_parser("features", help="extract a run's frozen features (train / val / test) to "
                                         "RUN_DIR/features/<checkpoint>.npz, reused by feature-level tools")
     p.add_argument("run_dir", help="a trained run folder")
-    p.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="last")
+    p.add_argument("--checkpoint", choices=sorted(CHECKPOINT_CHOICES), default="last")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the run's)")
     p.add_argument("--refresh", action="store_true", help="extract again even when the cache is fresh")
     p.set_defaults(func=_cmd_features)

@@ -8,30 +8,33 @@
 The network is rebuilt from the run's config.yaml and data.json and its checkpoint is
 loaded weights-only; no training data is read. Inputs get the run's own preprocessing
 (`longtail.preprocess`). `predict` applies post-hoc logit adjustment toward a target
-label distribution (`longtail.logit_adjust`, uniform by default).
+label distribution (`longtail.logit_adjust`). The default, prior 'auto', adjusts toward a
+uniform prior only a run trained toward its training prior (plain CE, instance sampling); a
+run trained with re-balancing (balanced softmax, LA loss, DRW, a class-balanced sampler,
+decoupled classifiers, ...) already aims at balanced classes and is left as it is ('train'):
+adjusting it again would correct for the training prior twice (`auto_prior`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from .config import RunConfig
-from .errors import CheckpointError, ConfigError, LongtailError
-from .logit_adjust import adjust_logits, check_tau, resolve_prior, train_prior
-from .models import build_model
+from .errors import CheckpointError, ConfigError, DataError
+from .logit_adjust import NAMED_PRIORS, adjust_logits, check_tau, resolve_prior, train_prior
+from .data.build import DataInfo
+from .methods import build_method
+from .registry import LOSSES, METHODS
+from .rundir import RunDir
+from .runmodel import load_run_model
 from .preprocess import ImageSpec, to_model_input
-from .runs import load_run_config
-from .train.checkpoint import safe_torch_load
-from .train.loop import BEST_VAL, CHECKPOINT, resolve_device
+from .dist import resolve_device
 
-CHECKPOINTS = {"last": CHECKPOINT, "best_val": BEST_VAL}
-DATA_KEYS = ("class_names", "class_counts", "image_shape", "channels", "mean", "std")
+AUTO_PRIOR = "auto"
 
 
 @dataclass
@@ -57,19 +60,8 @@ def check_k(k) -> int:
 
 
 def read_data_info(run_dir: Path) -> dict:
-    path = run_dir / "data.json"
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"run folder {run_dir} has no data.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
-    missing = [k for k in DATA_KEYS if not isinstance(info, dict) or k not in info]
-    if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}")
-    if len(info["class_names"]) != len(info["class_counts"]):
-        raise CheckpointError(f"{path}: class_names and class_counts differ in length")
-    return info
+    """data.json of a run folder, validated (RunDir.read_data_info)."""
+    return RunDir(run_dir).read_data_info()
 
 
 class Predictor:
@@ -118,19 +110,32 @@ class Predictor:
         """Pooled pre-logit features, float32 (B, D) on the CPU (`forward_head(pre_logits=True)`)."""
         return self._run(images, batch_size, pre_logits=True)
 
-    def target_shift(self, prior="uniform") -> tuple[np.ndarray, np.ndarray]:
-        """(pi_train, pi_target), both (C,) float64, for `prior` (see `logit_adjust`)."""
+    def choose_prior(self, prior="auto") -> tuple[object, str | None]:
+        """(the prior to use, why): 'auto' -> `auto_prior(self.config)`; any other prior as given,
+        with why None. A name that is not a prior nor a file is a one-line error."""
+        if isinstance(prior, str) and prior == AUTO_PRIOR:
+            return auto_prior(self.config)
+        if isinstance(prior, (str, Path)) and str(prior) not in NAMED_PRIORS and not Path(prior).is_file():
+            raise DataError(f"prior must be {AUTO_PRIOR}, {', '.join(NAMED_PRIORS)} or a file; no such file: {prior}")
+        return prior, None
+
+    def target_shift(self, prior="auto") -> tuple[np.ndarray, np.ndarray]:
+        """(pi_train, pi_target), both (C,) float64, for `prior` ('auto': `choose_prior`; the others:
+        `logit_adjust`)."""
+        prior = self.choose_prior(prior)[0]
         pi_target = resolve_prior(prior, class_names=self.class_names, class_counts=self.class_counts)
         return train_prior(self.class_counts), pi_target
 
-    def predict(self, images, *, k: int = 5, prior="uniform", tau: float = 1.0, batch_size: int = 256) -> Prediction:
+    def predict(self, images, *, k: int = 5, prior="auto", tau: float = 1.0, batch_size: int = 256) -> Prediction:
         """Top-k classes with probabilities per image, after post-hoc logit adjustment.
 
         Args:
             images: a path, PIL image, uint8 array or tensor, a batch, or a list of them.
             k: number of classes per image (capped at C).
-            prior: target label distribution: 'uniform' (default), 'train' (no change),
-                a prior file, or C non-negative weights in class order.
+            prior: target label distribution: 'auto' (default: 'uniform' for a run trained
+                toward its training prior, 'train' for a re-balanced run; `choose_prior` says
+                which and why), 'uniform', 'train' (no change), a prior file, or C non-negative
+                weights in class order.
             tau: adjustment strength; adjusted = logit + tau * (log pi_target - log pi_train).
         """
         k = min(check_k(k), self.num_classes)
@@ -145,88 +150,62 @@ class Predictor:
                           top_classes=[[self.class_names[i] for i in row] for row in top_i.tolist()])
 
 
-def _fit(model: torch.nn.Module, state) -> str | None:
-    """Load state["model"] into model; the first line of the error, or None when it fits."""
-    try:
-        model.load_state_dict(state["model"])
-        return None
-    except (KeyError, TypeError, RuntimeError) as err:
-        return str(err).splitlines()[0] if str(err) else type(err).__name__
-
-
-def rebuild_model(cfg: RunConfig, info: dict, state, path: Path) -> torch.nn.Module:
-    """The run's network with the checkpoint's weights.
-
-    First `models.build_model` from the config (no file but the checkpoint is read). A
-    method that replaces the head (lws, tau_norm, ncm, ...) saves weights that do not fit
-    it; then the method's own `build_model` is used, with a stand-in for the data that
-    carries only the class count, channels and training counts. Such a method may read
-    files its config names (e.g. method.params.stage1) while building.
-    """
-    C, channels = len(info["class_names"]), int(info["channels"])
-    model = build_model(cfg.model.name, num_classes=C, in_channels=channels, head=cfg.model.head,
-                        params=cfg.model.params)
-    error = _fit(model, state)
-    if error is not None and cfg.method.name != "standard":
-        from .methods import build_method
-
-        stand_in = SimpleNamespace(num_classes=C, channels=channels, class_names=list(info["class_names"]),
-                                   class_counts=np.asarray(info["class_counts"], dtype=np.int64),
-                                   mean=tuple(info["mean"]), std=tuple(info["std"]), train=None, val=None, test=None)
-        try:
-            model = build_method(cfg, stand_in).build_model()
-        except LongtailError as err:
-            raise CheckpointError(f"cannot rebuild the network of method '{cfg.method.name}' for {path}: "
-                                  f"{str(err).splitlines()[0]}") from None
-        error = _fit(model, state)
-    if error is not None:
-        raise CheckpointError(f"{path} does not fit the run's model: {error}")
-    return model
-
-
-# Components whose optimum already aims at balanced classes (a uniform prior would adjust twice).
-REBALANCING_LOSSES = ("class_balanced", "cb_sigmoid", "cb_focal", "balanced_softmax", "logit_adjustment", "ldam",
-                      "softmax_eql", "seesaw")
-REBALANCING_METHODS = ("tau_norm", "ncm")  # crt / lws re-balance through their sampler
+def _rebalancing(registry, name: str) -> bool:
+    """The `rebalancing` class attribute of a registered loss or method (False for a name no
+    longer registered: a run folder may outlive a component)."""
+    return name in registry and bool(getattr(registry.get(name), "rebalancing", False))
 
 
 def rebalanced_training(cfg: RunConfig | None) -> str | None:
-    """Why a run's training already aimed at balanced classes, or None (plain CE, instance sampling)."""
+    """Why a run's training already aimed at balanced classes (a uniform prior would adjust
+    twice), or None (plain CE, instance sampling). Losses and methods say it themselves with
+    their `rebalancing` class attribute; crt / lws re-balance through their sampler."""
     if cfg is None:
         return None
     reasons = []
-    if cfg.loss.name in REBALANCING_LOSSES:
+    if _rebalancing(LOSSES, cfg.loss.name):
         reasons.append(f"loss {cfg.loss.name}")
     if cfg.reweight.scheme != "none":
         reasons.append(f"reweight {cfg.reweight.scheme}")
     if cfg.sampler.name != "instance":
         reasons.append(f"sampler {cfg.sampler.name}")
-    if cfg.method.name in REBALANCING_METHODS:
+    if _rebalancing(METHODS, cfg.method.name):
         reasons.append(f"method {cfg.method.name}")
     return ", ".join(reasons) or None
+
+
+def auto_prior(cfg: RunConfig | None) -> tuple[str, str]:
+    """What prior 'auto' means for a run, and why (one clause): 'train' (no adjustment) when its
+    training re-balanced (`rebalanced_training`), 'uniform' otherwise."""
+    why = rebalanced_training(cfg)
+    if why:
+        return "train", f"the run was trained with re-balancing ({why}), so its logits are left as they are"
+    if cfg is None:
+        return "uniform", "no run config: taken as trained toward its training prior"
+    return "uniform", (f"the run was trained toward its training prior (loss {cfg.loss.name}, instance sampling, "
+                       "no re-weighting), so it is adjusted to balanced classes")
 
 
 def load(run_dir: str | Path, *, checkpoint: str = "last", device: str = "auto") -> Predictor:
     """A trained run folder -> a `Predictor` (eval mode) on `device` (cpu, cuda, cuda:N, auto).
 
-    `checkpoint`: 'last' (checkpoints/last.pt) or 'best_val' (checkpoints/best_val.pt,
+    `checkpoint`: 'last' (checkpoints/last.pt; checkpoints/prev.pt, with a logged warning, where
+    last.pt fails its integrity check) or 'best_val' (checkpoints/best_val.pt,
     only when the run had a validation split).
     """
-    run_dir = Path(run_dir)
-    if checkpoint not in CHECKPOINTS:
-        raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder not found: {run_dir}")
-    cfg = load_run_config(run_dir)
-    info = read_data_info(run_dir)
-    path = run_dir / CHECKPOINTS[checkpoint]
-    if checkpoint == "best_val" and not path.is_file():
-        raise CheckpointError(f"no best_val checkpoint in {run_dir} (the run had no validation split)")
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint in {run_dir} (train it first)")
+    run = RunDir(run_dir).require()
+    run.checkpoint(checkpoint)  # a valid choice
+    cfg = run.read_config()
+    info = run.read_data_info()
+    data_info = DataInfo.from_json(info)
+    method = build_method(cfg, data_info)
+    if method.pretext is not None:
+        raise CheckpointError(f"method '{cfg.method.name}' is a pre-training run whose head predicts "
+                              f"{method.pretext}s, not classes: use a run fine-tuned from it (model.weights)")
     dev = resolve_device(device)
-    state = safe_torch_load(path)
-    model = rebuild_model(cfg, info, state, path)
-    return Predictor(model=model.to(dev), class_names=info["class_names"], class_counts=info["class_counts"],
+    model, epoch, path = load_run_model(run, which=checkpoint, device=dev, cfg=cfg, info=data_info,
+                                        action="loading")  # a corrupt last.pt: prev.pt, with a logged warning
+    run_dir = run.path
+    return Predictor(model=model, class_names=info["class_names"], class_counts=info["class_counts"],
                      spec=ImageSpec.from_data_info(info), device=dev, config=cfg, run_dir=run_dir,
-                     checkpoint=path, epoch=int(state.get("epoch", 0)))
+                     checkpoint=path, epoch=epoch)

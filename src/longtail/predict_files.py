@@ -3,8 +3,9 @@
 Files named on the command line are always tried; folders are walked recursively
 (sorted) for image file names (`data/images.is_image_name`). Images are decoded in a
 thread pool, batch by batch, with the run's own preprocessing, and classified with
-post-hoc logit adjustment (`longtail.logit_adjust`). A file that cannot be read or
-decoded becomes a row with status `error` and its error; the rest are still classified.
+post-hoc logit adjustment (`longtail.logit_adjust`; prior 'auto' by default, see
+`Predictor.choose_prior`). A file that cannot be read or decoded becomes a row with
+status `error` and its error; the rest are still classified.
 
 CSV columns: path, status (ok | error), error, then top1_class, top1_prob, ...,
 topk_class, topk_prob (k capped at the number of classes). Written atomically.
@@ -25,7 +26,7 @@ from .errors import ConfigError, DataError
 from .inference import Predictor, check_k
 from .logit_adjust import adjust_logits, check_tau
 from .preprocess import error_text, read_image_file
-from .train.checkpoint import atomic_write_text
+from .io import atomic_write_text
 
 
 def gather_images(paths: list[str | Path]) -> list[Path]:
@@ -60,7 +61,7 @@ def _read(path: Path, spec) -> tuple[np.ndarray | None, str]:
         return None, error_text(err)
 
 
-def classify_files(predictor: Predictor, files: list[Path], *, k: int = 5, prior="uniform", tau: float = 1.0,
+def classify_files(predictor: Predictor, files: list[Path], *, k: int = 5, prior="auto", tau: float = 1.0,
                    batch_size: int = 64, workers: int = 4, progress: bool = True) -> list[dict]:
     """One row per file, in order: {'path', 'status', 'error', 'classes' (k names), 'probs' (k floats)}."""
     k = min(check_k(k), predictor.num_classes)
@@ -117,7 +118,7 @@ def rows_to_csv(rows: list[dict], k: int) -> str:
     return buffer.getvalue()
 
 
-def predict_paths(predictor: Predictor, paths: list[str | Path], *, out: str | Path, k: int = 5, prior="uniform",
+def predict_paths(predictor: Predictor, paths: list[str | Path], *, out: str | Path, k: int = 5, prior="auto",
                   tau: float = 1.0, batch_size: int = 64, progress: bool = True) -> list[dict]:
     """Gather, classify and write the CSV to `out`; returns the rows."""
     if Path(out).is_dir():

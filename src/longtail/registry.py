@@ -1,4 +1,7 @@
-"""One registry per kind of component: losses, samplers, models, heads, methods.
+"""One registry per kind of component: losses, samplers, models, heads, methods, data sources.
+
+Each component registers itself with a decorator in the module that defines it; the packages
+import all their modules, and tests/test_registries.py fails on a component that is not registered.
 
 Example:
     >>> from longtail.registry import Registry
@@ -78,3 +81,4 @@ SAMPLERS = Registry("sampler")
 MODELS = Registry("model")
 HEADS = Registry("head")
 METHODS = Registry("method")
+SOURCES = Registry("source")  # data/sources.py: loader(cfg: DataConfig, progress) -> RawData

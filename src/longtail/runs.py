@@ -1,85 +1,93 @@
-"""Run folders: train into one, evaluate one. The CLI and the Python API both use these.
+"""Train into a run folder and evaluate one. The CLI and the Python API both use these.
 
-A run folder holds::
-
-    config.yaml            the resolved config (written first)
-    data.json              class names, training counts, split sizes, normalisation
-    metrics.jsonl          one line per finished epoch
-    checkpoints/last.pt    model, optimiser, epoch, RNG state (atomic, each epoch)
-    checkpoints/best_val.pt  the best-on-validation weights (when a validation split is set)
-    predictions.npz        test logits and labels (+ best_val_logits)
-    eval.json              test metrics of the last epoch, and of best-on-validation
-
-Nothing is created before the config, the data and every component have been checked,
-and a run that fails before its first checkpoint removes the folder it created.
+The run folder's files are RunDir's (rundir.py); the network of a trained run is rebuilt
+by runmodel.load_run_model. Nothing is created before the config, the data and every
+component (the run's recipe, built once) have been checked, and a run that fails before its
+first checkpoint removes the folder it created. A run folder has one writer at a time:
+training and evaluation hold its lock (runlock.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import io
-import json
+import logging
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import RunConfig, config_from_dict, diff_configs, dump_config, read_yaml
-from .data.build import LTData, build_data
-from .errors import CheckpointError, ConfigError
+from . import dist as distributed
+from .config import RunConfig, absolute_paths, diff_configs
+from .data.build import LTData, build_data, stand_in_data
+from .dist import resolve_device
+from .engine.branch import source_checkpoint
+from .engine.loop import check_optimizer, fit
+from .errors import CheckpointError, ConfigError, LongtailError
 from .eval.metrics import compute_metrics
 from .eval.predict import predict
-from .methods import build_method
-from .train import distributed
-from .train.branch import source_checkpoint
-from .train.checkpoint import (atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                               safe_torch_load)
-from .train.loop import BEST_VAL, CHECKPOINT, fit, resolve_device
+from .methods import Recipe, Services, build_method, build_recipe
+from .rundir import RunDir
+from .runlock import LOCK_NAME, RunLock
+from .runmodel import load_run_model
+
+log = logging.getLogger(__name__)
 
 
-def data_info(data: LTData) -> dict:
-    return {"description": data.description, "class_names": data.class_names,
-            "class_counts": [int(v) for v in data.class_counts],
-            "source_counts": [int(v) for v in data.source_counts],
-            "num_train": len(data.train), "num_val": 0 if data.val is None else len(data.val),
-            "num_test": len(data.test), "mean": list(data.mean), "std": list(data.std),
-            "image_shape": list(data.image_shape), "channels": data.channels}
+def _run_features(run_dir: str):
+    from .features import extract_features
+
+    fs = extract_features(run_dir)
+    return fs["train"]["features"], fs["train"]["labels"], fs.num_classes
 
 
-def check_components(cfg: RunConfig, data: LTData) -> None:
-    """Build method, model, loss and sampler once, so bad names or parameters fail early."""
-    method = _built(cfg, "method", lambda: build_method(cfg, data))
-    for section, build in (("model", method.build_model), ("loss", method.build_loss),
-                           ("sampler", method.build_sampler)):
-        _built(cfg, section, build)
+def build_run_recipe(cfg: RunConfig, data: LTData) -> Recipe:
+    """The run's recipe, built once: seeded first (the model's initial weights depend on train.seed
+    alone), every component checked (bad names or parameters raise ConfigError)."""
+    check_optimizer(cfg)
+    torch.manual_seed(cfg.train.seed)
+    return build_recipe(cfg, data, Services(run_features=_run_features))
 
 
-def _built(cfg: RunConfig, section: str, build):
-    """build(), with a component's own parameter check (ValueError) as a ConfigError naming it."""
-    try:
-        return build()
-    except ConfigError:
-        raise
-    except ValueError as err:
-        raise ConfigError(f"{section} '{getattr(cfg, section).name}': {str(err).splitlines()[0]}") from None
+def check_run_config(cfg: RunConfig) -> str:
+    """Check everything `train_run` checks before it creates a run folder, without reading images
+    (`longtail validate`): the data source's paths and class count (data.build.stand_in_data), the
+    device, and every component (method, model, loss, sampler, optimizer) built on that stand-in,
+    which also loads model.weights and method.params.stage1 and checks method.params.similarity_run.
+    The same one-line errors as train; returns a one-line summary."""
+    cfg = absolute_paths(cfg)
+    data = stand_in_data(cfg.data)
+    resolve_device(cfg.train.device)
+    recipe = build_run_recipe(cfg, data)
+    return (f"checked: data {cfg.data.source} ({data.num_classes} classes, {data.channels} channel"
+            f"{'s' * (data.channels != 1)}), method {cfg.method.name}, model {cfg.model.name}, loss {cfg.loss.name}, "
+            f"sampler {cfg.sampler.name}, optimizer {cfg.optimizer.name}"
+            f"{'' if recipe.method.trains else ' (post-hoc)'}")
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"not a run folder (no config.yaml): {run_dir}")
-    return config_from_dict(read_yaml(path))
+    """A run folder's config.yaml (RunDir.read_config)."""
+    return RunDir(run_dir).read_config()
 
 
 def train_run(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, evaluate: bool = True,
-              arrays: dict | None = None, branch_from: str | Path | None = None, log=print) -> dict:
+              arrays: dict | None = None, branch_from: str | Path | None = None) -> dict:
     """Train (or resume) into `out`, then evaluate; returns the eval.json content.
 
     `branch_from` (a checkpoint file or run folder) starts a new run from another run's
-    checkpoint instead of from scratch, where both train as plain CE up to it (train/branch.py).
+    checkpoint instead of from scratch, where both train as plain CE up to it (engine/branch.py).
+
+    With `resume`, `cfg` (None: the saved config.yaml) may differ from the saved config only in
+    train.epochs, which extends (or shortens, not below the epochs done) the run: written to
+    config.yaml and config_history.jsonl, the schedule recomputed for the new length, a finished
+    run trained on and evaluated again; and in RESUME_SESSION_KEYS (this session only).
 
     Under torchrun every process calls this; all check the inputs before rank 0 creates
-    anything, only rank 0 writes, and only rank 0 evaluates (the others return {}).
+    anything, only rank 0 writes, logs and evaluates (the others return {}). Progress lines
+    go to the `logging` module (`longtail.log.setup()` shows them as the command line does).
     """
     out = Path(out)
     if branch_from is not None and resume:
@@ -88,86 +96,195 @@ def train_run(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, e
         source_checkpoint(branch_from)  # a missing source fails before any data is read
     if cfg is None and resume:
         cfg = load_run_config(out)
+    if cfg is not None:  # config.yaml holds absolute paths: the run folder works from any folder
+        cfg = absolute_paths(cfg)
     ctx = distributed.init(cfg.train.device if cfg is not None else "cpu")
-    result = _train_run(cfg, out, resume=resume, evaluate=evaluate, arrays=arrays, ctx=ctx, branch_from=branch_from,
-                        log=log if ctx.is_main else (lambda *a: None))
+    lock = RunLock(out, hint="wait for it to finish" + ("" if resume else " or choose another --out"))
+    try:  # rank 0, the only writer, takes the lock in _train_run once the folder exists
+        result = _train_run(cfg, out, resume=resume, evaluate=evaluate, arrays=arrays, ctx=ctx, lock=lock,
+                            branch_from=branch_from)
+    finally:
+        lock.release()
     if ctx.enabled and torch.distributed.is_initialized():
-        # Only after a success, and together: a rank that tore its gloo connections down while
-        # rank 0 was still evaluating sometimes aborted ("terminate called without an active
-        # exception") once rank 0 closed its end. After a failure torchrun stops the others.
+        # Only after a success, and together (after a failure torchrun stops the others). The
+        # trainer's DistributedDataParallel wrapper sits in reference cycles; left to the
+        # interpreter's final clean-up, its gloo work objects were released after the process
+        # group and the rank sometimes aborted ("terminate called without an active exception",
+        # 2 of 20 two-process runs). Collect it first, while the group is alive.
+        gc.collect()
         distributed.barrier()
         torch.distributed.destroy_process_group()
     return result
 
 
-def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, log, branch_from=None) -> dict:
-    created = False
+def _check_new_run_dir(out: Path) -> None:
+    """A new run needs `out` to be absent or empty (a lock file left by a killed process aside)."""
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK_NAME for p in out.iterdir())):
+        raise ConfigError(f"run folder {out} already exists and is not empty; use --resume or another --out")
+
+
+def _make_run_dir(out: Path) -> bool:
+    """Create `out`; True when this call created it (False when it exists already)."""
+    try:
+        out.mkdir(parents=True)
+    except FileExistsError:
+        return False
+    except OSError as err:
+        raise LongtailError(f"cannot create run folder {out}: {err.strerror or err}") from None
+    return True
+
+
+# What `--resume` may change in a run's saved config: train.epochs extends (or shortens) the run
+# and is written to config.yaml and config_history.jsonl; the session keys change no number and
+# hold for this session only. Any other difference is refused (resumed_config).
+RESUME_EPOCHS_KEY = "train.epochs"
+RESUME_SESSION_KEYS = ("train.progress", "train.num_threads", "train.eval_batch_size")
+
+
+def _dotted(cfg: RunConfig, key: str):
+    node = cfg.to_dict()
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def resumed_config(cfg: RunConfig | None, saved: RunConfig, out: Path) -> tuple[RunConfig, dict]:
+    """(the config a resumed run trains with, {key: (saved value, new value)}) where `cfg` (a
+    CONFIG or overrides given with --resume) differs from the saved one; a one-line ConfigError
+    naming any key a resumed run cannot change."""
+    if cfg is None:
+        return saved, {}
+    keys = diff_configs(cfg, saved)
+    fixed = [k for k in keys if k != RESUME_EPOCHS_KEY and k not in RESUME_SESSION_KEYS]
+    if fixed:
+        raise ConfigError(f"--resume cannot change {', '.join(fixed)} of {out} (it continues the run's saved "
+                          f"{RunDir.CONFIG}); a resumed run may change only {RESUME_EPOCHS_KEY} (to extend it) "
+                          f"and {', '.join(RESUME_SESSION_KEYS)}")
+    return cfg, {k: (_dotted(saved, k), _dotted(cfg, k)) for k in keys}
+
+
+def _check_new_length(out: Path, old: int, new: int) -> int:
+    """The epochs `out` has trained; a ConfigError when train.epochs would end the run before them."""
+    done = RunDir(out).checkpoint_epoch("last") or 0
+    if new < done:
+        raise ConfigError(f"cannot set {RESUME_EPOCHS_KEY}={new} on --resume of {out}: it has trained {done} "
+                          f"epochs already; give {done} or more")
+    return done
+
+
+def _length_note(cfg: RunConfig, old: int, done: int) -> str:
+    """What a new train.epochs does to the rest of the run, in words (the resume line)."""
+    t, new = cfg.train, cfg.train.epochs
+    def span(first: int, last: int) -> str:
+        return f"epochs {first}-{last}" if last > first else (f"epoch {last}" if last == first else "no epoch")
+
+    rest = span(done + 1, new)
+    if t.lr_schedule == "cosine":
+        note = (f"the cosine LR schedule is recomputed for {new} epochs: {rest} follow it ({span(1, done)} "
+                f"followed its {old}-epoch form)")
+    elif t.lr_schedule == "step":
+        note = (f"the step LR schedule does not depend on {RESUME_EPOCHS_KEY}: {rest} follow it (warm-up "
+                f"{t.warmup_epochs}, milestones {t.milestones}, x{t.lr_decay:g} at each)")
+    else:
+        note = f"the {t.lr_schedule} LR schedule does not depend on {RESUME_EPOCHS_KEY}: {rest} follow it"
+    if cfg.sampler.name == "progressive":
+        note += f"; the progressive sampler is recomputed for {new} epochs too"
+    return note
+
+
+def _record_resume_changes(run: RunDir, cfg: RunConfig, saved: RunConfig, changes: dict, done: int) -> None:
+    """Write a new train.epochs to config.yaml and config_history.jsonl, and say what changed."""
+    session = {k: v for k, v in changes.items() if k in RESUME_SESSION_KEYS}
+    if session:
+        log.info("resuming %s with %s for this session only (%s keeps its values)", run,
+                 ", ".join(f"{k}={new} (saved: {old})" for k, (old, new) in session.items()), RunDir.CONFIG)
+    if RESUME_EPOCHS_KEY not in changes:
+        return
+    old, new = changes[RESUME_EPOCHS_KEY]
+    run.write_config(dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=new)))
+    run.append_config_history({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "after_epoch": done, "changed": {RESUME_EPOCHS_KEY: [old, new]}})
+    log.info("%s %s from %d to %d epochs (%d trained); %s", "extending" if new > old else "shortening", run, old,
+             new, done, _length_note(cfg, old, done))
+
+
+def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, lock: RunLock,
+               branch_from=None) -> dict:
+    created, new_run = False, not resume
+    changes, done_before, saved = {}, 0, None
     if resume:
         saved = load_run_config(out)
-        if cfg is not None and diff_configs(cfg, saved):
-            raise ConfigError(f"config differs from the one saved in {out}: {', '.join(diff_configs(cfg, saved))}")
-        cfg = saved
+        cfg, changes = resumed_config(cfg, saved, out)
+        if RESUME_EPOCHS_KEY in changes and RunDir(out).is_trained():
+            done_before = _check_new_length(out, *changes[RESUME_EPOCHS_KEY])
         distributed.barrier()
         if ctx.is_main:
-            for stale in [*out.glob(".*.tmp"), *out.glob("checkpoints/.*.tmp")]:
-                stale.unlink()  # temporary files of a write that a crash interrupted
-        if not (out / CHECKPOINT).is_file():
+            lock.acquire()
+            RunDir(out).remove_stale_temporaries()
+        if not RunDir(out).is_trained():
             resume = False  # crashed before the first checkpoint: start over in place
     else:
         if cfg is None:
             raise ConfigError("a config is required to start a new run")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ConfigError(f"run folder {out} already exists and is not empty; use --resume or another --out")
+        _check_new_run_dir(out)
     data = build_data(cfg.data, arrays=arrays, progress=cfg.train.progress and ctx.is_main)
-    check_components(cfg, data)
+    recipe = build_run_recipe(cfg, data)
     resolve_device(cfg.train.device)
-    log(data.summary())
+    if ctx.is_main:
+        log.info(data.summary())
     distributed.barrier()  # every process has checked its inputs before anything is created
-    if ctx.is_main and not out.exists():
-        out.mkdir(parents=True)
-        created = True
+    if ctx.is_main:
+        created = _make_run_dir(out)
+        lock.acquire()  # fails (nothing removed) while another process writes into `out`
+        if new_run:
+            _check_new_run_dir(out)  # again, as its only writer: another run may have filled it meanwhile
     try:
         if not resume and ctx.is_main:
-            atomic_write_text(out / "config.yaml", dump_config(cfg))
-            atomic_write_json(out / "data.json", data_info(data))
+            RunDir(out).write_config(cfg)
+            RunDir(out).write_data_info(data.info.to_json())
+        elif changes and ctx.is_main:
+            _record_resume_changes(RunDir(out), cfg, saved, changes, done_before)
         distributed.barrier()
-        done = int(safe_torch_load(out / CHECKPOINT)["epoch"]) if resume else 0
-        if not build_method(cfg, data).trains:
+        done = RunDir(out).checkpoint_epoch("last") if resume else 0
+        if not recipe.method.trains:
             if branch_from is not None:
                 raise ConfigError(f"method '{cfg.method.name}' is post-hoc; it takes no --branch-from")
             if not resume and ctx.is_main:
-                fit_posthoc_run(cfg, data, out, log=log)
+                fit_posthoc_run(cfg, data, out, recipe=recipe)
         elif done < cfg.train.epochs:
-            fit(cfg, data, out, resume=resume, branch_from=branch_from, log=log)
+            fit(cfg, data, out, recipe=recipe, resume=resume, branch_from=branch_from)
     except BaseException:
-        if created and not (out / CHECKPOINT).exists():
+        if created and not RunDir(out).last.exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
     if not ctx.is_main:
         return {}
-    return evaluate_run(out, cfg=cfg, data=data, log=log) if evaluate else {}
+    return evaluate_run(out, cfg=cfg, data=data) if evaluate else {}
 
 
-def fit_posthoc_run(cfg: RunConfig, data: LTData, out: Path, *, log=print) -> dict:
+def fit_posthoc_run(cfg: RunConfig, data: LTData, out: Path, *, recipe: Recipe | None = None) -> dict:
     """Post-hoc methods (tau_norm, ncm): fit on train / validation data, save as epoch 0."""
     device = resolve_device(cfg.train.device)
-    method = build_method(cfg, data)
-    model = method.build_model().to(device)
+    recipe = recipe or build_run_recipe(cfg, data)
+    method = recipe.method
+    model = recipe.model.to(device)
     info = method.fit_posthoc(model, device)
-    atomic_write_json(out / "posthoc.json", info)
-    atomic_torch_save({"model": model.state_dict(), "epoch": 0, "posthoc": info}, out / CHECKPOINT)
-    log(f"{cfg.method.name}: {', '.join(f'{k} {v}' for k, v in info.items() if not isinstance(v, list))}")
+    run = RunDir(out)
+    run.write_json(RunDir.POSTHOC, info)
+    run.save_checkpoint({"model": model.state_dict(), "epoch": 0, "posthoc": info, "config": cfg.to_dict(),
+                         "method": method.state_dict()}, keep_prev=False)
+    log.info(f"{cfg.method.name}: {', '.join(f'{k} {v}' for k, v in info.items() if not isinstance(v, list))}")
     return info
 
 
-def _posthoc_logit_adjustment(run_dir: Path, cfg: RunConfig, tau: float) -> dict:
+def _posthoc_logit_adjustment(run: RunDir, cfg: RunConfig, tau: float) -> dict:
     from .logit_adjust import adjust_logits, check_tau, train_prior
 
     tau = check_tau(tau)
-    path = run_dir / "predictions.npz"
+    path = run.file(RunDir.PREDICTIONS)
     if not path.is_file():
-        raise CheckpointError(f"no predictions.npz in {run_dir}: run `longtail eval {run_dir}` first")
-    info = json.loads((run_dir / "data.json").read_text())
+        raise CheckpointError(f"no {RunDir.PREDICTIONS} in {run}: run `longtail eval {run}` first")
+    info = run.read_data_info()
     counts = np.asarray(info["class_counts"])
     pi = train_prior(counts)
     uniform = np.full(len(counts), 1.0 / len(counts))
@@ -176,36 +293,24 @@ def _posthoc_logit_adjustment(run_dir: Path, cfg: RunConfig, tau: float) -> dict
               ece_bins=e.ece_bins, class_names=info["class_names"])
     with np.load(path) as preds:
         if preds["logits"].shape[1] != len(counts):  # an SSP pre-training run predicts rotations, not classes
-            raise ConfigError(f"{run_dir} predicts {preds['logits'].shape[1]} outputs for {len(counts)} classes: "
+            raise ConfigError(f"{run} predicts {preds['logits'].shape[1]} outputs for {len(counts)} classes: "
                               "post-hoc logit adjustment needs a classification run")
-        result = {"run": str(run_dir), "split": "test", "checkpoint": "last", "posthoc": "logit adjustment",
+        result = {"run": str(run), "split": "test", "checkpoint": "last", "posthoc": "logit adjustment",
                   "tau": tau, "target_prior": "uniform"}
         adjusted = adjust_logits(torch.from_numpy(preds["logits"]), pi_train=pi, pi_target=uniform, tau=tau)
         result.update(compute_metrics(adjusted.numpy(), preds["labels"], counts, **kw))
         if "best_val_logits" in preds:
             adjusted = adjust_logits(torch.from_numpy(preds["best_val_logits"]), pi_train=pi, pi_target=uniform,
                                      tau=tau)
-            result["best_val"] = compute_metrics(adjusted.numpy(), preds["labels"], counts, **kw)
-    result["epoch"] = int(safe_torch_load(run_dir / CHECKPOINT).get("epoch", 0))
-    atomic_write_json(run_dir / "eval_logit_adjusted.json", result)
+            result["best_val"] = {"epoch": run.checkpoint_epoch("best_val"), "selected_on": "validation top1",
+                                  **compute_metrics(adjusted.numpy(), preds["labels"], counts, **kw)}
+    result["epoch"] = run.checkpoint_epoch("last")
+    run.write_json(RunDir.EVAL_LOGIT_ADJUSTED, result)
     return result
 
 
-def _load_model(cfg: RunConfig, data: LTData, path: Path, device) -> torch.nn.Module:
-    model = build_method(cfg, data).build_model()
-    state = safe_torch_load(path)
-    try:
-        model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{path} does not fit the run's model: {str(err).splitlines()[0]}") from None
-    model = model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, int(state.get("epoch", 0))
-
-
 def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, data: LTData | None = None,
-                 arrays: dict | None = None, logit_adjust_tau: float | None = None, log=print) -> dict:
+                 arrays: dict | None = None, logit_adjust_tau: float | None = None) -> dict:
     """Write predictions.npz and eval.json for the last epoch (and best-on-validation).
 
     With `logit_adjust_tau`, the metrics are of post-hoc logit adjustment toward a uniform
@@ -213,12 +318,16 @@ def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, data: LTD
     training prior; tau is given, not tuned on test. They go to eval_logit_adjusted.json and
     predictions.npz / eval.json are left as they are.
     """
-    run_dir = Path(run_dir)
-    if logit_adjust_tau is not None:
-        return _posthoc_logit_adjustment(run_dir, cfg or load_run_config(run_dir), logit_adjust_tau)
-    cfg = cfg or load_run_config(run_dir)
-    if not (run_dir / CHECKPOINT).is_file():
-        raise CheckpointError(f"no checkpoint in {run_dir} (train it first)")
+    run = RunDir(run_dir)
+    cfg = cfg or run.read_config()
+    with run.lock():  # not while a training or another evaluation writes into the run
+        if logit_adjust_tau is not None:
+            return _posthoc_logit_adjustment(run, cfg, logit_adjust_tau)
+        return _evaluate(run, cfg, data=data, arrays=arrays)
+
+
+def _evaluate(run: RunDir, cfg: RunConfig, *, data: LTData | None, arrays: dict | None) -> dict:
+    run.require(trained=True)
     data = data or build_data(cfg.data, arrays=arrays)
     device = resolve_device(cfg.train.device)
     e = cfg.eval
@@ -226,27 +335,31 @@ def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, data: LTD
               ece_bins=e.ece_bins, class_names=data.class_names)
     pkw = dict(mean=data.mean, std=data.std, batch_size=cfg.train.eval_batch_size, device=device,
                channels_last=cfg.train.channels_last)
-    pretext = getattr(build_method(cfg, data), "pretext_metrics", None)  # SSP pre-training: its own task
+    method = build_method(cfg, data)
 
     def score(net, split) -> tuple[dict, dict]:
-        if pretext is not None:
-            return pretext(net, split, **pkw, **kw)
+        own = method.evaluate(net, split, **pkw, **kw)  # a pretext pre-training run (SSP): its own task
+        if own is not None:
+            return own
         out = predict(net, split, **pkw)
         return compute_metrics(out["logits"], out["labels"], data.class_counts, **kw), out
 
-    model, epoch = _load_model(cfg, data, run_dir / CHECKPOINT, device)
+    def load(which: str, **kw_load):
+        return load_run_model(run, which=which, device=device, cfg=cfg, info=data.info, **kw_load)[:2]
+
+    model, epoch = load("last", action="evaluating")
     test_metrics, arrays_out = score(model, data.test)
-    result = {"run": str(run_dir), "split": "test", "checkpoint": "last", "epoch": epoch, **test_metrics}
+    result = {"run": str(run), "split": "test", "checkpoint": "last", "epoch": epoch, **test_metrics}
     if data.val is not None and len(data.val):
         result["val"] = {k: v for k, v in score(model, data.val)[0].items()
-                         if k in ("top1", "many", "medium", "few", "mcc", "nmi", "ece", "num_samples")}
-        if (run_dir / BEST_VAL).is_file():
-            best, best_epoch = _load_model(cfg, data, run_dir / BEST_VAL, device)
+                         if k in ("top1", "top5", "many", "medium", "few", "mcc", "nmi", "ece", "num_samples")}
+        if run.best_val.is_file():
+            best, best_epoch = load("best_val")
             best_metrics, bt = score(best, data.test)
             result["best_val"] = {"epoch": best_epoch, "selected_on": "validation top1", **best_metrics}
             arrays_out["best_val_logits"] = bt["logits"]
     buffer = io.BytesIO()
     np.savez(buffer, **arrays_out)
-    atomic_write_bytes(run_dir / "predictions.npz", buffer.getvalue())
-    atomic_write_json(run_dir / "eval.json", result)
+    run.write_bytes(RunDir.PREDICTIONS, buffer.getvalue())
+    run.write_json(RunDir.EVAL, result)
     return result

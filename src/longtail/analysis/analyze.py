@@ -17,7 +17,6 @@ leaves no output. Files in OUT:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -25,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import read_yaml
-from ..errors import CheckpointError, ConfigError
-from ..features import CHECKPOINTS, _checkpoint_path, extract_features
+from ..errors import ConfigError
+from ..features import extract_features
 from ..report.figures import weight_norms
 from ..report.rundata import run_labels
-from ..train.checkpoint import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json
+from ..rundir import RunDir
 from .embedding import tsne_of_features
 from .norms import check_linear_head, linear_head_problem, run_tau, weight_norm_report
 from .plots import tsne_map
@@ -42,25 +41,13 @@ def _slug(label: str) -> str:
 
 def _check_run(run_dir: Path, checkpoint: str) -> tuple[dict, dict | None]:
     """(config mapping, posthoc.json or None) of a run that has a linear class head."""
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder not found: {run_dir}")
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"not a run folder (no config.yaml): {run_dir}")
-    try:
-        config = read_yaml(run_dir / "config.yaml")
-    except ConfigError as err:
-        raise CheckpointError(f"config.yaml in {run_dir} cannot be read: {str(err).splitlines()[0]}") from None
+    run = RunDir(run_dir).require()
+    config = run.read_config_mapping()
     problem = linear_head_problem(config)
     if problem is not None:
         raise ConfigError(f"cannot analyze {run_dir}: {problem}")
-    _checkpoint_path(run_dir, checkpoint)
-    posthoc = None
-    if (run_dir / "posthoc.json").is_file():
-        try:
-            posthoc = json.loads((run_dir / "posthoc.json").read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"posthoc.json in {run_dir} cannot be read: {err}") from None
-    return config, posthoc
+    run.require_checkpoint(checkpoint)
+    return config, run.read_optional_json(RunDir.POSTHOC)
 
 
 def _check_args(run_dirs, out: Path, checkpoint: str, taus, tsne_samples: int, perplexity: float) -> None:
@@ -68,8 +55,7 @@ def _check_args(run_dirs, out: Path, checkpoint: str, taus, tsne_samples: int, p
         raise ConfigError("give at least one run folder")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
-    if checkpoint not in CHECKPOINTS:
-        raise ConfigError(f"unknown checkpoint '{checkpoint}' (choose from: {', '.join(CHECKPOINTS)})")
+    RunDir.check_which(checkpoint)
     for tau in taus:
         if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
             raise ConfigError(f"--tau must be a finite number >= 0, got {tau!r}")
@@ -81,7 +67,7 @@ def _check_args(run_dirs, out: Path, checkpoint: str, taus, tsne_samples: int, p
 
 def analyze_runs(run_dirs: list[str | Path], out: str | Path, *, checkpoint: str = "last", taus=(),
                  tsne: bool = True, tsne_samples: int = 2000, seed: int = 0, perplexity: float = 30.0,
-                 device: str | None = None, log=print) -> dict:
+                 device: str | None = None) -> dict:
     """Analyze `run_dirs` into the folder `out` (module docstring); returns the analysis.json content.
 
     `taus`: tau values for tau-normalised norms, besides tau = 1 and a tau_norm run's own tau.
@@ -93,11 +79,9 @@ def analyze_runs(run_dirs: list[str | Path], out: str | Path, *, checkpoint: str
     labels = run_labels(paths)
     runs, files = [], {}
     for path, label, (config, posthoc) in zip(paths, labels, checked, strict=True):
-        extracted = []
         tic = time.perf_counter()
-        fs = extract_features(path, checkpoint=checkpoint, device=device,
-                              log=lambda msg: (extracted.append(msg), log(msg)))
-        seconds = {"features": time.perf_counter() - tic, "features_from_cache": not extracted}
+        fs = extract_features(path, checkpoint=checkpoint, device=device)
+        seconds = {"features": time.perf_counter() - tic, "features_from_cache": fs.from_cache}
         weight = check_linear_head(fs.head.get("weight"), fs.num_classes, path)
         own_tau = run_tau(config, posthoc)
         tau_list = list(dict.fromkeys([*([own_tau] if own_tau is not None else []), *map(float, taus), 1.0]))

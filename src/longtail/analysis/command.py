@@ -8,12 +8,15 @@ def _fmt(value, spec: str) -> str:
 
 
 def _cmd_analyze(args) -> int:
+    from contextlib import nullcontext
+
+    from ..log import warnings_only
     from .analyze import analyze_runs
 
-    result = analyze_runs(args.run_dirs, args.out, checkpoint=args.checkpoint, taus=args.tau or (),
-                          tsne=not args.no_tsne, tsne_samples=args.tsne_samples, seed=args.seed,
-                          perplexity=args.perplexity, device=args.device,
-                          log=print if not args.quiet else (lambda *a: None))
+    with warnings_only() if args.quiet else nullcontext():
+        result = analyze_runs(args.run_dirs, args.out, checkpoint=args.checkpoint, taus=args.tau or (),
+                              tsne=not args.no_tsne, tsne_samples=args.tsne_samples, seed=args.seed,
+                              perplexity=args.perplexity, device=args.device)
     width = max(len(r["label"]) for r in result["table"])
     print(f"{'run':<{width}}  variance    cv     max/min  spearman  silhouette  (norms of the linear head)")
     for row in result["table"]:
@@ -25,11 +28,13 @@ def _cmd_analyze(args) -> int:
 
 
 def register(sub) -> None:
+    from ..rundir import CHECKPOINT_CHOICES
+
     p = sub.add_parser("analyze", help="classifier weight norms (and tau-normalised), t-SNE of test features: "
                                        "OUT/analysis.json + PNGs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="trained run folders with a linear head")
     p.add_argument("--out", required=True, help="folder for analysis.json and the figures")
-    p.add_argument("--checkpoint", choices=["last", "best_val"], default="last")
+    p.add_argument("--checkpoint", choices=list(CHECKPOINT_CHOICES), default="last")
     p.add_argument("--tau", type=float, action="append", metavar="TAU",
                    help="also the norms after w/||w||^TAU (repeatable); tau 1 and a tau_norm run's own tau "
                         "are always included")

@@ -105,15 +105,14 @@ def cached_weight_norms(run_dir, config: dict, *, posthoc: dict | None = None) -
     Returns weight_norm_report(...) plus 'train_counts' and 'tau' (the run's tau for a
     tau_norm run, else None; its normalised norms are the first 'tau_normalised' entry).
     """
-    from pathlib import Path
-
-    from ..features import _checkpoint_path, _load_cache, _stamp
+    from ..features import _load_cache, _stamp
+    from ..rundir import RunDir
 
     if linear_head_problem(config) is not None:
         return None
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     try:
-        fs = _load_cache(run_dir / "features" / "last.npz", _stamp(_checkpoint_path(run_dir, "last")))
+        fs = _load_cache(run.features_cache("last"), _stamp(run.require_checkpoint("last")))
     except (CheckpointError, ConfigError, OSError):
         return None
     weight = None if fs is None else fs.head.get("weight")

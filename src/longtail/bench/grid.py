@@ -26,8 +26,9 @@ A grid file (YAML)::
         branch_from: ce                            # optional: start from ce's checkpoint after
         branch_epoch: 24                           #   epoch 24 (shared plain-CE prefix)
 
-Paths (`base`, `config`, `out`) are relative to the folder `longtail bench` runs in, like
-every path in the configs (`data.root`). A stage-2 method's `method.params.stage1` is
+Paths of the grid file (`base`, `config`, `out`) are relative to the folder `longtail bench`
+runs in, like command-line arguments and overrides; paths inside a method's config (`data.root`)
+are relative to that config's folder, as with `longtail train`. A stage-2 method's `method.params.stage1` is
 set to its stage-1 cell's `checkpoints/last.pt` of the same ratio and seed, so every
 stage-2 method of a ratio and seed shares one stage-1 run. Unknown keys, missing
 configs, invalid cell configs, unknown stage-1 references, stage-1 references of
@@ -43,13 +44,13 @@ is checked when the cell starts.
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RunConfig, apply_overrides, config_from_dict, read_yaml
+from ..config import RunConfig, apply_overrides, config_from_dict, read_config_file, read_yaml
 from ..errors import ConfigError, did_you_mean
+from ..rundir import RunDir
 
 GRID_KEYS = ("name", "base", "out", "imbalance_ratios", "seeds", "seed_keys", "overrides", "groups", "methods")
 GROUPS = ("three", "four")
@@ -76,6 +77,9 @@ class MethodSpec:
         return self.stage1 or self.branch_from
 
 
+BENCH_RECORD = "bench.json"  # a cell's wall time, written by the runner beside the run's own files
+
+
 @dataclass
 class Cell:
     """One run of the grid: a method at one imbalance ratio and one seed."""
@@ -95,10 +99,14 @@ class Cell:
         return self.stage1 or self.branch_source
 
     @property
+    def run(self) -> RunDir:
+        return RunDir(self.dir)
+
+    @property
     def branch_checkpoint(self) -> Path | None:
         if self.branch_source is None:
             return None
-        return self.branch_source.dir / "checkpoints" / f"epoch{self.branch_epoch}.pt"
+        return self.branch_source.run.epoch_checkpoint(self.branch_epoch)
 
     @property
     def key(self) -> str:
@@ -155,12 +163,11 @@ def _overrides(value, where: str) -> list[str]:
 
 
 def _takes_stage1(method_name: str) -> bool:
+    """Whether a registered method continues a stage-1 run (its class declares `stage = 2`)."""
     from .. import methods  # noqa: F401  (registration)
     from ..registry import METHODS
 
-    builder = METHODS.get(method_name)
-    target = builder.__init__ if inspect.isclass(builder) else builder
-    return "stage1" in inspect.signature(target).parameters
+    return METHODS.get(method_name).stage == 2
 
 
 def is_posthoc(method_name: str) -> bool:
@@ -236,8 +243,10 @@ def _set(values: dict, dotted: str, value) -> None:
 
 
 def _read_config(spec: MethodSpec) -> dict:
+    """The method's config file as a dictionary, its `base:` files merged in, each file's relative
+    paths made relative to its folder."""
     try:
-        return read_yaml(spec.config)
+        return read_config_file(spec.config)
     except ConfigError as err:
         raise ConfigError(f"grid method '{spec.name}': {err}") from None
 
@@ -346,7 +355,7 @@ def load_grid(path: str | Path, *, out: str | Path | None = None, overrides: lis
             for s in ordered:
                 cell_dir = out / s.name / ratio_name(ratio) / f"seed{seed}"
                 first = index.get((s.stage1, ratio, seed)) if s.stage1 else None
-                stage1_path = str(first.dir / "checkpoints" / "last.pt") if first else None
+                stage1_path = str(first.run.last) if first else None
                 cfg = _cell_config(s, grid_overrides, ratio=ratio, seed=seed, seed_keys=seed_keys,
                                    stage1_path=stage1_path, extra=extra, save_epochs=save_epochs.get(s.name))
                 source = index.get((s.branch_from, ratio, seed)) if s.branch_from else None

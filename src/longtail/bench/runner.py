@@ -14,16 +14,18 @@ After each cell that ran, `bench.json` records its wall time.
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import time
 from datetime import datetime, timezone
 
 from ..config import diff_configs
-from ..errors import ConfigError, did_you_mean
-from ..runs import evaluate_run, load_run_config, train_run
-from ..train.checkpoint import atomic_write_json, atomic_write_text
-from ..train.loop import read_metrics
-from .grid import Cell, Grid
+from ..errors import CheckpointError, ConfigError, did_you_mean
+from ..runs import evaluate_run, train_run
+from ..io import atomic_write_text
+from ..rundir import RunDir
+from .grid import BENCH_RECORD, Cell, Grid
+
+log = logging.getLogger(__name__)
 
 # may differ between invocations of the same cell; save_epochs only keeps extra checkpoints
 IGNORED_KEYS = ("train.progress", "train.save_epochs")
@@ -37,18 +39,18 @@ def _duration(seconds: float) -> str:
 
 def cell_state(cell: Cell) -> str:
     """'done', 'resume' or 'new' (see the module docstring)."""
-    if (cell.dir / "eval.json").is_file():
+    if cell.run.has(RunDir.EVAL):
         return "done"
-    if (cell.dir / "config.yaml").is_file():
+    if cell.run.is_run():
         return "resume"
     return "new"
 
 
 def check_cell_config(cell: Cell) -> None:
     """A cell folder that exists must hold the cell's config; ConfigError naming the keys otherwise."""
-    if not (cell.dir / "config.yaml").is_file():
+    if not cell.run.is_run():
         return
-    saved = load_run_config(cell.dir)
+    saved = cell.run.read_config()
     diffs = [k for k in diff_configs(cell.cfg, saved) if k not in IGNORED_KEYS]
     if diffs:
         raise ConfigError(f"cell {cell.key} ({cell.dir}) was run with another config ({', '.join(diffs)}): "
@@ -70,12 +72,10 @@ def select_cells(grid: Grid, methods: list[str] | None) -> list[Cell]:
 def _la_needed(cell: Cell) -> bool:
     if cell.logit_adjust_tau is None:
         return False
-    path = cell.dir / "eval_logit_adjusted.json"
-    if not path.is_file():
-        return True
     try:
-        return float(json.loads(path.read_text()).get("tau")) != cell.logit_adjust_tau
-    except (ValueError, TypeError, json.JSONDecodeError):
+        la = cell.run.read_optional_json(RunDir.EVAL_LOGIT_ADJUSTED)
+        return la is None or float(la.get("tau")) != cell.logit_adjust_tau
+    except (ValueError, TypeError, CheckpointError):  # unreadable: written again
         return True
 
 
@@ -96,24 +96,23 @@ def plan(grid: Grid, *, methods: list[str] | None = None) -> list[tuple[Cell, st
     return out
 
 
-def run_grid(grid: Grid, *, methods: list[str] | None = None, progress: bool | None = None,
-             log=print) -> list[dict]:
+def run_grid(grid: Grid, *, methods: list[str] | None = None, progress: bool | None = None) -> list[dict]:
     """Run the selected cells of `grid` (see the module docstring); returns one summary per cell:
     {'cell', 'state' (done / new / resume), 'seconds'}. `progress=False` turns the progress
     bars of new cells off; None keeps the configs' `train.progress`."""
     steps = plan(grid, methods=methods)
-    grid.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(grid.out / "grid.yaml", grid.path.read_text())  # what the cells were run from
+    # what the cells were run from; creates grid.out (an unwritable one is a one-line error)
+    atomic_write_text(grid.out / "grid.yaml", grid.path.read_text())
     summary = []
     for k, (cell, _) in enumerate(steps, 1):
         state = cell_state(cell)  # again: an earlier step may be this cell's stage 1
         head = f"[{k}/{len(steps)}] {cell.key}"
         if state == "done":
             if _la_needed(cell):
-                evaluate_run(cell.dir, logit_adjust_tau=cell.logit_adjust_tau, log=log)
-                log(f"{head}: done; wrote eval_logit_adjusted.json (tau {cell.logit_adjust_tau:g})")
+                evaluate_run(cell.dir, logit_adjust_tau=cell.logit_adjust_tau)
+                log.info(f"{head}: done; wrote {RunDir.EVAL_LOGIT_ADJUSTED} (tau {cell.logit_adjust_tau:g})")
             else:
-                log(f"{head}: done, skipped")
+                log.info(f"{head}: done, skipped")
             summary.append({"cell": cell.key, "state": "done", "seconds": 0.0})
             continue
         if cell.needs is not None and cell_state(cell.needs) != "done":
@@ -126,26 +125,26 @@ def run_grid(grid: Grid, *, methods: list[str] | None = None, progress: bool | N
         stage = f" (stage 1: {cell.stage1.key})" if cell.stage1 is not None else ""
         if branch is not None:
             stage = f" (from {cell.branch_source.key} at epoch {cell.branch_epoch})"
-        log(f"{head}: {'resuming' if state == 'resume' else 'training'}{stage} -> {cell.dir}")
+        log.info(f"{head}: {'resuming' if state == 'resume' else 'training'}{stage} -> {cell.dir}")
         started = time.time()
         if state == "resume":
-            train_run(None, cell.dir, resume=True, log=log)
+            train_run(None, cell.dir, resume=True)
         else:
             cfg = cell.cfg
             if progress is not None:
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=progress))
-            train_run(cfg, cell.dir, branch_from=branch, log=log)
+            train_run(cfg, cell.dir, branch_from=branch)
         if _la_needed(cell):
-            evaluate_run(cell.dir, logit_adjust_tau=cell.logit_adjust_tau, log=log)
+            evaluate_run(cell.dir, logit_adjust_tau=cell.logit_adjust_tau)
         seconds = time.time() - started
-        atomic_write_json(cell.dir / "bench.json", {
+        cell.run.write_json(BENCH_RECORD, {
             "cell": cell.key, "method": cell.method, "imbalance_ratio": cell.ratio, "seed": cell.seed,
             "config": grid.method(cell.method).config, "stage1": cell.stage1.key if cell.stage1 else None,
             "branch": f"{cell.branch_source.key}@{cell.branch_epoch}" if cell.branch_source else None,
             "mode": state, "wall_seconds": round(seconds, 3),
-            "train_seconds_all_sessions": round(sum(float(r.get("seconds", 0.0)) for r in read_metrics(cell.dir)), 3),
+            "train_seconds_all_sessions": round(sum(float(r.get("seconds", 0.0)) for r in cell.run.read_metrics()), 3),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
-        log(f"{head}: finished in {_duration(seconds)}")
+        log.info(f"{head}: finished in {_duration(seconds)}")
         summary.append({"cell": cell.key, "state": state, "seconds": seconds})
     return summary

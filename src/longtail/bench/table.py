@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError
-from ..train.checkpoint import atomic_write_text
-from .grid import Grid, is_posthoc
+from ..io import atomic_write_text
+from ..rundir import RunDir
+from .grid import BENCH_RECORD, Grid, is_posthoc
 from .runner import _duration, check_cell_config
 
 METRICS = ("top1", "many", "medium", "few")
@@ -58,15 +56,6 @@ class Entry:
         return float(np.std(vals, ddof=1)) if len(vals) >= 2 else None
 
 
-def _read(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
-
-
 def _metrics(grid: Grid) -> tuple[str, ...]:
     return FOUR if grid.groups == "four" else METRICS
 
@@ -84,8 +73,8 @@ def collect(grid: Grid) -> list[Entry]:
     for table, _ in TABLES:
         for spec in grid.methods:
             cells = grid.cells_of(spec.name)
-            evals = {(c.ratio, c.seed): _read(c.dir / "eval.json") for c in cells}
-            las = {(c.ratio, c.seed): _read(c.dir / "eval_logit_adjusted.json") for c in cells}
+            evals = {(c.ratio, c.seed): c.run.read_optional_json(RunDir.EVAL) for c in cells}
+            las = {(c.ratio, c.seed): c.run.read_optional_json(RunDir.EVAL_LOGIT_ADJUSTED) for c in cells}
             variants = [(spec.name, evals)]
             if any(v is not None for v in las.values()):
                 variants.append((spec.name + LA_SUFFIX, las))
@@ -125,7 +114,7 @@ def _cell_text(e: Entry, metric: str) -> str:
 def _wall(grid: Grid, method: str) -> str:
     seconds, counted = 0.0, 0
     for c in grid.cells_of(method):
-        info = _read(c.dir / "bench.json")
+        info = c.run.read_optional_json(BENCH_RECORD)
         if info is not None and isinstance(info.get("wall_seconds"), (int, float)):
             seconds += float(info["wall_seconds"])
             counted += 1
@@ -141,8 +130,8 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
     lines = [f"# {grid.name}", "",
              f"Grid `{grid.path}`, cells `{grid.out}/<method>/ratio<R>/seed<S>/`. Test-set accuracy (%): mean ± "
              f"sample standard deviation (ddof = 1) over seeds {seeds} ({', '.join(grid.seed_keys)}); one seed: "
-             "its value. Every number is read from the cells' eval.json (and eval_logit_adjusted.json for the "
-             "'+ post-hoc LA' rows). '-': empty shot group; 'pending': no finished cell; 'n/a': no "
+             f"its value. Every number is read from the cells' {RunDir.EVAL} (and {RunDir.EVAL_LOGIT_ADJUSTED} for "
+             "the '+ post-hoc LA' rows). '-': empty shot group; 'pending': no finished cell; 'n/a': no "
              "best-on-validation numbers (post-hoc methods); [k/n]: k of n seeds finished.", ""]
     for table, title in TABLES:
         rows = [e for e in entries if e.table == table]
@@ -165,7 +154,7 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
               "|---|---|---|---:|---:|---:|"]
     for spec in grid.methods:
         cells = grid.cells_of(spec.name)
-        done = sum((c.dir / "eval.json").is_file() for c in cells)
+        done = sum(c.run.has(RunDir.EVAL) for c in cells)
         cfg = cells[0].cfg
         epochs = "post-hoc" if is_posthoc(cfg.method.name) else str(cfg.train.epochs)
         over = f" ({', '.join(spec.overrides)})" if spec.overrides else ""

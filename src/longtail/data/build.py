@@ -12,14 +12,18 @@ shortfall from the end of its own subset, so its training count drops by that mu
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
+from ..rundir import RunDir
 from .profiles import class_counts as profile_counts
-from .sources import SOURCE_LOADERS, RawData, arrays_to_raw
+from .sources import RawData, load_arrays, source_loader
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,6 +70,15 @@ class LTData:
     def imbalance_ratio(self) -> float:
         return float(self.class_counts.max() / max(self.class_counts.min(), 1))
 
+    @property
+    def info(self) -> "DataInfo":
+        """What a trained run needs of its data once the images are gone (data.json)."""
+        return DataInfo(class_names=list(self.class_names), class_counts=np.asarray(self.class_counts),
+                        source_counts=np.asarray(self.source_counts), mean=tuple(self.mean), std=tuple(self.std),
+                        image_shape=self.image_shape, channels=self.channels, description=self.description,
+                        num_train=len(self.train), num_val=0 if self.val is None else len(self.val),
+                        num_test=len(self.test))
+
     def summary(self) -> str:
         c = self.class_counts
         lines = [
@@ -74,6 +87,49 @@ class LTData:
             f"ratio {self.imbalance_ratio:.1f}), val {0 if self.val is None else len(self.val)}, test {len(self.test)}",
         ]
         return "\n".join(lines)
+
+
+@dataclass
+class DataInfo:
+    """A run's data without its images: enough to rebuild, run and report its network.
+
+    Written to the run folder as data.json (`to_json`) and read back (`from_json`); every
+    method builds its network from it as from `LTData` (same attribute names).
+    """
+
+    class_names: list
+    class_counts: np.ndarray  # (C,) training images per class
+    source_counts: np.ndarray  # (C,) training images per class available in the source
+    mean: tuple
+    std: tuple
+    image_shape: tuple  # (H, W)
+    channels: int
+    description: str = ""
+    num_train: int = 0
+    num_val: int = 0
+    num_test: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> dict:
+        return {"description": self.description, "class_names": list(self.class_names),
+                "class_counts": [int(v) for v in self.class_counts],
+                "source_counts": [int(v) for v in self.source_counts],
+                "num_train": int(self.num_train), "num_val": int(self.num_val), "num_test": int(self.num_test),
+                "mean": list(self.mean), "std": list(self.std), "image_shape": list(self.image_shape),
+                "channels": int(self.channels)}
+
+    @classmethod
+    def from_json(cls, info: dict) -> "DataInfo":
+        counts = np.asarray(info["class_counts"], dtype=np.int64)
+        return cls(class_names=list(info["class_names"]), class_counts=counts,
+                   source_counts=np.asarray(info.get("source_counts", counts), dtype=np.int64),
+                   mean=tuple(info["mean"]), std=tuple(info["std"]), image_shape=tuple(info["image_shape"]),
+                   channels=int(info["channels"]), description=info.get("description", ""),
+                   num_train=int(info.get("num_train", 0)), num_val=int(info.get("num_val", 0)),
+                   num_test=int(info.get("num_test", 0)))
 
 
 def _resolve_order(order, class_names: list[str]) -> np.ndarray:
@@ -125,14 +181,72 @@ def _channel_stats(images: np.ndarray, index: np.ndarray, seed: int) -> tuple[tu
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def _warn_classes_without_test_images(test_labels: np.ndarray, class_names: list[str]) -> None:
+    """Log one warning per class that has training images but no test images (eval/metrics.py)."""
+    support = np.bincount(test_labels, minlength=len(class_names))
+    for c in np.flatnonzero(support == 0):
+        log.warning("class '%s' has training images but no test images: its test accuracy will be "
+                    "undefined (null in %s) and left out of the mean and shot-group accuracies",
+                    class_names[c], RunDir.EVAL)
+
+
+def _check_channels(mean, std, channels: int) -> None:
+    for key, v in (("mean", mean), ("std", std)):
+        if len(v) not in (1, channels):
+            raise ConfigError(f"config key 'data.{key}' has {len(v)} values, the images have {channels} channels")
+
+
+def _check_counts_length(cfg: DataConfig, num_classes: int) -> None:
+    if cfg.profile == "counts" and len(cfg.counts) != num_classes:
+        raise ConfigError(f"config key 'data.counts' has {len(cfg.counts)} entries, the data has {num_classes} classes")
+
+
+def stand_in_data(cfg: DataConfig) -> LTData:
+    """An LTData that reads no image, for `longtail validate`: the source's probe (its path checks
+    and error messages, its class names and channels; data/sources.py) with the profile's class
+    counts, every row pointing at one blank image. Components build on it as on the real data.
+
+    A source without a probe (digits: cheap; arrays: Python only; one registered elsewhere) is
+    built for real. What only the images tell is not checked: unreadable or odd-sized files, and
+    a class that the real subsampling would leave without images.
+    """
+    loader = source_loader(cfg.source)
+    probe = getattr(loader, "probe", None)
+    if probe is None:
+        return build_data(cfg)
+    found = probe(cfg)
+    names, channels = list(found.class_names), found.channels
+    _check_counts_length(cfg, len(names))
+    order = _resolve_order(cfg.class_order, names)
+    head = cfg.max_count or found.head_count or 100
+    if cfg.profile == "counts":
+        counts = np.asarray(cfg.counts, dtype=np.int64)
+    elif cfg.profile == "none":
+        counts = np.full(len(names), head, dtype=np.int64)
+    else:
+        counts = np.zeros(len(names), dtype=np.int64)
+        counts[order] = profile_counts(cfg.profile, len(names), head, cfg.imbalance_ratio,
+                                       step_fraction=cfg.step_fraction, pareto_shape=cfg.pareto_shape)
+    counts = np.maximum(counts, 1)
+    side = cfg.image_size or found.image_size or 32
+    blank = np.zeros((1, side, side, channels), dtype=np.uint8)
+
+    def split(per_class) -> Split:
+        labels = np.repeat(np.arange(len(names)), per_class).astype(np.int64)
+        return Split(blank, np.zeros(len(labels), dtype=np.int64), labels)
+
+    mean = tuple(cfg.mean) if cfg.mean is not None else (0.5,) * channels
+    std = tuple(cfg.std) if cfg.std is not None else (0.25,) * channels
+    _check_channels(mean, std, channels)
+    return LTData(train=split(counts), val=split(cfg.val_per_class) if cfg.val_per_class else None,
+                  test=split(cfg.test_per_class), class_counts=counts, class_names=names, source_counts=counts,
+                  mean=mean, std=std, description=f"{cfg.source} (stand-in: no image read)")
+
+
 def build_data(cfg: DataConfig, *, arrays: dict | None = None, progress: bool = False) -> LTData:
     """Load, subsample to the long-tail profile, split; see the module docstring."""
-    if cfg.source == "arrays":
-        if arrays is None:
-            raise ConfigError("data.source 'arrays' is only available from Python: build_data(cfg, arrays={...})")
-        raw = arrays_to_raw(arrays)
-    else:
-        raw = SOURCE_LOADERS[cfg.source](cfg, progress)
+    loader = source_loader(cfg.source)  # an unknown data.source: ConfigError naming the registered ones
+    raw = load_arrays(cfg, progress, arrays=arrays) if loader is load_arrays else loader(cfg, progress)
     names = raw.class_names
     C = len(names)
     if len(raw.train_labels) == 0:
@@ -150,8 +264,7 @@ def build_data(cfg: DataConfig, *, arrays: dict | None = None, progress: bool = 
     if cfg.profile == "none":
         target = available.copy()
     elif cfg.profile == "counts":
-        if len(cfg.counts) != C:
-            raise ConfigError(f"config key 'data.counts' has {len(cfg.counts)} entries, the data has {C} classes")
+        _check_counts_length(cfg, C)
         target = np.asarray(cfg.counts, dtype=np.int64)
         for c in range(C):
             if target[c] > available[c]:
@@ -214,6 +327,7 @@ def build_data(cfg: DataConfig, *, arrays: dict | None = None, progress: bool = 
         test = Split(raw.test_images, np.arange(len(raw.test_labels)), np.asarray(raw.test_labels, dtype=np.int64))
     if len(test) == 0:
         raise DataError(f"no test images in {raw.description}")
+    _warn_classes_without_test_images(test.labels, names)
     if raw.test_images.shape[1:] != raw.train_images.shape[1:]:
         raise DataError(
             f"test images are {raw.test_images.shape[1:3]} but training images {raw.train_images.shape[1:3]}; "
@@ -230,9 +344,7 @@ def build_data(cfg: DataConfig, *, arrays: dict | None = None, progress: bool = 
         mean, std = raw.mean, raw.std
     else:
         mean, std = _channel_stats(raw.train_images, train_index, cfg.seed)
-    for key, v in (("mean", mean), ("std", std)):
-        if len(v) not in (1, channels):
-            raise ConfigError(f"config key 'data.{key}' has {len(v)} values, the images have {channels} channels")
+    _check_channels(mean, std, channels)
     counts = np.bincount(train.labels, minlength=C).astype(np.int64)
     return LTData(train=train, val=val, test=test, class_counts=counts, class_names=list(names),
                   source_counts=available, mean=tuple(mean), std=tuple(std), description=raw.description)

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from ..log import bar_enabled
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
@@ -70,7 +71,7 @@ def decode_many(items: list[tuple[str, bytes]] | list[tuple[str, str]], *, chann
     first_name = items[0][0]
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = pool.map(work, items, chunksize=64)
-        if progress:
+        if bar_enabled(progress):  # a bar on a terminal only: no carriage returns in a log file
             from tqdm import tqdm
 
             results = tqdm(results, total=len(items), desc=desc, unit="img", leave=False)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import PARETO_DEFAULT_SHAPE  # the one default: DataConfig.pareto_shape uses it too
 from ..errors import ConfigError
 
-PARETO_DEFAULT_SHAPE = 0.337
+__all__ = ["PARETO_DEFAULT_SHAPE", "class_counts"]
 
 
 def _check(num_classes: int, max_count: int, imbalance_ratio: float) -> None:

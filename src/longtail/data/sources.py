@@ -17,12 +17,16 @@ Sources and what `data.root` points to:
 - ``arrays``: numpy arrays given in Python (`build_data(cfg, arrays={...})`).
 
 Decoded image sources (imagefolder, split_list) go through the prepared store.
+
+Labels: sources without class names (idx, split_list, arrays without `class_names`) take
+their classes from the training labels, 0 to the largest; a validation or test label
+outside that range is an error that names the label, the file and its index or line
+(docs/data.md), never a class "without training images".
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import pickle
 import tarfile
@@ -32,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError, did_you_mean
+from ..registry import SOURCES
 from .images import decode_many, is_image_name
 from .store import fingerprint, prepared
 
@@ -57,6 +62,30 @@ class RawData:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class SourceProbe:
+    """What a source tells without decoding an image (`longtail validate`): its class names and
+    image channels; where known cheaply, the head class's available training count and the image
+    side."""
+
+    class_names: list[str]
+    channels: int
+    head_count: int | None = None
+    image_size: int | None = None
+
+
+def with_probe(probe):
+    """Give a source loader a `.probe(cfg) -> SourceProbe`: the loader's own path checks (the same
+    one-line errors) and its class count, reading lists, labels or file names but no image. A
+    source without one is loaded for real by `longtail validate` (data.build.stand_in_data)."""
+
+    def attach(loader):
+        loader.probe = probe
+        return loader
+
+    return attach
+
+
 def _need_root(cfg: DataConfig) -> Path:
     if not cfg.root:
         raise DataError(f"data.root is required for source '{cfg.source}'")
@@ -68,12 +97,37 @@ def _need_root(cfg: DataConfig) -> Path:
     return root
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> np.ndarray:
+def _check_labels(labels, num_classes: int, where: str, *, lines: list[int] | None = None) -> np.ndarray:
+    """Labels as int64, each in [0, num_classes); else a DataError naming the first bad label and
+    its place: `label L out of range [0, C) in WHERE (index i)`, or with `lines` (a split
+    list's line numbers) `WHERE:LINE: label L out of range [0, C)`."""
     labels = np.asarray(labels).astype(np.int64, copy=False)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)][0]
-        raise DataError(f"label {bad} out of range [0, {num_classes}) in {where}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        if lines is not None:
+            raise DataError(f"{where}:{lines[i]}: label {labels[i]} out of range [0, {num_classes})")
+        raise DataError(f"label {labels[i]} out of range [0, {num_classes}) in {where} (index {i})")
     return labels
+
+
+def _classes_from_labels(labels, where: str, *, lines: list[int] | None = None) -> int:
+    """C for a source whose classes are its labels: one more than the largest training label.
+
+    Every class 0..C-1 needs a training image, so a gap is an error that also names the
+    largest label and where it is (a stray large label is the usual cause)."""
+    labels = np.asarray(labels).astype(np.int64, copy=False)
+    if labels.size == 0:
+        return 0
+    top = int(np.argmax(labels))
+    num_classes = int(labels[top]) + 1
+    _check_labels(labels, num_classes, where, lines=lines)  # negative labels
+    missing = np.setdiff1d(np.arange(num_classes), labels)
+    if len(missing):
+        at = f"{where}:{lines[top]}" if lines is not None else f"{where} (index {top})"
+        raise DataError(f"class '{missing[0]}' has no training images in {where}: classes are numbered by label "
+                        f"from 0 to the largest training label, {num_classes - 1} at {at}")
+    return num_classes
 
 
 # ------------------------------------------------------------------------------ CIFAR
@@ -118,22 +172,34 @@ def _cifar_images(d: dict, path: Path) -> np.ndarray:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.uint8)
 
 
+def _probe_cifar(cfg: DataConfig, folder_name: str, meta: str, key: bytes) -> SourceProbe:
+    folder = _cifar_folder(_need_root(cfg), folder_name)
+    names = [n.decode() for n in _unpickle(folder / meta)[key]]
+    return SourceProbe(names, 3, head_count=50_000 // max(len(names), 1), image_size=32)
+
+
+@SOURCES.register("cifar10")
+@with_probe(lambda cfg: _probe_cifar(cfg, "cifar-10-batches-py", "batches.meta", b"label_names"))
 def load_cifar10(cfg: DataConfig, progress: bool = False) -> RawData:
+    """CIFAR-10 python pickles (cifar-10-batches-py), 10 classes, 50,000 train / 10,000 test."""
     folder = _cifar_folder(_need_root(cfg), "cifar-10-batches-py")
     xs, ys = [], []
     for i in range(1, 6):
         d = _unpickle(folder / f"data_batch_{i}")
         xs.append(_cifar_images(d, folder / f"data_batch_{i}"))
-        ys.append(np.asarray(d[b"labels"]))
+        ys.append(_check_labels(d[b"labels"], 10, str(folder / f"data_batch_{i}")))
     test = _unpickle(folder / "test_batch")
     names = [n.decode() for n in _unpickle(folder / "batches.meta")[b"label_names"]]
-    return RawData(np.concatenate(xs), _check_labels(np.concatenate(ys), 10, str(folder)),
+    return RawData(np.concatenate(xs), np.concatenate(ys),
                    _cifar_images(test, folder / "test_batch"),
                    _check_labels(test[b"labels"], 10, str(folder / "test_batch")), names,
                    mean=CIFAR_MEAN, std=CIFAR_STD, description=f"CIFAR-10 pickles at {folder}")
 
 
+@SOURCES.register("cifar100")
+@with_probe(lambda cfg: _probe_cifar(cfg, "cifar-100-python", "meta", b"fine_label_names"))
 def load_cifar100(cfg: DataConfig, progress: bool = False) -> RawData:
+    """CIFAR-100 python pickles (cifar-100-python), 100 fine classes, 50,000 train / 10,000 test."""
     folder = _cifar_folder(_need_root(cfg), "cifar-100-python")
     train, test = _unpickle(folder / "train"), _unpickle(folder / "test")
     names = [n.decode() for n in _unpickle(folder / "meta")[b"fine_label_names"]]
@@ -201,12 +267,9 @@ def _imagefolder_build(root: Path, cfg: DataConfig, progress: bool):
             items[split] = [(rel, str(p)) for rel, p, _, _ in entries if is_image_name(rel) and _class_of(rel)]
     if "train" not in items:
         raise DataError(f"no train/<class>/<image> files found in {root}")
-    train_dirs = root / "train"
     class_names = sorted({_class_of(rel)[1] for rel, _ in items["train"]})
-    if not archive and train_dirs.is_dir():
-        for d in sorted(p for p in train_dirs.iterdir() if p.is_dir()):
-            if d.name not in class_names:
-                raise DataError(f"class '{d.name}' has no images in {d}")
+    if not archive:
+        _check_class_folders(root, class_names)
     index = {n: i for i, n in enumerate(class_names)}
     splits = {}
     for split, its in items.items():
@@ -223,7 +286,45 @@ def _imagefolder_build(root: Path, cfg: DataConfig, progress: bool):
     return {"class_names": class_names, "description": f"ImageFolder at {root}"}, splits
 
 
+def _check_class_folders(root: Path, class_names: list[str]) -> None:
+    """Every folder under root/train is a class with images (else a DataError naming it)."""
+    train_dirs = root / "train"
+    if train_dirs.is_dir():
+        for d in sorted(p for p in train_dirs.iterdir() if p.is_dir()):
+            if d.name not in class_names:
+                raise DataError(f"class '{d.name}' has no images in {d}")
+
+
+def _probe_imagefolder(cfg: DataConfig) -> SourceProbe:
+    """Class names from the train/<class>/<image> names (an archive's member list; nothing decoded)."""
+    root = _need_root(cfg).resolve()
+    if _is_archive(root):
+        try:
+            with tarfile.open(root, "r:*") as tar:
+                names = [m.name.lstrip("./") for m in tar if m.isfile()]
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise DataError(f"cannot read archive {root}: {err}") from None
+    elif root.is_dir():
+        names = [rel for rel, _, _, _ in _folder_entries(root).get("train", [])]
+    else:
+        raise DataError(f"data.root for imagefolder must be a folder or a .tar/.tar.gz archive: {root}")
+    per_class: dict[str, int] = {}
+    for rel in names:
+        sc = _class_of(rel)
+        if sc is not None and sc[0] == "train" and is_image_name(rel):
+            per_class[sc[1]] = per_class.get(sc[1], 0) + 1
+    if not per_class:
+        raise DataError(f"no train/<class>/<image> files found in {root}")
+    class_names = sorted(per_class)
+    if not _is_archive(root):
+        _check_class_folders(root, class_names)
+    return SourceProbe(class_names, 3, head_count=max(per_class.values()), image_size=cfg.image_size)
+
+
+@SOURCES.register("imagefolder")
+@with_probe(_probe_imagefolder)
 def load_imagefolder(cfg: DataConfig, progress: bool = False) -> RawData:
+    """train/<class>/* and test/<class>/* (optional val/) image files, a folder or a tar archive."""
     root = _need_root(cfg).resolve()
     if _is_archive(root):
         st = root.stat()
@@ -282,11 +383,33 @@ def _find_idx(root: Path, stem: str) -> Path | None:
     return None
 
 
-def load_idx(cfg: DataConfig, progress: bool = False) -> RawData:
+def _missing_idx(root: Path, stem: str) -> str:
+    return f"missing IDX file {stem}[.gz] in {root}"
+
+
+def _probe_idx(cfg: DataConfig) -> SourceProbe:
+    """Classes from the training labels file (the image files are only looked for)."""
     root = _need_root(cfg)
     if not root.is_dir():
         raise DataError(f"data.root for idx must be a folder: {root}")
-    arrays = {}
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        if _find_idx(root, stem) is None:
+            raise DataError(_missing_idx(root, stem))
+    path = _find_idx(root, "train-labels-idx1-ubyte")
+    labels = read_idx(path)
+    num_classes = _classes_from_labels(labels, str(path))
+    return SourceProbe([str(i) for i in range(num_classes)], 1,
+                       head_count=int(np.bincount(np.asarray(labels, dtype=np.int64)).max()))
+
+
+@SOURCES.register("idx")
+@with_probe(_probe_idx)
+def load_idx(cfg: DataConfig, progress: bool = False) -> RawData:
+    """MNIST-format IDX files (train-/t10k- images and labels, raw or .gz)."""
+    root = _need_root(cfg)
+    if not root.is_dir():
+        raise DataError(f"data.root for idx must be a folder: {root}")
+    arrays, paths = {}, {}
     for key, stem in (("train_images", "train-images-idx3-ubyte"), ("train_labels", "train-labels-idx1-ubyte"),
                       ("test_images", "t10k-images-idx3-ubyte"), ("test_labels", "t10k-labels-idx1-ubyte")):
         path = _find_idx(root, stem)
@@ -294,8 +417,8 @@ def load_idx(cfg: DataConfig, progress: bool = False) -> RawData:
             if key.startswith("test"):
                 arrays[key] = None
                 continue
-            raise DataError(f"missing IDX file {stem}[.gz] in {root}")
-        arrays[key] = read_idx(path)
+            raise DataError(_missing_idx(root, stem))
+        arrays[key], paths[key] = read_idx(path), path
     for split in ("train", "test"):
         x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if x is None:
@@ -303,12 +426,12 @@ def load_idx(cfg: DataConfig, progress: bool = False) -> RawData:
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DataError(f"IDX {split} images {x.shape} and labels {y.shape} do not match")
         arrays[f"{split}_images"] = np.asarray(x, dtype=np.uint8)[:, :, :, None]
-    num_classes = int(max(arrays["train_labels"].max(), -1 if arrays["test_labels"] is None else arrays["test_labels"].max())) + 1
-    names = [str(i) for i in range(num_classes)]
-    return RawData(arrays["train_images"], _check_labels(arrays["train_labels"], num_classes, "train labels"),
-                   arrays["test_images"],
-                   None if arrays["test_labels"] is None else _check_labels(arrays["test_labels"], num_classes, "test labels"),
-                   names, description=f"IDX files at {root}")
+    num_classes = _classes_from_labels(arrays["train_labels"], str(paths["train_labels"]))
+    test_labels = arrays["test_labels"]
+    if test_labels is not None:
+        test_labels = _check_labels(test_labels, num_classes, str(paths["test_labels"]))
+    return RawData(arrays["train_images"], np.asarray(arrays["train_labels"], dtype=np.int64), arrays["test_images"],
+                   test_labels, [str(i) for i in range(num_classes)], description=f"IDX files at {root}")
 
 
 # ------------------------------------------------------------------------- split list
@@ -316,6 +439,11 @@ def load_idx(cfg: DataConfig, progress: bool = False) -> RawData:
 
 def read_split_list(path: Path) -> list[tuple[str, int]]:
     """Parse `relative/path label` lines (blank lines and # comments skipped)."""
+    return [(rel, label) for _, rel, label in _split_list_lines(path)]
+
+
+def _split_list_lines(path: Path) -> list[tuple[int, str, int]]:
+    """(line number, relative path, label) per entry of a split list (read_split_list)."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as err:
@@ -334,24 +462,48 @@ def read_split_list(path: Path) -> list[tuple[str, int]]:
             raise DataError(f"{path}:{no}: label {parts[1]!r} is not an integer") from None
         if label < 0:
             raise DataError(f"{path}:{no}: label {label} out of range (negative)")
-        out.append((parts[0], label))
+        out.append((no, parts[0], label))
     if not out:
         raise DataError(f"split list {path} has no entries")
     return out
 
 
-def load_split_list(cfg: DataConfig, progress: bool = False) -> RawData:
+def _read_split_lists(cfg: DataConfig) -> tuple[Path, dict[str, list[tuple[str, int]]], int]:
+    """(data.root, {split: [(relative path, label)]}, number of classes) of the configured lists,
+    labels checked (the classes are the training labels; val / test labels must be among them)."""
     root = _need_root(cfg).resolve()
     if not cfg.train_list:
         raise DataError("data.train_list is required for source 'split_list'")
-    lists = {}
+    lists, num_classes = {}, 0
     for split in ("train", "val", "test"):
         p = getattr(cfg, f"{split}_list")
         if p:
             p = Path(p).expanduser()
             if not p.is_file():
                 raise DataError(f"split list not found: {p}")
-            lists[split] = read_split_list(p)
+            entries = _split_list_lines(p)
+            lines, labels = [no for no, _, _ in entries], [label for _, _, label in entries]
+            if split == "train":
+                num_classes = _classes_from_labels(labels, str(p), lines=lines)
+            else:
+                _check_labels(labels, num_classes, str(p), lines=lines)
+            lists[split] = [(rel, label) for _, rel, label in entries]
+    return root, lists, num_classes
+
+
+def _probe_split_list(cfg: DataConfig) -> SourceProbe:
+    """Classes from the lists (the listed images are neither opened nor looked up)."""
+    _, lists, num_classes = _read_split_lists(cfg)
+    counts = np.bincount([label for _, label in lists["train"]], minlength=num_classes)
+    return SourceProbe([str(i) for i in range(num_classes)], 3, head_count=int(counts.max()),
+                       image_size=cfg.image_size)
+
+
+@SOURCES.register("split_list")
+@with_probe(_probe_split_list)
+def load_split_list(cfg: DataConfig, progress: bool = False) -> RawData:
+    """ImageNet-LT / Places-LT split lists: 'relative/path label' per line, paths under data.root."""
+    root, lists, num_classes = _read_split_lists(cfg)
     parts = ["split_list", str(root), cfg.image_size]
     for split, entries in sorted(lists.items()):
         for rel, label in entries:
@@ -361,7 +513,6 @@ def load_split_list(cfg: DataConfig, progress: bool = False) -> RawData:
             except OSError:
                 raise DataError(f"image listed in data.{split}_list does not exist: {path}") from None
             parts.append((split, rel, label, st.st_size, st.st_mtime_ns))
-    num_classes = max(label for entries in lists.values() for _, label in entries) + 1
 
     def build():
         splits = {}
@@ -380,7 +531,9 @@ def load_split_list(cfg: DataConfig, progress: bool = False) -> RawData:
 # ----------------------------------------------------------------------------- digits
 
 
+@SOURCES.register("digits")
 def load_digits(cfg: DataConfig, progress: bool = False) -> RawData:
+    """scikit-learn's bundled 8x8 digits (1,797 images, no file needed)."""
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
@@ -420,18 +573,27 @@ def arrays_to_raw(arrays: dict) -> RawData:
     if (te_x is None) != (te_y is None) or (te_x is not None and len(te_x) != len(te_y)):
         raise DataError("test_images and test_labels must be given together, with equal lengths")
     names = arrays.get("class_names")
-    num_classes = len(names) if names is not None else int(max(tr_y.max(), -1 if te_y is None else te_y.max())) + 1
+    num_classes = len(names) if names is not None else _classes_from_labels(tr_y, "train_labels")
     names = list(names) if names is not None else [str(i) for i in range(num_classes)]
     return RawData(tr_x, _check_labels(tr_y, num_classes, "train_labels"), te_x,
                    None if te_y is None else _check_labels(te_y, num_classes, "test_labels"), names,
                    description="numpy arrays")
 
 
-SOURCE_LOADERS = {
-    "cifar10": load_cifar10,
-    "cifar100": load_cifar100,
-    "imagefolder": load_imagefolder,
-    "idx": load_idx,
-    "split_list": load_split_list,
-    "digits": load_digits,
-}
+@SOURCES.register("arrays")
+def load_arrays(cfg: DataConfig, progress: bool = False, *, arrays: dict | None = None) -> RawData:
+    """numpy arrays given in Python: build_data(cfg, arrays={...}) (arrays_to_raw)."""
+    if arrays is None:
+        raise ConfigError("data.source 'arrays' is only available from Python: build_data(cfg, arrays={...})")
+    return arrays_to_raw(arrays)
+
+
+def source_loader(name: str):
+    """The loader registered as data.source `name`; a one-line ConfigError naming the key, the
+    registered sources and the closest name otherwise (config.py, on the ground floor, cannot
+    know them, so the source is checked here, before any run folder exists)."""
+    if name not in SOURCES:
+        names = SOURCES.names()
+        raise ConfigError(f"config key 'data.source' must be one of {', '.join(names)}, got '{name}'"
+                          f"{did_you_mean(name, names)}")
+    return SOURCES.get(name)

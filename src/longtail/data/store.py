@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -64,7 +64,8 @@ def prepared(cache_dir: str | Path | None, name: str, key: str,
     meta = {**meta, "fingerprint": key, "splits": sorted(splits)}
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        tmp = root / f".{name}-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()  # mode 0o777 less the umask (tempfile.mkdtemp's 0o700 would hide a shared cache)
     except OSError as err:
         raise DataError(f"cannot write the prepared store in {root}: {err.strerror}; set data.cache_dir") from None
     try:

@@ -21,8 +21,13 @@ depth; `dlsa_val_selected` picks depth and epoch on validation.
 
 Readings and deviations (docs/dlsa.md):
 - features are standardised with the training mean / std (dimensions with std <= 1e-6 x the
-  largest std dropped) for the flows and all classifiers; the MADE log-scale is soft-clamped
-  (flow.py). Both keep log-likelihoods and log-determinants finite.
+  largest std dropped; the divisor floored at `std_floor` x the median std) for the flows
+  and all classifiers; the MADE log-scale is soft-clamped (flow.py).
+- numerical safeguards of flow training (ours, `train_flow`): dequantisation noise of std
+  `flow_noise` on every training batch, and restarts with a halved learning rate after a
+  non-finite epoch (`flow_retries`). Without the noise, post-ReLU features (exact zeros)
+  made the weighted MLE unbounded and the flows overflowed after 4-50 epochs; a lower rate
+  only delayed it.
 - flow epoch: the official rule (most clusters with purity > 0.7 and size > 10 on the
   flow's training subset, among epochs whose largest cluster is under a cap); the official
   cap is 5000 samples on ImageNet-LT (115,846 samples, 500 clusters: 21.6 x the uniform
@@ -42,6 +47,7 @@ Readings and deviations (docs/dlsa.md):
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -54,6 +60,8 @@ from ..eval.metrics import compute_metrics
 from .classifier import ClusterAidedClassifier, LinearClassifier, train_classifier
 from .flow import GaussianMixtureFlow
 from .losses import BalancednessLoss, PairSampler, likelihood_weights, purity_loss, weighted_nll
+
+log = logging.getLogger(__name__)
 
 FLOW_SELECT = ("clusters", "last")
 
@@ -88,6 +96,9 @@ class DLSAConfig:
     flow_epochs: int = 50                # official ImageNet-LT value
     flow_batch: int = 512                # ours: official 1024 on 116k ImageNet-LT samples
     flow_lr: float = 0.2
+    flow_noise: float = 0.05             # ours: std of the dequantisation noise on flow training batches (0: off)
+    flow_retries: int = 5                # ours: restarts with a halved flow lr after a non-finite epoch
+    std_floor: float = 0.1               # ours: standardisation divisor >= this x the median feature std
     flow_select: str = "clusters"
     min_purity: float = 0.7
     min_size: int = 10
@@ -117,6 +128,9 @@ class DLSAConfig:
             need(key, is_int(getattr(self, key)) and getattr(self, key) >= 1, "an integer >= 1")
         need("flow_batch", self.flow_batch >= 2, "an integer >= 2 (batch-norm statistics)")
         need("min_size", is_int(self.min_size) and self.min_size >= 0, "an integer >= 0")
+        need("flow_retries", is_int(self.flow_retries) and self.flow_retries >= 0, "an integer >= 0")
+        for key in ("flow_noise", "std_floor"):
+            need(key, is_num(getattr(self, key)) and getattr(self, key) >= 0, "a number >= 0")
         need("seed", is_int(self.seed) and self.seed >= 0, "an integer >= 0")
         need("filter_share", is_num(self.filter_share) and 0 < self.filter_share < 1, "a number in (0, 1)")
         need("eta", is_num(self.eta) and 0 <= self.eta < 1, "a number in [0, 1)")
@@ -142,13 +156,24 @@ class DLSAConfig:
 
 
 class Standardiser:
-    """x -> (x[:, keep] - mean) / std with training statistics; drops constant dimensions."""
+    """x -> (x[:, keep] - mean) / max(std, floor) with training statistics (N, D) -> (N, D_kept).
 
-    def __init__(self, features: np.ndarray):
+    Drops constant dimensions (std <= 1e-6 x the largest std). Numerical safeguard (ours):
+    the divisor is floored at `std_floor` x the median std of the kept dimensions. Post-ReLU
+    pooled features have nearly dead channels (non-zero in a handful of samples, std ~1e-3 of
+    a typical channel); dividing by their own std turns those few samples into z-scores of
+    ~sqrt(N / k) (100+ on CIFAR-size sets), and such outliers make the flow's MLE gradient
+    explode. With the floor a nearly dead channel keeps its small spread; ordinary channels
+    (std >= the floor) are standardised exactly as before. `std_floor=0` turns it off.
+    """
+
+    def __init__(self, features: np.ndarray, *, std_floor: float = 0.1):
         std = features.std(0)
         self.keep = np.where(std > 1e-6 * max(float(std.max()), 1e-12))[0]
         self.mean = features[:, self.keep].mean(0)
-        self.std = std[self.keep]
+        kept = std[self.keep]
+        floor = std_floor * float(np.median(kept)) if len(kept) else 0.0
+        self.std = np.maximum(kept, floor)
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         return ((features[:, self.keep] - self.mean) / self.std).astype(np.float32)
@@ -171,9 +196,80 @@ def cluster_prior_table(clusters: np.ndarray, labels: np.ndarray, num_clusters: 
     return (hist / np.maximum(size, 1)).astype(np.float32)
 
 
+def _snapshot(flow: GaussianMixtureFlow, balance: BalancednessLoss) -> dict:
+    """Everything one flow epoch changes: the weights, the batch-norm running statistics and the
+    balancedness estimator's state (its running tensor is replaced, never modified in place)."""
+    return {"flow": copy.deepcopy(flow.state_dict()), "running": balance.running, "step": balance.step}
+
+
+def _restore(flow: GaussianMixtureFlow, balance: BalancednessLoss, saved: dict) -> None:
+    """Put back a `_snapshot`."""
+    flow.load_state_dict(saved["flow"])
+    balance.running, balance.step = saved["running"], saved["step"]
+
+
+def _flow_epoch(flow, optimiser, features, pos, neg, *, target, weights, balance, cfg, batch, steps,
+                noise) -> tuple[np.ndarray, float, str | None]:
+    """One epoch of SGD steps on (positive, negative) pairs, each batch with fresh dequantisation
+    noise. Returns (mean [loss, mle, balance, purity], largest gradient norm, None), or stops at
+    the first non-finite loss or gradient norm, before its step, and returns what was not finite."""
+    totals, largest = np.zeros(4), 0.0
+    params = list(flow.parameters())
+    for s in range(steps):
+        p = torch.as_tensor(pos[s * batch:(s + 1) * batch], device=features.device)
+        q = torch.as_tensor(neg[s * batch:(s + 1) * batch], device=features.device)
+        x_pos, x_neg = features[p], features[q]
+        if cfg.flow_noise > 0:
+            x_pos = x_pos + cfg.flow_noise * torch.randn(x_pos.shape, generator=noise, device=x_pos.device)
+            x_neg = x_neg + cfg.flow_noise * torch.randn(x_neg.shape, generator=noise, device=x_neg.device)
+        _, joint_pos, ll_pos = flow(x_pos)
+        _, joint_neg, _ = flow(x_neg)
+        parts = [cfg.lambda_lh * weighted_nll(ll_pos, target[p], weights)]
+        parts.append(cfg.lambda_bal * balance(joint_pos) if cfg.lambda_bal > 0 else ll_pos.new_zeros(()))
+        parts.append(cfg.lambda_pure * purity_loss(joint_pos, joint_neg) if cfg.lambda_pure > 0
+                     else ll_pos.new_zeros(()))
+        loss = parts[0] + parts[1] + parts[2]
+        if not torch.isfinite(loss):
+            return totals / steps, largest, f"the flow loss is not finite at step {s + 1}"
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))  # the norm only, no clipping
+        if not math.isfinite(norm):
+            return totals / steps, largest, f"the flow gradient norm is not finite at step {s + 1}"
+        largest = max(largest, norm)
+        optimiser.step()
+        totals += [float(v.detach()) for v in (loss, *parts)]
+    return totals / steps, largest, None
+
+
+def _divergence_message(name: str, epoch: int, failure: str, cfg: DLSAConfig, lr: float) -> str:
+    """The one-line error after the last allowed restart, naming the options that help."""
+    return (f"{name}: flow training diverged at epoch {epoch} ({failure}) after {cfg.flow_retries} restart(s), "
+            f"each with half the learning rate (last {lr:g}); lower --flow-lr (now {cfg.flow_lr:g}), raise "
+            f"--flow-noise (now {cfg.flow_noise:g}; the noise keeps repeated feature values such as post-ReLU "
+            f"zeros from making the likelihood unbounded) or raise --flow-retries (now {cfg.flow_retries})")
+
+
 def train_flow(features: torch.Tensor, labels: np.ndarray, *, cfg: DLSAConfig, clusters: int,
-               num_classes: int, seed: int, log=print, name: str = "filter") -> tuple[GaussianMixtureFlow, dict]:
-    """Train one Flow Filter on (features (n, D), labels (n,)); returns (flow in eval mode, info)."""
+               num_classes: int, seed: int, name: str = "filter") -> tuple[GaussianMixtureFlow, dict]:
+    """Train one Flow Filter on (features (n, D), labels (n,)); returns (flow in eval mode, info).
+
+    Numerical safeguards (ours, not in the paper; docs/dlsa.md "Numerical safeguards"):
+    - dequantisation: every training batch gets fresh N(0, `cfg.flow_noise`^2) noise (seeded).
+      Post-ReLU features repeat values exactly (zeros), and a subset can be constant in a
+      dimension; a continuous density's likelihood on such point masses has no maximum, so
+      without the noise the weighted MLE keeps sharpening the flow until SGD overflows. The
+      likelihoods used for filtering, routing and the epoch choice are those of the clean
+      features (eval mode, no noise).
+    - recovery: an epoch whose loss, gradient (norm) or end-of-epoch training-subset
+      likelihoods are not finite is undone: the weights, batch-norm statistics and
+      balancedness state of the end of the previous epoch are restored, the learning rate is
+      halved for the rest of this flow, and training goes on from there (logged, and listed
+      in info["restarts"]). If the very next epoch fails again, that restored state is finite
+      but already wrecked, so the flow starts over from its initial weights (history and
+      epoch choice reset) at the halved rate. After `cfg.flow_retries` restarts a one-line
+      ConfigError names the options that help.
+    """
     n = features.shape[0]
     try:
         sampler = PairSampler(labels)
@@ -185,44 +281,57 @@ def train_flow(features: torch.Tensor, labels: np.ndarray, *, cfg: DLSAConfig, c
                            dtype=torch.float32, device=features.device)
     target = torch.as_tensor(labels, dtype=torch.long, device=features.device)
     balance = BalancednessLoss(clusters=clusters, momentum=cfg.eta)
-    optimiser = torch.optim.SGD(flow.parameters(), lr=cfg.flow_lr, momentum=0.0)
+    lr = cfg.flow_lr
+    optimiser = torch.optim.SGD(flow.parameters(), lr=lr, momentum=0.0)
     rng = np.random.default_rng(seed)
+    noise = torch.Generator(device=features.device)
+    noise.manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
     batch = min(cfg.flow_batch, n)
     steps = max(n // batch, 1)  # full batches only: batch-norm needs >= 2 samples
     cap = cfg.max_cluster_ratio * n / clusters
     best = {"good": -1, "epoch": None, "state": None}
-    history = []
-    for epoch in range(1, cfg.flow_epochs + 1):
+    history, restarts = [], []
+    initial = saved = _snapshot(flow, balance)
+    epoch, progressed = 1, True
+    while epoch <= cfg.flow_epochs:
         flow.train()
         pos, neg = sampler.epoch(rng)
-        totals = np.zeros(4)
-        for s in range(steps):
-            p = torch.as_tensor(pos[s * batch:(s + 1) * batch], device=features.device)
-            q = torch.as_tensor(neg[s * batch:(s + 1) * batch], device=features.device)
-            _, joint_pos, ll_pos = flow(features[p])
-            _, joint_neg, _ = flow(features[q])
-            parts = [cfg.lambda_lh * weighted_nll(ll_pos, target[p], weights)]
-            parts.append(cfg.lambda_bal * balance(joint_pos) if cfg.lambda_bal > 0 else ll_pos.new_zeros(()))
-            parts.append(cfg.lambda_pure * purity_loss(joint_pos, joint_neg) if cfg.lambda_pure > 0
-                         else ll_pos.new_zeros(()))
-            loss = parts[0] + parts[1] + parts[2]
-            if not torch.isfinite(loss):
-                raise ConfigError(f"{name}: the flow loss became non-finite at epoch {epoch}; "
-                                  f"lower --flow-lr (now {cfg.flow_lr:g})")
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            totals += [float(v.detach()) for v in (loss, *parts)]
-        ll, assigned = flow.score(features)
+        totals, grad_norm, failure = _flow_epoch(flow, optimiser, features, pos, neg, target=target,
+                                                 weights=weights, balance=balance, cfg=cfg, batch=batch,
+                                                 steps=steps, noise=noise)
+        if failure is None:
+            ll, assigned = flow.score(features)
+            if not bool(torch.isfinite(ll).all()):
+                failure = "the likelihoods of the training subset are not finite"
+        if failure is not None:
+            if len(restarts) >= cfg.flow_retries:
+                raise ConfigError(_divergence_message(name, epoch, failure, cfg, lr))
+            lr /= 2
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            # a state that fails again at once, at a lower rate, is finite but already wrecked: start over
+            resume = 0 if restarts and not progressed else epoch - 1
+            _restore(flow, balance, initial if resume == 0 else saved)
+            if resume == 0:
+                saved, history, best = initial, [], {"good": -1, "epoch": None, "state": None}
+            restarts.append({"epoch": epoch, "failure": failure, "resumed_after_epoch": resume, "new_lr": lr})
+            log.warning(f"  {name}: epoch {epoch}: {failure}; went back to "
+                        f"{'the initial weights' if resume == 0 else f'the state after epoch {resume}'} "
+                        f"and halved the flow learning rate to {lr:g}")
+            epoch, progressed = resume + 1, False
+            continue
+        progressed = True
+        saved = _snapshot(flow, balance)
         stats = cluster_statistics(assigned.cpu().numpy(), labels, clusters, num_classes)
         good = int(((stats["purity"] > cfg.min_purity) & (stats["size"] > cfg.min_size)).sum())
         largest = int(stats["size"].max())
-        totals /= steps
         history.append({"epoch": epoch, "loss": totals[0], "mle": totals[1], "balance": totals[2],
                         "purity": totals[3], "good_clusters": good, "largest_cluster": largest,
-                        "used_clusters": int((stats["size"] > 0).sum()), "mean_loglik": float(ll.mean())})
+                        "used_clusters": int((stats["size"] > 0).sum()), "mean_loglik": float(ll.mean()),
+                        "lr": lr, "max_grad_norm": grad_norm})
         if cfg.flow_select == "clusters" and good > best["good"] and largest < cap:
-            best = {"good": good, "epoch": epoch, "state": copy.deepcopy(flow.state_dict())}
+            best = {"good": good, "epoch": epoch, "state": saved["flow"]}
+        epoch += 1
     if best["state"] is not None:
         flow.load_state_dict(best["state"])
         selected = best["epoch"]
@@ -230,12 +339,13 @@ def train_flow(features: torch.Tensor, labels: np.ndarray, *, cfg: DLSAConfig, c
         selected = cfg.flow_epochs
     flow.eval()
     h = history[selected - 1]
-    log(f"  {name}: {n} samples, {steps} steps/epoch x {cfg.flow_epochs} epochs; epoch {selected} kept "
-        f"({h['good_clusters']} clusters with purity > {cfg.min_purity:g} and size > {cfg.min_size}, "
-        f"largest {h['largest_cluster']}, {h['used_clusters']}/{clusters} used)")
+    log.info(f"  {name}: {n} samples, {steps} steps/epoch x {cfg.flow_epochs} epochs; epoch {selected} kept "
+             f"({h['good_clusters']} clusters with purity > {cfg.min_purity:g} and size > {cfg.min_size}, "
+             f"largest {h['largest_cluster']}, {h['used_clusters']}/{clusters} used)"
+             + (f"; {len(restarts)} restart(s), final lr {lr:g}" if restarts else ""))
     info = {"samples": int(n), "steps_per_epoch": steps, "selected_epoch": selected,
             "selection": cfg.flow_select if best["state"] is not None else "last",
-            "largest_cluster_cap": cap, "history": history}
+            "largest_cluster_cap": cap, "restarts": restarts, "final_lr": lr, "history": history}
     return flow, info
 
 
@@ -284,8 +394,8 @@ class DLSACascade:
     classifier each and let the depth be compared (and chosen on validation).
     """
 
-    def __init__(self, cfg: DLSAConfig, num_classes: int, *, log=print):
-        self.cfg, self.num_classes, self.log = cfg, num_classes, log
+    def __init__(self, cfg: DLSAConfig, num_classes: int):
+        self.cfg, self.num_classes = cfg, num_classes
         self.stages: list[_Stage] = []
         self.regular: list[tuple[torch.nn.Module, list]] = []
         self.info: list[dict] = []
@@ -311,7 +421,7 @@ class DLSACascade:
             t0, c0 = time.perf_counter(), time.process_time()
             idx = np.where(remaining)[0]
             flow, info = train_flow(features[torch.as_tensor(idx, device=features.device)], labels[idx], cfg=cfg,
-                                    clusters=K, num_classes=C, seed=self._seed(1, d), log=self.log,
+                                    clusters=K, num_classes=C, seed=self._seed(1, d),
                                     name=f"filter {d + 1}")
             flow_seconds, flow_cpu = time.perf_counter() - t0, time.process_time() - c0
             ll, assigned = (t.cpu().numpy() for t in flow.score(features))
@@ -412,10 +522,10 @@ def _select(val_logits: list[np.ndarray] | None, val_labels: np.ndarray | None) 
     return int(np.argmax(scores))  # first maximum: the earliest epoch among ties
 
 
-def run_dlsa(feature_set, cfg: DLSAConfig | None = None, *, many_threshold: int = 100, few_threshold: int = 20,
-             log=print) -> dict:
+def run_dlsa(feature_set, cfg: DLSAConfig | None = None, *, many_threshold: int = 100,
+             few_threshold: int = 20) -> dict:
     """DLSA vs the classifier alone on a `longtail.features.FeatureSet`; JSON-ready results."""
-    from ..train.loop import resolve_device
+    from ..dist import resolve_device
 
     cfg = cfg or DLSAConfig()
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -432,7 +542,7 @@ def run_dlsa(feature_set, cfg: DLSAConfig | None = None, *, many_threshold: int 
     tail = np.where(counts <= tail_threshold)[0]
     K = cfg.clusters or default_clusters(C)
     thresholds = {"many_threshold": many_threshold, "few_threshold": few_threshold}
-    std = Standardiser(np.asarray(train["features"], dtype=np.float64))
+    std = Standardiser(np.asarray(train["features"], dtype=np.float64), std_floor=cfg.std_floor)
 
     def tensor(split):
         return torch.as_tensor(std(np.asarray(split["features"], dtype=np.float64)), device=device)
@@ -443,8 +553,8 @@ def run_dlsa(feature_set, cfg: DLSAConfig | None = None, *, many_threshold: int 
     x_test, y_test = tensor(test), np.asarray(test["labels"], dtype=np.int64)
     x_val = tensor(feature_set["val"]) if has_val else None
     y_val = np.asarray(feature_set["val"]["labels"], dtype=np.int64) if has_val else None
-    log(f"dlsa: {len(labels)} training samples, {C} classes, {x_train.shape[1]} feature dimensions "
-        f"({len(std.keep)} kept), K = {K}, depth {cfg.depth}, seed {cfg.seed}")
+    log.info(f"dlsa: {len(labels)} training samples, {C} classes, {x_train.shape[1]} feature dimensions "
+             f"({len(std.keep)} kept), K = {K}, depth {cfg.depth}, seed {cfg.seed}")
 
     # the classifier alone: the regular classifier on every training sample, same training
     t0, c0 = time.perf_counter(), time.process_time()
@@ -458,7 +568,7 @@ def run_dlsa(feature_set, cfg: DLSAConfig | None = None, *, many_threshold: int 
     alone_val = _predict_alone(alone, snaps, x_val) if has_val else None
 
     t0, c0 = time.perf_counter(), time.process_time()
-    cascade = DLSACascade(cfg, C, log=log).fit(x_train, labels)
+    cascade = DLSACascade(cfg, C).fit(x_train, labels)
     fit_seconds, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
     depths = list(range(1, cfg.depth + 1))
     test_pred = {d: cascade.predict(x_test, d) for d in depths}

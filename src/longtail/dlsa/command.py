@@ -11,7 +11,7 @@ import csv
 import io
 
 from ..errors import ConfigError
-from ..features import CHECKPOINTS
+from ..rundir import CHECKPOINT_CHOICES, RunDir
 
 # (flag, DLSAConfig field, type, help); defaults come from DLSAConfig
 _OPTIONS = (
@@ -29,6 +29,12 @@ _OPTIONS = (
     ("--flow-epochs", "flow_epochs", int, "epochs per flow (default 50)"),
     ("--flow-batch", "flow_batch", int, "flow batch size (default 512)"),
     ("--flow-lr", "flow_lr", float, "flow SGD learning rate (default 0.2)"),
+    ("--flow-noise", "flow_noise", float, "std of the dequantisation noise added to every flow training batch of "
+                                          "standardised features, 0 = off (default 0.05)"),
+    ("--flow-retries", "flow_retries", int, "restarts of a flow from its last finite epoch with the learning rate "
+                                            "halved, before giving up (default 5)"),
+    ("--std-floor", "std_floor", float, "standardisation divides by max(std, this x the median std), 0 = off "
+                                        "(default 0.1)"),
     ("--flow-select", "flow_select", str, "flow epoch: 'clusters' (official purity/size rule) or 'last'"),
     ("--cls-epochs", "cls_epochs", int, "classifier epochs (default 150)"),
     ("--cls-batch", "cls_batch", int, "classifier batch size (default 128)"),
@@ -91,7 +97,9 @@ def format_result(result: dict) -> str:
                      f"{_fmt(t['separation_accuracy'], 0, 1)} % (random: {_fmt(t['tail_share_reached'], 0, 1)} %); "
                      f"its classifier {_fmt(t['classifier_top1'], 0, 1)} % "
                      f"vs alone {_fmt(t['alone_top1_same_samples'], 0, 1)} % on the same test samples; "
-                     f"flow epoch {fl['flow']['selected_epoch']}, {fl['flow_seconds']:.0f} s")
+                     f"flow epoch {fl['flow']['selected_epoch']}, {fl['flow_seconds']:.0f} s"
+                     + (f"; {len(fl['flow']['restarts'])} flow restart(s), lr {fl['flow']['final_lr']:g}"
+                        if fl["flow"].get("restarts") else ""))
     reg = result["regular_classifier"]
     lines.append(f"regular classifier: train {reg['train']} ({reg['train_tail']} tail), test {reg['test']} "
                  f"({reg['test_tail']} tail); {_fmt(reg['classifier_top1'], 0, 1)} % vs alone "
@@ -106,8 +114,8 @@ def _cmd_dlsa(args) -> int:
     from pathlib import Path
 
     from ..features import extract_features
-    from ..runs import load_run_config
-    from ..train.checkpoint import atomic_write_json, atomic_write_text
+    from ..runlock import lock_if_inside
+    from ..io import atomic_write_json, atomic_write_text
     from .cascade import run_dlsa
 
     cfg = config_from_args(args)  # validate before any work
@@ -116,7 +124,7 @@ def _cmd_dlsa(args) -> int:
         raise ConfigError(f"--out {out} exists and is not a folder")
     fs = extract_features(args.run_dir, checkpoint=args.checkpoint,
                           device=None if args.device == "cpu" else args.device)
-    run_cfg = load_run_config(args.run_dir)
+    run_cfg = RunDir(args.run_dir).read_config()
     result = run_dlsa(fs, cfg, many_threshold=run_cfg.eval.many_threshold, few_threshold=run_cfg.eval.few_threshold)
     result["run"] = str(args.run_dir)
     result["checkpoint"] = args.checkpoint
@@ -125,8 +133,9 @@ def _cmd_dlsa(args) -> int:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_json(out / "dlsa.json", result)
-    atomic_write_text(out / "summary.csv", buffer.getvalue())
+    with lock_if_inside(out, args.run_dir):  # an --out inside the run folder: not while another process writes there
+        atomic_write_json(out / "dlsa.json", result)
+        atomic_write_text(out / "summary.csv", buffer.getvalue())
     print(format_result(result))
     print(f"wrote {out / 'dlsa.json'} and {out / 'summary.csv'}")
     return 0
@@ -137,7 +146,7 @@ def register(sub) -> None:
                                     "vs the same classifier alone; per-filter head-tail separation")
     p.add_argument("run_dir", help="a trained run folder (features are extracted and cached in RUN_DIR/features/)")
     p.add_argument("--out", required=True, help="folder for dlsa.json and summary.csv")
-    p.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="last")
+    p.add_argument("--checkpoint", choices=sorted(CHECKPOINT_CHOICES), default="last")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     for flag, key, kind, text in _OPTIONS:
         p.add_argument(flag, dest=key, type=kind, default=None, help=text)

@@ -25,8 +25,12 @@ is not a dependency of this project; the model above is ~150 lines.
 Deviation, to keep likelihoods finite on real features: the MADE log-scale is soft-clamped,
 s = c tanh(s_raw / c) with c = `scale_clamp` (default 5: a per-layer scale within
 [e^-5, e^5]; the official code has no clamp; None turns it off). The cascade also
-standardises the features (train mean / std, constant dimensions dropped) before the flow,
-see `cascade.Standardiser`.
+standardises the features (train mean / std with a std floor, constant dimensions dropped)
+before the flow, see `cascade.Standardiser`, and trains it with dequantisation noise and
+restarts on a non-finite epoch, see `cascade.train_flow`. The clamp alone does not bound
+the likelihood: the shifts and the batch-norm scales are free, so on features with exact
+repeated values (post-ReLU zeros) the weighted MLE sharpens the flow without limit; the
+noise is what keeps that optimum finite.
 
 Shapes: features (B, D) -> z (B, D), log_det (B,), log_joint (B, K), log_likelihood (B,).
 """

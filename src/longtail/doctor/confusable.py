@@ -17,7 +17,6 @@ a feature extractor (any run: it need not have been trained on this dataset):
 
 from __future__ import annotations
 
-from typing import Iterable
 
 import numpy as np
 
@@ -35,27 +34,6 @@ def sample_per_class(labels: np.ndarray, num_classes: int, max_per_class: int, s
         idx = np.where(labels == c)[0]
         keep.append(idx if len(idx) <= max_per_class else rs.choice(idx, max_per_class, replace=False))
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
-
-
-def class_prototypes(batches: Iterable[tuple[np.ndarray, np.ndarray]],
-                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean feature per class from (features (B, D), labels (B,)) batches.
-
-    Returns (prototypes (C, D) float64, images used per class (C,)); a class without
-    images has a row of NaN.
-    """
-    sums, used = None, np.zeros(num_classes, dtype=np.int64)
-    for feats, labels in batches:
-        feats = np.asarray(feats, dtype=np.float64)
-        labels = np.asarray(labels, dtype=np.int64)
-        if sums is None:
-            sums = np.zeros((num_classes, feats.shape[1]))
-        np.add.at(sums, labels, feats)
-        used += np.bincount(labels, minlength=num_classes)
-    if sums is None:
-        raise ConfigError("no readable training images to compute class prototypes from")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return sums / used[:, None], used
 
 
 def rank_pairs(prototypes: np.ndarray, counts, *, min_ratio: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

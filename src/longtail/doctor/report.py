@@ -23,8 +23,11 @@ import numpy as np
 from ..config import load_config
 from ..data.build import LTData, build_data
 from ..errors import ConfigError, DataError
-from ..train.checkpoint import atomic_write_json
-from .confusable import class_prototypes, describe_pairs, first_per_tail, rank_pairs, sample_per_class
+from ..io import atomic_write_json
+from ..log import bar_enabled
+from ..rundir import RunDir
+from ..similarity.projection import class_prototypes
+from .confusable import describe_pairs, first_per_tail, rank_pairs, sample_per_class
 from .inventory import ImageFile, config_files, folder_inventory, train_counts
 from .plot import plot_class_counts
 from .scan import scan_arrays, scan_files
@@ -86,6 +89,19 @@ def confusable_report(predictor, *, counts, class_names, groups, files=None, dat
             "at_risk": describe_pairs(head[firsts], tail[firsts], sim[firsts], counts, class_names, groups)}
 
 
+def _file_labels(files: list[ImageFile], split: str) -> np.ndarray:
+    return np.asarray([f.label for f in files if f.split == split], dtype=np.int64)
+
+
+def classes_without_test_images(class_names: list[str], counts, test_labels: np.ndarray) -> list[str]:
+    """Classes with training images but no test image; [] when there is no test split at all
+    (training then holds a balanced test split out of the training images)."""
+    if len(test_labels) == 0:
+        return []
+    support = np.bincount(test_labels, minlength=len(class_names))
+    return [name for name, n, k in zip(class_names, counts, support, strict=False) if n > 0 and k == 0]
+
+
 def _inspect(spec: Path, overrides, progress: bool) -> dict:
     """Classes, counts, files / data and scan results of a DATA-SPEC (module docstring)."""
     if spec.is_dir():
@@ -95,6 +111,7 @@ def _inspect(spec: Path, overrides, progress: bool) -> dict:
         return {"description": f"image folder {inv.root} ({inv.layout} layout)", "class_names": inv.class_names,
                 "counts": inv.train_counts(), "counts_from": "image files of the training classes",
                 "files": inv.files, "data": None, "notes": list(inv.notes), "eval": None,
+                "test_labels": _file_labels(inv.files, "test"),
                 "scan": scan_files(inv.files, inv.class_names, progress=progress)}
     cfg = load_config(spec, list(overrides or []))
     names, files = config_files(cfg)
@@ -102,13 +119,15 @@ def _inspect(spec: Path, overrides, progress: bool) -> dict:
     out = {"files": files, "notes": [], "eval": cfg.eval, "scan": scan, "data": None}
     if scan and scan["unreadable"]:
         out.update(description=f"config {spec} (data.source {cfg.data.source}, not built)", class_names=names,
-                   counts=train_counts(files, len(names)), counts_from="image files (before the long-tail profile)")
+                   counts=train_counts(files, len(names)), counts_from="image files (before the long-tail profile)",
+                   test_labels=_file_labels(files, "test"))
         out["notes"].append(f"{len(scan['unreadable'])} unreadable file(s): build_data would stop at the first one, "
                             "so the counts are the files' counts before the profile; remove or fix them")
         return out
     data = build_data(cfg.data, progress=progress)
     out.update(description=f"config {spec}: {data.description}", class_names=data.class_names,
-               counts=data.class_counts, counts_from="build_data (after the long-tail profile and splits)", data=data)
+               counts=data.class_counts, counts_from="build_data (after the long-tail profile and splits)", data=data,
+               test_labels=data.test.labels)
     if scan is None:
         out["scan"] = scan_arrays({"train": data.train, "val": data.val, "test": data.test}, data.class_names)
     return out
@@ -133,6 +152,7 @@ def run_doctor(spec: str | Path, *, out: str | Path, overrides: list[str] | None
         raise DataError(f"data spec not found: {spec} (give an image folder or a YAML config)")
     if spec.is_file() and spec.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
         raise DataError(f"{spec} is an archive: give a YAML config with data.source imagefolder and data.root {spec}")
+    progress = bar_enabled(progress)  # bars on a terminal only (longtail.log)
     predictor = None
     if features is not None:
         from ..inference import load
@@ -151,6 +171,10 @@ def run_doctor(spec: str | Path, *, out: str | Path, overrides: list[str] | None
               "unreadable": scan["unreadable"], "notes": found["notes"], "figure": str(out / FIGURE)}
     if len(scan["sizes"]) > 1:
         report["notes"].append(f"{len(scan['sizes'])} different image sizes: set data.image_size to train on them")
+    report["no_test_images"] = classes_without_test_images(names, counts, found["test_labels"])
+    report["notes"] += [f"class '{name}' has training images but no test images: its test accuracy will be "
+                        f"undefined (null in {RunDir.EVAL}) and left out of the mean and shot-group accuracies"
+                        for name in report["no_test_images"]]
     if predictor is not None:
         report["features"] = confusable_report(predictor, counts=counts, class_names=names, groups=group_of(stats),
                                                files=found["files"], data=found["data"], min_ratio=min_ratio, top=top,

@@ -1,4 +1,9 @@
-"""Metrics from logits and labels: top-1, shot groups, per class, MCC, NMI, ECE, confusion.
+"""Metrics from logits and labels: top-1, top-5, shot groups, per class, MCC, NMI, ECE, confusion.
+
+Top-5 (`top5`) counts an image as correct when its label is among the 5 highest logits
+(ties broken toward the lower class index, as argmax breaks them for top-1). It is what
+papers report beside top-1 for 100 classes or more. With 5 classes or fewer every label is
+among the top 5, so the key is left out of the result (not null, not a trivial 100).
 
 Shot groups follow classifier-balancing's `shot_acc`: each group's score is the mean of
 the per-class accuracies of its classes, with groups taken from *training* counts:
@@ -8,6 +13,13 @@ rare_threshold <= n < few_threshold. Seed 003 names Many/Medium/Few/Rare for its
 ImageNet-LT table without defining the boundaries; these thresholds are our reading.
 A group with no class is reported as null. MCC, NMI and the confusion matrix come from
 scikit-learn.
+
+A class with no test images (possible when the source brings its own test split) has an
+undefined accuracy: its `per_class` entry is null, it is left out of `mean_per_class` and
+of its shot group's mean (a group whose classes all lack test images is null), it stays
+in `groups` (the groups are of training counts), and `warnings` names it. Top-1, MCC, NMI,
+ECE and the confusion matrix are over the test images, so they need no exception (its
+confusion row is zeros). No metric is NaN, so eval.json is strict JSON.
 """
 
 from __future__ import annotations
@@ -53,8 +65,35 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def mean_defined(values: np.ndarray) -> float | None:
+    """Mean of the non-NaN values; None when there are none."""
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else None
+
+
+def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Percent of rows whose label is among the k highest logits (ties: lower class index first).
+
+    logits (N, C) float, labels (N,) int, 1 <= k <= C.
+    """
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    if not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"k must be in [1, {logits.shape[1]}], got {k}")
+    if len(labels) == 0:
+        return 0.0
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return float((top == labels[:, None]).any(axis=1).mean() * 100.0)
+
+
 def _group_means(per_class: np.ndarray, groups: dict) -> dict:
-    return {g: (float(np.nanmean(per_class[idx])) if len(idx) else None) for g, idx in groups.items()}
+    return {g: mean_defined(per_class[idx]) for g, idx in groups.items()}
+
+
+def no_test_image_warnings(support: np.ndarray, class_names: list[str] | None = None) -> list[str]:
+    """One line per class with no test images (support 0): what that does to the metrics."""
+    names = class_names if class_names is not None else [str(i) for i in range(len(support))]
+    return [f"class '{names[c]}' has no test images: its accuracy is undefined (null) and it is left out of "
+            "mean_per_class and the shot-group means" for c in np.flatnonzero(np.asarray(support) == 0)]
 
 
 def compute_metrics(logits: np.ndarray, labels: np.ndarray, class_counts, *, many_threshold: int = 100,
@@ -84,8 +123,9 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, class_counts, *, man
     out = {
         "num_samples": int(len(labels)),
         "top1": float((preds == labels).mean() * 100.0),
+        **({"top5": top_k_accuracy(logits, labels, 5)} if C > 5 else {}),
         **_group_means(per_class, three),
-        "mean_per_class": float(np.nanmean(per_class)),
+        "mean_per_class": mean_defined(per_class),
         "per_class": [None if np.isnan(v) else float(v) for v in per_class],
         "mcc": float(matthews_corrcoef(labels, preds)),
         "nmi": float(normalized_mutual_info_score(labels, preds)),
@@ -96,6 +136,7 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, class_counts, *, man
         "train_counts": [int(v) for v in np.asarray(class_counts)],
         "confusion": cm.tolist(),
         "reliability": reliability,
+        "warnings": no_test_image_warnings(support, class_names),
     }
     if class_names is not None:
         out["class_names"] = list(class_names)
@@ -106,5 +147,6 @@ def format_summary(name: str, m: dict) -> str:
     def f(v):
         return "  -  " if v is None else f"{v:5.1f}"
 
-    return (f"{name:<22} top1 {f(m['top1'])}  many {f(m['many'])}  medium {f(m['medium'])}  "
+    top5 = f"  top5 {f(m['top5'])}" if "top5" in m else ""  # 6 classes or more
+    return (f"{name:<22} top1 {f(m['top1'])}{top5}  many {f(m['many'])}  medium {f(m['medium'])}  "
             f"few {f(m['few'])}  mcc {m['mcc']:.3f}  nmi {m['nmi']:.3f}  ece {m['ece']:.3f}")

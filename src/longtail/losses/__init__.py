@@ -1,21 +1,16 @@
-"""Losses: one module per family, each an nn.Module(logits, target) built from class_counts."""
+"""Losses: one module per family, each an nn.Module(logits, target) built from class_counts.
+
+Every module of this package is imported here, so a loss registers itself by being in the
+package (tests/test_registries.py fails on a Loss class that is not registered)."""
+
+import importlib
+import pkgutil
 
 from ..registry import LOSSES
-from . import (  # noqa: F401  (registration)
-    balanced_softmax,
-    ce,
-    class_balanced,
-    eql,
-    focal,
-    ghm,
-    ghm_cwap,
-    label_smoothing,
-    ldam,
-    logit_adjustment,
-    seesaw,
-    swrm,
-)
 from .base import Loss, effective_number_weights, inverse_frequency_weights
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build_loss(name: str, params: dict | None = None, *, class_counts) -> Loss:

@@ -37,6 +37,11 @@ class BalancedSoftmax(Loss):
     Shapes: logits (B, C), target (B,) int64 -> scalar.
     """
 
+    rebalancing = True
+    # CE exactly when every class count is equal: a property of the data, not of a parameter
+    # (tests/test_losses.py::test_more_neutral_settings)
+    neutral_params = None
+
     def __init__(self, *, class_counts, eps: float = 1e-6):
         super().__init__(class_counts=class_counts)
         self.eps = number("eps", eps, low=0)

@@ -33,7 +33,18 @@ class Loss(nn.Module):
 
     `class_weight` is None (unweighted) or a (C,) tensor set by a re-weighting schedule
     (RW from epoch 0, DRW from a later epoch) through `set_class_weight`.
+
+    Class attributes a registered loss states:
+
+    * `rebalancing`: True where the loss's optimum already aims at balanced classes (so a
+      post-hoc adjustment toward a uniform prior would adjust twice: inference.py).
+    * `neutral_params`: keyword arguments that make the loss exactly `F.cross_entropy`, or None
+      where no parameter setting does, with the reason in a comment. Deliberately no default
+      here: every registered loss must say it in its own class body (tests/test_losses.py).
     """
+
+    rebalancing = False
+    neutral_params: dict | None  # no default: each registered loss states its own
 
     def __init__(self, *, class_counts):
         super().__init__()

@@ -19,6 +19,8 @@ class CrossEntropy(Loss):
     Shapes: logits (B, C), target (B,) int64 -> scalar.
     """
 
+    neutral_params = {}  # it is softmax cross-entropy
+
     def __init__(self, *, class_counts):
         super().__init__(class_counts=class_counts)
 

@@ -61,6 +61,9 @@ class ClassBalancedSoftmax(_ClassBalancedBase):
     Shapes: logits (B, C), target (B,) int64 -> scalar.
     """
 
+    rebalancing = True
+    neutral_params = {"beta": 0.0}  # every weight 1
+
     def __init__(self, *, class_counts, beta: float = 0.9999, reduction: str = "batch"):
         super().__init__(class_counts=class_counts, beta=beta, reduction=reduction)
 
@@ -85,6 +88,9 @@ class ClassBalancedSigmoid(_ClassBalancedBase):
 
     Shapes: logits (B, C), target (B,) int64 -> scalar.
     """
+
+    rebalancing = True
+    neutral_params = None  # a sigmoid (one-vs-all) loss: no setting is softmax CE
 
     def __init__(self, *, class_counts, beta: float = 0.9999, reduction: str = "batch"):
         super().__init__(class_counts=class_counts, beta=beta, reduction=reduction)
@@ -119,6 +125,9 @@ class ClassBalancedFocal(ClassBalancedSigmoid):
 
     Shapes: logits (B, C), target (B,) int64 -> scalar.
     """
+
+    rebalancing = True
+    neutral_params = None  # a sigmoid (one-vs-all) loss: no setting is softmax CE
 
     def __init__(self, *, class_counts, beta: float = 0.9999, gamma: float = 1.0, reduction: str = "batch"):
         super().__init__(class_counts=class_counts, beta=beta, reduction=reduction)

@@ -44,6 +44,9 @@ class SoftmaxEQL(Loss):
     Shapes: logits (B, C), target (B,) int64 -> scalar.
     """
 
+    rebalancing = True
+    neutral_params = {"gamma": 0.0}  # no negative logit is dropped
+
     def __init__(self, *, class_counts, gamma: float = 0.9, lambda_: float = 0.005, seed: int = 0):
         super().__init__(class_counts=class_counts)
         self.gamma = number("gamma", gamma, low=0, high=1)

@@ -37,6 +37,8 @@ class FocalLoss(Loss):
     Shapes: logits (B, C), target (B,) int64 -> scalar.
     """
 
+    neutral_params = {"gamma": 0.0}
+
     def __init__(self, *, class_counts, gamma: float = 1.0, p_source: str = "weighted_ce"):
         super().__init__(class_counts=class_counts)
         self.gamma = number("gamma", gamma, low=0)

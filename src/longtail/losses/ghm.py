@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..train.distributed import all_reduce_sum, context
+from ..dist import all_reduce_sum, context
 
 from ..registry import LOSSES
 from ._checks import integer, number
@@ -45,6 +45,8 @@ class GHMCLoss(Loss):
 
     Shapes: logits (B, C), target (B,) int64 -> scalar.
     """
+
+    neutral_params = None  # a sigmoid (BCE) loss: no setting is softmax CE
 
     def __init__(self, *, class_counts, bins: int = 30, momentum: float = 0.75):
         super().__init__(class_counts=class_counts)

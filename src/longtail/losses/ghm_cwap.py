@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import LOSSES
-from ..train.distributed import all_reduce_sum, context
+from ..dist import all_reduce_sum, context
 from ._checks import choice, integer, number
 from .base import Loss
 
@@ -117,6 +117,8 @@ class GHMCWAPLoss(Loss):
 
     Shapes: logits (B, C), target (B,) int64 -> scalar. `class_counts` only sets C.
     """
+
+    neutral_params = {"alpha": 0.0, "gamma": 0.0}  # every weight 1, every margin 0
 
     def __init__(self, *, class_counts, bins: int = 30, alpha: float = 0.9, gamma: float = 0.8,
                  approximation: str = "aura", grad_norm: str = "target", normalization: str = "none",

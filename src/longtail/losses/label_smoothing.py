@@ -63,6 +63,8 @@ class LabelAwareSmoothing(Loss):
     Shapes: logits (B, C), target (B,) int64 -> scalar.
     """
 
+    neutral_params = {"smooth_head": 0.0, "smooth_tail": 0.0}
+
     def __init__(self, *, class_counts, smooth_head: float = 0.3, smooth_tail: float = 0.0,
                  shape: str = "concave", power: float | None = None):
         super().__init__(class_counts=class_counts)

@@ -48,6 +48,9 @@ class LDAMLoss(Loss):
     Shapes: logits (B, C), target (B,) int64 -> scalar.
     """
 
+    rebalancing = True
+    neutral_params = {"max_m": 0.0, "s": 1.0}  # no margin, logits unscaled
+
     def __init__(self, *, class_counts, max_m: float = 0.5, s: float = 30.0):
         super().__init__(class_counts=class_counts)
         self.max_m = number("max_m", max_m, low=0)

@@ -32,6 +32,9 @@ class LogitAdjustedLoss(Loss):
     Shapes: logits (B, C), target (B,) int64 -> scalar.
     """
 
+    rebalancing = True
+    neutral_params = {"tau": 0.0}
+
     def __init__(self, *, class_counts, tau: float = 1.0):
         super().__init__(class_counts=class_counts)
         self.tau = number("tau", tau, low=0)

@@ -47,6 +47,9 @@ class SeesawLoss(Loss):
     Shapes: logits (B, C), target (B,) int64 -> scalar. `class_counts` only sets C.
     """
 
+    rebalancing = True
+    neutral_params = {"p": 0.0, "q": 0.0}  # both factors 1
+
     def __init__(self, *, class_counts, p: float = 0.8, q: float = 2.0, eps: float = 1e-2):
         super().__init__(class_counts=class_counts)
         self.p = number("p", p, low=0)

@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..registry import LOSSES
 from ..similarity.windows import EDGES, weights_and_margins
-from ..train.distributed import all_reduce_sum, context
+from ..dist import all_reduce_sum, context
 from ._checks import choice, integer, number
 from .base import Loss
 
@@ -72,6 +72,8 @@ class SWRMLoss(Loss):
 
     Shapes: logits (B, C), target (B,) int64 -> scalar.
     """
+
+    neutral_params = {}  # until the similarity is set: weights 1, margins 0
 
     def __init__(self, *, class_counts, window: int = 15, beta: float = 1.0, edge: str = "shift",
                  reduction: str = "weights", projection: list | None = None, similarity: list | None = None):

@@ -1,12 +1,14 @@
-"""Methods: recipes that configure model, loss, sampler and per-epoch hooks of the loop."""
+"""Methods: recipes that build model, loss, sampler and parameter groups once per run, and the
+hooks the loop calls (base.py). Every module of this package is imported here, so a method
+registers itself by being in the package."""
 
-from ..registry import METHODS
-from . import decoupled, isda, lcreg, mislas, ssp, standard, swrm  # noqa: F401  (registration)
-from .base import Method, class_weight_for
+import importlib
+import pkgutil
 
+from .base import Method, Recipe, Services, StepResult, build_method, build_recipe, class_weight_for, rebuild_model
 
-def build_method(cfg, data) -> Method:
-    return METHODS.build(cfg.method.name, cfg=cfg, data=data, **cfg.method.params)
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-
-__all__ = ["Method", "build_method", "class_weight_for"]
+__all__ = ["Method", "Recipe", "Services", "StepResult", "build_method", "build_recipe", "class_weight_for",
+           "rebuild_model"]

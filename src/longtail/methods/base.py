@@ -1,23 +1,82 @@
-"""The Method contract: the hooks the one training loop calls.
+"""The method contract: a recipe built once per run, and the hooks the one training loop calls.
 
-A method builds the model, loss and sampler of its stage and may change how a batch
-becomes a loss (mixup, ISDA), which parameters train, which modules are in train mode
-(frozen BN for cRT), and what happens per epoch (re-weighting, ISDA's lambda schedule).
-Post-hoc methods (tau-normalisation, NCM) set `trains = False` and implement
-`fit_posthoc` instead of gradient steps. Method state that must survive a resume goes
-through `state_dict` / `load_state_dict` (saved in the checkpoint).
+A method turns a config into a `Recipe` (model, loss, sampler, parameter groups) **once per
+run** (`build`), then steers the loop through the hooks below. Every hook has a default, so
+a method overrides only what it changes: mixup and ISDA change how a batch becomes a loss,
+cRT which parameters train and which modules stay in eval mode, DRW and GHM-CWAP what
+happens when an epoch starts. Post-hoc methods (tau-normalisation, NCM) set `trains = False`
+and implement `fit_posthoc` instead of gradient steps.
+
+| hook | called | default |
+|---|---|---|
+| `build(services) -> Recipe` | once per run: train, eval and `longtail.load` | the config's model / loss / sampler, one parameter group |
+| `set_train_mode(model)` | at each epoch start | `model.train()` |
+| `on_epoch_start(epoch, loss)` | at each epoch start | RW / DRW class weights; the loss's own `on_epoch_start` |
+| `training_step(model, forward, images, target, loss, generator) -> StepResult` | each step | the loss on the logits (mixup when `train.mixup_alpha > 0`) |
+| `fit_posthoc(model, device) -> dict` | post-hoc methods, instead of steps | - |
+| `evaluate(model, split, **kw) -> (metrics, arrays) or None` | validation and test evaluation | None: class metrics of the logits |
+| `state_dict()` / `load_state_dict(state)` | every checkpoint; resume; rebuilding a run's network | nothing |
+| `plain_ce_epochs()` | branching off a plain-CE run | 0 |
+
+Class attributes: `trains` (False: post-hoc), `stage` (2: the method continues the stage-1
+run named by `method.params.stage1`), `pretext` (the task a pre-training run's head
+predicts instead of classes, e.g. 'rotation'; None for classifiers).
+
+A run's network rebuilds from its own folder (`rebuild_model`): the method is built with
+the run's `DataInfo` (no images), its saved state loaded first (a stage-2 method keeps the
+stage-1 config there), and `weights_from_checkpoint` set, so no stage-1 file or initial
+weights file is read: every weight comes from the checkpoint.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Callable
 
+import numpy as np
 import torch
 
 from ..data.mixup import mixup_batch
+from ..errors import ConfigError
 from ..data.samplers import Sampler, build_sampler
 from ..losses import Loss, build_loss, effective_number_weights, inverse_frequency_weights
 from ..models import Classifier, build_model, load_weights
+from ..optim import ParamGroup
+from ..registry import METHODS
+
+
+@dataclass
+class StepResult:
+    """What one training step hands the loop: the scalar to backpropagate, and the logits (B, K)
+    with the labels (B,) training accuracy is scored against (the class labels, or a pretext
+    task's own labels, such as SSP's rotations)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    target: torch.Tensor
+
+
+@dataclass
+class Services:
+    """What a method may need from higher floors, injected by the caller (never imported).
+
+    `run_features(run_dir) -> (features (N, D), labels (N,), num_classes)`: the training features
+    of another run folder (SWRM's `similarity_run`).
+    """
+
+    run_features: Callable[[str], tuple[np.ndarray, np.ndarray, int]] | None = None
+
+
+@dataclass
+class Recipe:
+    """A method's components for one run, built once."""
+
+    method: "Method"
+    model: Classifier
+    loss: Loss | None = None
+    sampler: Sampler | None = None
+    param_groups: list[ParamGroup] = field(default_factory=list)
 
 
 def class_weight_for(scheme: str, class_counts, beta: float) -> torch.Tensor | None:
@@ -32,19 +91,40 @@ def class_weight_for(scheme: str, class_counts, beta: float) -> torch.Tensor | N
 
 
 class Method:
-    """Default hooks: one stage, the configured model / loss / sampler, RW / DRW, mixup."""
+    """Default hooks: one stage, the configured model / loss / sampler, RW / DRW, mixup.
+
+    `data` is the run's `LTData` when training or evaluating, or its `DataInfo` (class names
+    and counts, channels, image shape, normalisation; no images) when a trained run's network
+    is rebuilt.
+    """
 
     trains = True
+    stage = 1
+    pretext: str | None = None
+    rebalancing = False  # True: its classifier already aims at balanced classes (inference.py)
 
     def __init__(self, *, cfg, data):
         self.cfg, self.data = cfg, data
+        self.services = Services()
+        self.weights_from_checkpoint = False  # rebuilding a run: every weight comes from its checkpoint
 
-    # -- building
+    # -- building (once per run)
+    def build(self, services: Services | None = None) -> Recipe:
+        """Model, loss, sampler and parameter groups of a training run, in that order (a
+        method's loss may add parameters, e.g. DySWRM's similarity vector)."""
+        self.services = services or Services()
+        model = _checked(self.cfg, "model", self.build_model)
+        if not self.trains:
+            return Recipe(method=self, model=model)
+        loss = _checked(self.cfg, "loss", self.build_loss)
+        sampler = _checked(self.cfg, "sampler", self.build_sampler)
+        return Recipe(method=self, model=model, loss=loss, sampler=sampler, param_groups=self.param_groups(model))
+
     def build_model(self) -> Classifier:
         m = self.cfg.model
         model = build_model(m.name, num_classes=self.data.num_classes, in_channels=self.data.channels,
                             head=m.head, params=m.params)
-        if m.weights:
+        if m.weights and not self.weights_from_checkpoint:
             load_weights(model, m.weights)
         return model
 
@@ -56,9 +136,10 @@ class Method:
         return build_sampler(s.name, s.params, labels=self.data.train.labels, class_counts=self.data.class_counts,
                              seed=self.cfg.train.seed, epochs=self.cfg.train.epochs)
 
-    def parameters(self, model: Classifier):
-        """Parameters the optimiser updates."""
-        return model.parameters()
+    def param_groups(self, model: Classifier) -> list[ParamGroup]:
+        """What the optimiser updates: by default every trainable parameter of the model, at the
+        run's learning rate and weight decay."""
+        return [ParamGroup("model", [p for p in model.parameters() if p.requires_grad])]
 
     # -- per epoch / per step
     def set_train_mode(self, model: Classifier) -> None:
@@ -78,19 +159,25 @@ class Method:
         (possibly DDP-wrapped) forward pass; `model` gives access to weights. ISDA overrides this."""
         return forward(images)[1]
 
-    def training_loss(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss: Loss,
-                      generator: torch.Generator):
-        """Returns (scalar loss, logits (B, C)). With train.mixup_alpha > 0 the batch is mixed
-        (Zhang et al. 2018, as MiSLAS stage 1): loss = lam * L(z, y_a) + (1 - lam) * L(z, y_b)."""
+    def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss: Loss,
+                      generator: torch.Generator) -> StepResult:
+        """The loss of one batch. With train.mixup_alpha > 0 the batch is mixed (Zhang et al.
+        2018, as MiSLAS stage 1): loss = lam * L(z, y_a) + (1 - lam) * L(z, y_b)."""
         alpha = self.cfg.train.mixup_alpha
         if alpha > 0:
             images, target_b, lam = mixup_batch(images, target, alpha=alpha, generator=generator)
             logits = self.logits(model, forward, images, target)
-            return lam * loss(logits, target) + (1.0 - lam) * loss(logits, target_b), logits
+            return StepResult(lam * loss(logits, target) + (1.0 - lam) * loss(logits, target_b), logits, target)
         logits = self.logits(model, forward, images, target)
-        return loss(logits, target), logits
+        return StepResult(loss(logits, target), logits, target)
 
-    # -- branching (train/branch.py)
+    # -- evaluation
+    def evaluate(self, model: Classifier, split, **kw) -> tuple[dict, dict] | None:
+        """Metrics and prediction arrays of a pretext run on `split`; None (the default): the
+        caller computes class metrics from the logits."""
+        return None
+
+    # -- branching (engine/branch.py)
     def plain_ce_epochs(self) -> float:
         """Leading epochs in which this configuration trains exactly like the standard method
         with unweighted `ce` (same steps, no method or loss state), so a run may branch off a
@@ -112,3 +199,34 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+
+def build_method(cfg, data) -> Method:
+    """The configured method (`method.name`, `method.params`) for `data` (LTData or DataInfo)."""
+    return METHODS.build(cfg.method.name, cfg=cfg, data=data, **cfg.method.params)
+
+
+def build_recipe(cfg, data, services: Services | None = None) -> Recipe:
+    """The run's method and its recipe. A component's own parameter check (ValueError) becomes a
+    ConfigError naming its config section, so bad names or parameters fail before a run folder
+    exists."""
+    return _checked(cfg, "method", lambda: build_method(cfg, data)).build(services)
+
+
+def rebuild_model(cfg, info, checkpoint: dict) -> Classifier:
+    """The network of a trained run from its config, its `DataInfo` and a checkpoint dict, without
+    its images, its stage-1 file or its initial weights file; the weights are loaded."""
+    method = build_method(cfg, info)
+    method.load_state_dict(checkpoint.get("method", {}) or {})
+    method.weights_from_checkpoint = True
+    model = method.build_model()
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def _checked(cfg, section: str, build):
+    try:
+        return build()
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{section} '{getattr(cfg, section).name}': {str(err).splitlines()[0]}") from None

@@ -27,7 +27,7 @@ from ..eval.predict import predict
 from ..models import Classifier
 from ..models.heads import LWSHead, NCMHead, TauNormLinear, build_head
 from ..registry import METHODS
-from ..train.checkpoint import safe_torch_load
+from ..io import safe_torch_load
 from .base import Method
 
 
@@ -42,6 +42,8 @@ def load_stage1(model: Classifier, path: str) -> None:
 
 
 class _FromStage1(Method):
+    stage = 2
+
     def __init__(self, *, cfg, data, stage1: str = ""):
         super().__init__(cfg=cfg, data=data)
         if not isinstance(stage1, str) or not stage1:
@@ -49,8 +51,11 @@ class _FromStage1(Method):
         self.stage1 = stage1
 
     def stage1_model(self) -> Classifier:
+        """The stage-1 network (the config's model section) with the stage-1 weights; without
+        them when a trained run is rebuilt (its checkpoint holds every weight)."""
         model = super().build_model()
-        load_stage1(model, self.stage1)
+        if not self.weights_from_checkpoint:
+            load_stage1(model, self.stage1)
         return model
 
 
@@ -67,9 +72,6 @@ class _FrozenBackbone(_FromStage1):
         for p in model.head.parameters():
             p.requires_grad_(True)
         return model
-
-    def parameters(self, model: Classifier):
-        return [p for p in model.parameters() if p.requires_grad]
 
     def set_train_mode(self, model: Classifier) -> None:
         if self.retrain_bn_stats:
@@ -117,6 +119,8 @@ class _PostHoc(_FromStage1):
 class TauNormalisation(_PostHoc):
     """tau-normalisation of the stage-1 classifier, tau selected on the validation split."""
 
+    rebalancing = True
+
     def __init__(self, *, cfg, data, stage1: str = "", tau_min: float = 0.0, tau_max: float = 2.0, tau_steps: int = 21):
         super().__init__(cfg=cfg, data=data, stage1=stage1)
         if not (isinstance(tau_steps, int) and tau_steps >= 1 and tau_max >= tau_min):
@@ -151,6 +155,8 @@ class TauNormalisation(_PostHoc):
 @METHODS.register("ncm")
 class NearestClassMean(_PostHoc):
     """NCM on stage-1 features ('cl2n': centred, L2-normalised; squared L2 distance)."""
+
+    rebalancing = True
 
     def build_model(self) -> Classifier:
         model = self.stage1_model()

@@ -24,7 +24,7 @@ import torch
 from ..errors import ConfigError
 from ..models import Classifier
 from ..registry import METHODS
-from ..train.distributed import all_gather_cat
+from ..dist import all_gather_cat
 from .base import Method
 
 

@@ -68,7 +68,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method
+from .base import Method, StepResult
 from .isda import LazyCovariance, isda_logits
 
 FUSIONS = ("residual", "replace")
@@ -276,14 +276,14 @@ class LCReg(Method):
         total = self.cfg.train.epochs * (self._steps_per_epoch or 1)
         return self.lambda0 * self._step / total
 
-    def training_loss(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
-                      generator: torch.Generator):
-        cls_loss, logits = super().training_loss(model, forward, images, target, loss, generator)
+    def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
+                      generator: torch.Generator) -> StepResult:
+        step = super().training_step(model, forward, images, target, loss, generator)
         lam = self.lam
         self._step += 1
-        total = self.gamma * cls_loss
+        total = self.gamma * step.loss
         if not isinstance(model, LatentCategoryClassifier):
-            return total, logits
+            return StepResult(total, step.logits, step.target)
         out = model.pop_latent_output().float()
         if self.latent_recon:
             total = total + self.beta * reconstruction_loss(out.reconstruction, out.features,
@@ -291,7 +291,7 @@ class LCReg(Method):
                                                             temperature=self.recon_temperature)
         if self.latent_aug:
             total = total + self.alpha * self._augmentation(out, lam)
-        return total, logits
+        return StepResult(total, step.logits, step.target)
 
     def _augmentation(self, out: LatentOutput, lam: float) -> torch.Tensor:
         b, d, _ = out.features.shape

@@ -23,10 +23,12 @@ its checkpoint, so stage 2 works on any stage 1: plain or mixup runs, and LCReg 
 whose latent-category module then belongs to the frozen feature extractor. The stage-2
 config's `model` section must name the same backbone.
 
-The loop has one learning rate for all parameters; `lr_factor` is applied exactly by a
-gradient hook on the classifier's parameters: for SGD (momentum mu, weight decay wd,
-optionally Nesterov) a group at lr' = k*lr is the same update as lr with the gradient
-g + wd*p scaled by k, so the hook returns k*g + (k - 1)*wd*p and the optimiser adds wd*p.
+The classifier's rate is a parameter group at `lr_factor` x lr (optim/groups.py); the LWS
+scales are a group at lr. (Before the optimizer had groups, a gradient hook on the classifier
+emulated this: the same update in exact arithmetic; float rounding differs in the last bits.)
+
+The stage-1 config is method state: saved in every stage-2 checkpoint, so a stage-2 run's
+network rebuilds from its own folder once the stage-1 file is gone.
 """
 
 from __future__ import annotations
@@ -40,28 +42,16 @@ from ..errors import CheckpointError, ConfigError, LongtailError
 from ..models import Classifier
 from ..models.heads import LWSHead
 from ..registry import METHODS
-from ..train.checkpoint import safe_torch_load
-from .base import Method
-
-
-def scale_learning_rate(parameters, *, factor: float, weight_decay: float) -> list:
-    """Make plain SGD update `parameters` as if their learning rate were `factor` x lr.
-
-    Registers g -> factor*g + (factor - 1)*weight_decay*p on each parameter (see the module
-    docstring). Returns the hook handles.
-    """
-    handles = []
-    for p in parameters:
-        def hook(grad, p=p):
-            return factor * grad + (factor - 1.0) * weight_decay * p.detach()
-
-        handles.append(p.register_hook(hook))
-    return handles
+from ..io import safe_torch_load
+from ..optim import ParamGroup
+from .base import Method, build_method
 
 
 @METHODS.register("mislas")
 class MiSLAS(Method):
     """MiSLAS stage 2: stage-1 classifier + LWS scales on a frozen backbone, optional shift-BN."""
+
+    stage = 2
 
     def __init__(self, *, cfg, data, stage1: str = "", shift_bn: bool = False, lr_factor: float = 0.5):
         super().__init__(cfg=cfg, data=data)
@@ -73,34 +63,24 @@ class MiSLAS(Method):
                 and lr_factor > 0):
             raise ConfigError(f"method.params.lr_factor must be a number > 0, got {lr_factor!r}")
         self.stage1, self.shift_bn, self.lr_factor = stage1, shift_bn, float(lr_factor)
-        self._hooked: set[int] = set()
+        self.stage1_config: dict | None = None  # the stage-1 run's config, once read (method state)
 
     def stage1_network(self) -> Classifier:
-        """The stage-1 network with its weights, built by the stage-1 run's method."""
+        """The stage-1 network, built by the stage-1 run's method: with the stage-1 weights when
+        training; from the saved stage-1 config alone when a trained run is rebuilt."""
+        if self.weights_from_checkpoint and self.stage1_config is not None:
+            return self._stage1_architecture(self.stage1_config, source="the checkpoint's stage-1 config")
         state = safe_torch_load(self.stage1)
         if not isinstance(state, dict):
             raise CheckpointError(f"stage-1 checkpoint {self.stage1} does not hold a state_dict")
         saved = state.get("config")
         if isinstance(saved, dict):
-            try:
-                stage1_cfg = config_from_dict(saved)
-            except ConfigError as err:
-                raise CheckpointError(f"stage-1 checkpoint {self.stage1}: its saved config is not valid "
-                                      f"({str(err).splitlines()[0]})") from None
-            own, theirs = self.cfg.model, stage1_cfg.model
-            if (own.name, own.head, own.params) != (theirs.name, theirs.head, theirs.params):
-                raise ConfigError(f"config section 'model' ({own.name}, head {own.head}, params {own.params}) differs "
-                                  f"from the stage-1 run's ({theirs.name}, head {theirs.head}, params {theirs.params})")
-            stage1_cfg.model.weights = None  # the checkpoint holds every weight
-            from . import build_method
-
-            try:
-                model = build_method(stage1_cfg, self.data).build_model()
-            except LongtailError as err:
-                raise CheckpointError(f"cannot rebuild the stage-1 network of {self.stage1}: "
-                                      f"{str(err).splitlines()[0]}") from None
+            model = self._stage1_architecture(saved, source=f"stage-1 checkpoint {self.stage1}")
+            self.stage1_config = saved
         else:  # a bare state_dict: the stage-2 config's model section describes it
             model = super().build_model()
+        if self.weights_from_checkpoint:
+            return model
         weights = state.get("model", state)
         try:
             model.load_state_dict(weights)
@@ -108,6 +88,23 @@ class MiSLAS(Method):
             raise CheckpointError(f"stage-1 checkpoint {self.stage1} does not fit model '{type(model).__name__}': "
                                   f"{str(err).splitlines()[0]}") from None
         return model
+
+    def _stage1_architecture(self, saved: dict, *, source: str) -> Classifier:
+        try:
+            stage1_cfg = config_from_dict(saved)
+        except ConfigError as err:
+            raise CheckpointError(f"{source}: its saved config is not valid ({str(err).splitlines()[0]})") from None
+        own, theirs = self.cfg.model, stage1_cfg.model
+        if (own.name, own.head, own.params) != (theirs.name, theirs.head, theirs.params):
+            raise ConfigError(f"config section 'model' ({own.name}, head {own.head}, params {own.params}) differs "
+                              f"from the stage-1 run's ({theirs.name}, head {theirs.head}, params {theirs.params})")
+        stage1_cfg.model.weights = None  # the stage-1 checkpoint holds every weight
+        try:
+            method = build_method(stage1_cfg, self.data)
+            method.weights_from_checkpoint = True  # architecture only: weights are loaded by the caller
+            return method.build_model()
+        except LongtailError as err:
+            raise CheckpointError(f"cannot rebuild the stage-1 network of {source}: {str(err).splitlines()[0]}") from None
 
     def build_model(self) -> Classifier:
         model = self.stage1_network()
@@ -118,12 +115,13 @@ class MiSLAS(Method):
         model.head.requires_grad_(True)  # the classifier (from stage 1) and the scales
         return model
 
-    def parameters(self, model: Classifier):
-        if self.lr_factor != 1.0 and id(model) not in self._hooked:
-            scale_learning_rate(model.head.linear.parameters(), factor=self.lr_factor,
-                                weight_decay=self.cfg.train.weight_decay)
-            self._hooked.add(id(model))
-        return [p for p in model.parameters() if p.requires_grad]
+    def param_groups(self, model: Classifier) -> list[ParamGroup]:
+        """The stage-1 classifier at lr_factor x lr, the LWS scales at lr."""
+        linear = list(model.head.linear.parameters())
+        scales = [p for p in model.head.parameters() if p.requires_grad and all(p is not q for q in linear)]
+        if self.lr_factor == 1.0:
+            return [ParamGroup("classifier", [*linear, *scales])]
+        return [ParamGroup("classifier", linear, lr_scale=self.lr_factor), ParamGroup("scales", scales)]
 
     def set_train_mode(self, model: Classifier) -> None:
         if self.shift_bn:
@@ -131,3 +129,11 @@ class MiSLAS(Method):
         else:
             model.eval()
             model.head.train()
+
+    def state_dict(self) -> dict:
+        return {} if self.stage1_config is None else {"stage1_config": self.stage1_config}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("stage1_config")
+        if isinstance(saved, dict):
+            self.stage1_config = saved

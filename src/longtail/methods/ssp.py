@@ -42,7 +42,7 @@ from ..eval.metrics import compute_metrics
 from ..losses import Loss, build_loss
 from ..models import Classifier, build_model, load_weights
 from ..registry import METHODS
-from .base import Method
+from .base import Method, StepResult
 
 NUM_ROTATIONS = 4
 ROTATION_NAMES = ("0 deg", "90 deg", "180 deg", "270 deg")
@@ -108,6 +108,8 @@ def rotation_predictions(model: torch.nn.Module, split, *, mean, std, batch_size
 class RotationPretraining(Method):
     """SSP: rotation self-supervised pre-training (4-way head); fine-tune via model.weights."""
 
+    pretext = "rotation"
+
     def __init__(self, *, cfg, data):
         super().__init__(cfg=cfg, data=data)
 
@@ -123,9 +125,6 @@ class RotationPretraining(Method):
         refuse(cfg.reweight.scheme == "none", f"set reweight.scheme none, got '{cfg.reweight.scheme}'")
         refuse(cfg.train.mixup_alpha == 0, f"set train.mixup_alpha 0, got {cfg.train.mixup_alpha}")
         refuse(cfg.model.head == "linear", f"set model.head linear, got '{cfg.model.head}'")
-        if getattr(data, "train", None) is None:  # e.g. longtail.load's stand-in: there is no class predictor
-            raise ConfigError("method 'ssp' is a pre-training run whose head predicts rotations, not classes: "
-                              "use a run fine-tuned from it (model.weights)")
         h, w = data.image_shape
         if h != w:
             raise ConfigError(f"method 'ssp' rotates images by 90 degrees and needs square images, got {h}x{w}: "
@@ -136,7 +135,7 @@ class RotationPretraining(Method):
         m = self.cfg.model
         model = build_model(m.name, num_classes=NUM_ROTATIONS, in_channels=self.data.channels, head="linear",
                             params=m.params)
-        if m.weights:
+        if m.weights and not self.weights_from_checkpoint:
             load_weights(model, m.weights)
         self._head_keys = sorted(k for k in model.state_dict() if k.startswith(f"{model.head_name}."))
         return model
@@ -149,16 +148,16 @@ class RotationPretraining(Method):
         n = len(self.data.train)
         return np.array([n // NUM_ROTATIONS + (k < n % NUM_ROTATIONS) for k in range(NUM_ROTATIONS)])
 
-    def training_loss(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss: Loss,
-                      generator: torch.Generator):
-        """Returns (CE of the rotation logits, rotation logits (B, 4), rotation labels (B,)):
-        the loop scores training accuracy against the third item, not the class labels."""
+    def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss: Loss,
+                      generator: torch.Generator) -> StepResult:
+        """CE of the rotation logits (B, 4); training accuracy is scored against the rotations,
+        not the class labels."""
         rotations = balanced_rotation_labels(images.shape[0], generator=generator).to(images.device)
         logits = forward(rotate_batch(images, rotations))[1]
-        return loss(logits, rotations), logits, rotations
+        return StepResult(loss(logits, rotations), logits, rotations)
 
-    def pretext_metrics(self, model: Classifier, split, *, mean, std, batch_size: int, device, channels_last: bool,
-                        **metric_kw) -> tuple[dict, dict]:
+    def evaluate(self, model: Classifier, split, *, mean, std, batch_size: int, device, channels_last: bool,
+                 **metric_kw) -> tuple[dict, dict]:
         """Rotation metrics of `split` (module docstring) and the arrays for predictions.npz."""
         out = rotation_predictions(model, split, mean=mean, std=std, batch_size=batch_size, device=device,
                                    channels_last=channels_last)

@@ -30,15 +30,17 @@ DRW's switch point).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..eval.predict import predict
 from ..losses.swrm import SWRMLoss
 from ..models import Classifier
+from ..optim import ParamGroup
 from ..registry import METHODS
+from ..rundir import RunDir
 from ..similarity.projection import prototypes_from_features, tsne_projection
 from ..similarity.windows import SIMILARITIES, cosine_similarity_from_prototypes
 from .base import Method
@@ -101,9 +103,9 @@ class SWRM(_TwoStage):
     def build_loss(self) -> SWRMLoss:
         # checked here (before training starts), not in __init__: evaluating a finished run
         # builds only its model and must not need the similarity run any more
-        if self.similarity_run is not None and not (Path(self.similarity_run) / "checkpoints" / "last.pt").is_file():
+        if self.similarity_run is not None and not RunDir(self.similarity_run).is_trained():
             raise ConfigError(f"method.params.similarity_run must be a trained run folder (with "
-                              f"checkpoints/last.pt), got {self.similarity_run!r}")
+                              f"{RunDir.LAST}), got {self.similarity_run!r}")
         return super().build_loss()
 
     def on_epoch_start(self, epoch: int, loss) -> None:
@@ -111,23 +113,22 @@ class SWRM(_TwoStage):
         self._pending = epoch >= self.start_epoch and self.projection is None
         self._epoch = epoch
 
-    def training_loss(self, model: Classifier, forward, images, target, loss, generator):
+    def training_step(self, model: Classifier, forward, images, target, loss, generator):
         if self._pending:
             self.model_similarity(model, loss)
             self._pending = False
-        return super().training_loss(model, forward, images, target, loss, generator)
+        return super().training_step(model, forward, images, target, loss, generator)
 
     def _train_features(self, model: Classifier) -> tuple[np.ndarray, np.ndarray]:
         if self.similarity_run is not None:
-            from ..features import extract_features
-
-            fs = extract_features(self.similarity_run, log=log.info)
-            if fs.num_classes != self.data.num_classes:
-                raise ConfigError(f"similarity_run {self.similarity_run} has {fs.num_classes} classes, this run "
+            if self.services.run_features is None:
+                raise ConfigError("method.params.similarity_run needs the run-feature service (longtail.runs.train_run "
+                                  "provides it)")
+            feats, labels, num_classes = self.services.run_features(self.similarity_run)
+            if num_classes != self.data.num_classes:
+                raise ConfigError(f"similarity_run {self.similarity_run} has {num_classes} classes, this run "
                                   f"{self.data.num_classes}")
-            return fs["train"]["features"], fs["train"]["labels"]
-        from ..eval.predict import predict
-
+            return feats, labels
         t = self.cfg.train
         out = predict(model, self.data.train, mean=self.data.mean, std=self.data.std, batch_size=t.eval_batch_size,
                       device=next(model.parameters()).device, features=True, channels_last=t.channels_last)
@@ -179,10 +180,11 @@ class DySWRM(_TwoStage):
         loss.add_learnable_vector(torch.randn(self.data.num_classes, generator=gen) * self.init_std)
         return loss
 
-    def parameters(self, model: Classifier):
+    def param_groups(self, model: Classifier) -> list[ParamGroup]:
+        """The model's parameters and the loss's similarity vector, in one group (same SGD)."""
         if self._loss is None:
-            raise RuntimeError("build_loss() must run before parameters(): the optimiser needs the similarity vector")
-        return [*model.parameters(), self._loss.vector]
+            raise RuntimeError("build_loss() must run before param_groups(): the optimiser needs the similarity vector")
+        return [ParamGroup("model", [*[p for p in model.parameters() if p.requires_grad], self._loss.vector])]
 
     def on_epoch_start(self, epoch: int, loss) -> None:
         super().on_epoch_start(epoch, loss)

@@ -29,7 +29,7 @@ def load_weights(model: Classifier, path: str | Path) -> dict:
     `model` must be loaded (a partial backbone is an error). Returns {'loaded', 'skipped',
     'missing', 'head'} ('head': 'loaded' or 're-initialised'); nothing matching is an error.
     """
-    from ..train.checkpoint import safe_torch_load
+    from ..io import safe_torch_load
 
     raw = safe_torch_load(path)
     state = raw

@@ -17,16 +17,19 @@ from html import escape
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..train.checkpoint import atomic_write_text
+from ..io import atomic_write_text
+from ..rundir import RunDir
 from . import figures
 from .html import figure_html, page
 from .rundata import RunRecord, load_run_record, run_labels
 from .tables import comparison_table, config_rows, key_value_table, metric_rows, metrics_table
 
-INTRO = ("Every number and figure below is read from the run folders (eval.json, metrics.jsonl, config.yaml, "
-         "data.json, eval_logit_adjusted.json, posthoc.json); nothing was retrained or re-evaluated. Test-set "
-         "numbers are of the last epoch, and of the epoch with the best validation top-1 where a validation split "
-         "exists: nothing is selected on the test set. Accuracies in %, '-' for an empty shot group.")
+_READ = (RunDir.EVAL, RunDir.METRICS, RunDir.CONFIG, RunDir.DATA, RunDir.EVAL_LOGIT_ADJUSTED, RunDir.POSTHOC)
+INTRO = (f"Every number and figure below is read from the run folders ({', '.join(_READ)}); nothing was "
+         "retrained or re-evaluated. Test-set numbers are of the last epoch, and of the epoch with the best "
+         "validation top-1 where a validation split exists: nothing is selected on the test set. Accuracies in %, "
+         "'-' for an empty shot group, 'n/a' for a value that is undefined (a shot group whose classes have no "
+         "test images).")
 
 
 def _run_section(rec: RunRecord, index: int) -> tuple[str, int]:
@@ -34,6 +37,7 @@ def _run_section(rec: RunRecord, index: int) -> tuple[str, int]:
     out = [f'<section id="run-{index}"><h2>{escape(rec.label)}</h2>', key_value_table(config_rows(rec))]
     rows = metric_rows(rec)
     out.append(metrics_table(rows))
+    out += [f'<p class="note">warning ({RunDir.EVAL}): {escape(w)}</p>' for w in ev.get("warnings", [])]
     shown = 0
 
     def add(png: bytes, caption: str, alt: str, name: str) -> None:
@@ -44,15 +48,15 @@ def _run_section(rec: RunRecord, index: int) -> tuple[str, int]:
     C = len(rec.train_counts)
     add(figures.count_histogram(train_counts=rec.train_counts, class_names=rec.class_names, groups=ev["groups"],
                                 thresholds=ev["thresholds"]),
-        f"Training images per class (eval.json train_counts), head to tail, coloured by shot group; dashed line: "
+        f"Training images per class ({RunDir.EVAL} train_counts), head to tail, coloured by shot group; dashed line: "
         f"many threshold ({ev['thresholds']['many']}), dotted: few threshold ({ev['thresholds']['few']}).",
         "training-count histogram", "count_histogram")
     series = [(label, m["per_class"]) for label, m in rows]
     add(figures.accuracy_vs_frequency(series=series, train_counts=rec.train_counts, class_names=rec.class_names),
-        f"Per-class test accuracy against the class's training count, {C} classes (eval.json per_class).",
+        f"Per-class test accuracy against the class's training count, {C} classes ({RunDir.EVAL} per_class).",
         "per-class accuracy against class frequency", "accuracy_vs_frequency")
     add(figures.group_bars(rows=rows),
-        "Overall top-1 and mean per-class accuracy of the many / medium / few groups (eval.json).",
+        f"Overall top-1 and mean per-class accuracy of the many / medium / few groups ({RunDir.EVAL}).",
         "many / medium / few accuracy", "group_bars")
     add(figures.confusion_ordered(confusion=ev["confusion"], train_counts=rec.train_counts,
                                   class_names=rec.class_names),
@@ -62,26 +66,26 @@ def _run_section(rec: RunRecord, index: int) -> tuple[str, int]:
         "confusion matrix ordered by class frequency", "confusion")
     add(figures.reliability_diagram(reliability=ev["reliability"], ece=float(ev["ece"])),
         f"Reliability diagram of the last epoch: test accuracy against top-1 confidence per equal-width bin "
-        f"(eval.json reliability); ECE {ev['ece']:.4f}.", "reliability diagram", "reliability")
+        f"({RunDir.EVAL} reliability); ECE {ev['ece']:.4f}.", "reliability diagram", "reliability")
     if rec.weight_norms is not None:
         wn = rec.weight_norms
         series = [("raw", wn["l2"])]
         tau_text = ""
         if wn["tau"] is not None:
-            series.append((f"tau {wn['tau']:g} (posthoc.json)", wn["tau_normalised"][0]["l2"]))
+            series.append((f"tau {wn['tau']:g} ({RunDir.POSTHOC})", wn["tau_normalised"][0]["l2"]))
             tau_text = (f"; after tau-normalisation w / ||w||^{wn['tau']:g} the variance is "
                         f"{wn['tau_normalised'][0]['variance']:.4g}")
         ratio = "-" if wn["max_over_min"] is None else f"{wn['max_over_min']:.3g}"
         add(figures.weight_norms(series=series, train_counts=rec.train_counts, class_names=rec.class_names),
-            f"L2 norm of each class's classifier weight, head to tail (from features/last.npz): variance "
+            f"L2 norm of each class's classifier weight, head to tail (from {RunDir.FEATURES}/last.npz): variance "
             f"{wn['variance']:.4g}, max / min {ratio}{tau_text} (docs/analysis.md).",
             "classifier weight norms, head to tail", "weight_norms")
     if rec.metrics:
         add(figures.training_curves(metrics=rec.metrics),
-            f"Training curves from metrics.jsonl ({len(rec.metrics)} epochs).", "training curves",
+            f"Training curves from {RunDir.METRICS} ({len(rec.metrics)} epochs).", "training curves",
             "training_curves")
     else:
-        out.append('<p class="note">No training curves: metrics.jsonl is absent or empty '
+        out.append(f'<p class="note">No training curves: {RunDir.METRICS} is absent or empty '
                    "(a post-hoc method trains no epochs).</p>")
     out.append("</section>")
     return "\n".join(out), shown

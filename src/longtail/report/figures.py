@@ -142,7 +142,8 @@ def group_bars(*, rows: list[tuple[str, dict]]) -> bytes:
     """Overall top-1 and many / medium / few accuracy (%), one bar per row in each group.
 
     `rows`: (label, metrics dict with top1 / many / medium / few); a null group is marked
-    'empty' instead of a bar.
+    'empty' instead of a bar, or 'n/a' when it has classes but none with test images (or
+    holds a NaN from an older eval.json).
     """
     fig = new_figure(max(6.0, 1.2 + 0.55 * len(rows) * len(GROUP_BAR_KEYS)), 3.8 + 0.25 * ((len(rows) + 2) // 3))
     ax = fig.add_subplot(1, 1, 1)
@@ -153,9 +154,10 @@ def group_bars(*, rows: list[tuple[str, dict]]) -> bytes:
         for j, key in enumerate(GROUP_BAR_KEYS):
             x = j - 0.4 + width * (k + 0.5)
             value = m.get(key)
-            if value is None:
-                ax.text(x, 1, "empty", rotation=90 if n > 2 else 0, ha="center", va="bottom", fontsize=8,
-                        color="grey")
+            if value is None or not np.isfinite(value):
+                undefined = value is not None or (m.get("groups") or {}).get(key)
+                ax.text(x, 1, "n/a" if undefined else "empty", rotation=90 if n > 2 else 0, ha="center",
+                        va="bottom", fontsize=8, color="grey")
                 continue
             ax.bar(x, value, width=width * 0.95, color=colour, label=label if j == 0 else None)
             if n <= 6:
@@ -249,10 +251,11 @@ def reliability_diagram(*, reliability: dict, ece: float) -> bytes:
 
 
 def training_curves(*, metrics: list[dict]) -> bytes:
-    """metrics.jsonl, by epoch (1-based on the axis): loss, top-1, learning rate, validation groups."""
+    """metrics.jsonl, by epoch (RunDir.read_metrics: 1-based, epochs done): loss, top-1, learning rate,
+    validation groups."""
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [int(r["epoch"]) + 1 for r in metrics]
+    epochs = [int(r["epoch"]) for r in metrics]
 
     def column(key):
         return [(e, r[key]) for e, r in zip(epochs, metrics, strict=True)

@@ -11,14 +11,12 @@ error naming the command that writes it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..analysis.norms import cached_weight_norms
-from ..config import read_yaml
-from ..errors import CheckpointError, ConfigError
-from ..train.loop import read_metrics
+from ..errors import CheckpointError
+from ..rundir import RunDir
 
 REQUIRED_EVAL_KEYS = ("top1", "many", "medium", "few", "per_class", "train_counts", "confusion", "reliability",
                       "ece", "groups", "thresholds")
@@ -44,18 +42,6 @@ class RunRecord:
         return [int(v) for v in self.eval["train_counts"]]
 
 
-def _read_json(path: Path, run_dir: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path.name} in {run_dir} is not valid JSON ({err.msg}, line {err.lineno})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path.name} in {run_dir} must hold a JSON object")
-    return value
-
-
 def _check_eval(ev: dict, name: str, run_dir: Path) -> None:
     missing = [k for k in REQUIRED_EVAL_KEYS if k not in ev]
     if missing:
@@ -69,36 +55,28 @@ def _check_eval(ev: dict, name: str, run_dir: Path) -> None:
 
 def load_run_record(run_dir: str | Path, *, label: str | None = None) -> RunRecord:
     """Read a run folder (see the module docstring); raises CheckpointError naming the file."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder not found: {run_dir}")
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"not a run folder (no config.yaml): {run_dir}")
-    if not (run_dir / "eval.json").is_file():
-        raise CheckpointError(f"no eval.json in {run_dir}: run `longtail eval {run_dir}` first")
-    try:
-        config = read_yaml(run_dir / "config.yaml")
-    except ConfigError as err:  # reworded as a run-folder problem
-        raise CheckpointError(f"config.yaml in {run_dir} cannot be read: {str(err).splitlines()[0]}") from None
-    ev = _read_json(run_dir / "eval.json", run_dir)
-    _check_eval(ev, "eval.json", run_dir)
+    run = RunDir(run_dir).require()
+    run_dir = run.path
+    run.require_result(RunDir.EVAL)
+    config = run.read_config_mapping()
+    ev = run.read_eval(RunDir.EVAL)
+    _check_eval(ev, RunDir.EVAL, run_dir)
     if "best_val" in ev:
-        _check_eval(ev["best_val"], "eval.json best_val", run_dir)
-    data = _read_json(run_dir / "data.json", run_dir) if (run_dir / "data.json").is_file() else {}
-    la = None
-    if (run_dir / "eval_logit_adjusted.json").is_file():
-        la = _read_json(run_dir / "eval_logit_adjusted.json", run_dir)
-        _check_eval(la, "eval_logit_adjusted.json", run_dir)
-    posthoc = _read_json(run_dir / "posthoc.json", run_dir) if (run_dir / "posthoc.json").is_file() else None
+        _check_eval(ev["best_val"], f"{RunDir.EVAL} best_val", run_dir)
+    data = run.read_optional_json(RunDir.DATA) or {}  # as written: the report reads old runs too
+    la = run.read_optional_json(RunDir.EVAL_LOGIT_ADJUSTED)
+    if la is not None:
+        _check_eval(la, RunDir.EVAL_LOGIT_ADJUSTED, run_dir)
+    posthoc = run.read_optional_json(RunDir.POSTHOC)
     C = len(ev["train_counts"])
     names = ev.get("class_names") or data.get("class_names") or [str(i) for i in range(C)]
     if len(names) != C:
-        raise CheckpointError(f"eval.json in {run_dir} has {len(names)} class names for {C} classes")
+        raise CheckpointError(f"{RunDir.EVAL} in {run_dir} has {len(names)} class names for {C} classes")
     norms = cached_weight_norms(run_dir, config, posthoc=posthoc)
     if norms is not None and norms["train_counts"] != [int(v) for v in ev["train_counts"]]:
         norms = None  # a cache of other data than eval.json's
     return RunRecord(path=run_dir, label=label or run_dir.name, config=config, data=data,
-                     metrics=read_metrics(run_dir), eval=ev, eval_logit_adjusted=la, posthoc=posthoc,
+                     metrics=run.read_metrics(), eval=ev, eval_logit_adjusted=la, posthoc=posthoc,
                      class_names=[str(n) for n in names], weight_norms=norms)
 
 

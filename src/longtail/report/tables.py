@@ -1,27 +1,41 @@
 """HTML tables of the report: a run's configuration summary, its metrics, the run comparison.
 
 Values are printed as read from the run files: accuracies (%) with two decimals, MCC /
-NMI / ECE with four, '-' for an empty shot group (null in eval.json).
+NMI / ECE with four, '-' for an empty shot group (null in eval.json), 'n/a' for an
+undefined value: a shot group whose classes have no test images (also null), or a NaN
+in an eval.json written before metrics were strict JSON.
 """
 
 from __future__ import annotations
 
+import math
 from html import escape
 
+from ..rundir import RunDir
 from .rundata import RunRecord
 
-METRIC_COLUMNS = (("top1", "top-1", "pct", True), ("many", "many", "pct", True), ("medium", "medium", "pct", True),
-                  ("few", "few", "pct", True), ("mcc", "MCC", "frac", True), ("nmi", "NMI", "frac", True),
-                  ("ece", "ECE", "frac", False))
+METRIC_COLUMNS = (("top1", "top-1", "pct", True), ("top5", "top-5", "pct", True), ("many", "many", "pct", True),
+                  ("medium", "medium", "pct", True), ("few", "few", "pct", True), ("mcc", "MCC", "frac", True),
+                  ("nmi", "NMI", "frac", True), ("ece", "ECE", "frac", False))
+OPTIONAL_COLUMNS = ("top5",)  # shown when a row has it (eval.json leaves top-5 out for 5 classes or fewer)
 
 
 def fmt(value, kind: str = "pct") -> str:
-    """'-' for None; two decimals for percentages, four for fractions."""
+    """'-' for None, 'n/a' for NaN / infinity; two decimals for percentages, four for fractions."""
     if value is None:
         return "-"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
+    if not math.isfinite(value):
+        return "n/a"
     return f"{value:.2f}" if kind == "pct" else f"{value:.4f}"
+
+
+def metric_text(m: dict, key: str, kind: str = "pct") -> str:
+    """fmt of m[key]; 'n/a' for a null shot group that has classes (none of them has test images)."""
+    if m.get(key) is None and (m.get("groups") or {}).get(key):
+        return "n/a"
+    return fmt(m.get(key), kind)
 
 
 def _params(section: dict | None) -> str:
@@ -59,13 +73,13 @@ def config_rows(rec: RunRecord) -> list[tuple[str, str]]:
     if rw.get("scheme", "none") != "none":
         rows.append(("re-weighting", f"{rw.get('scheme')}, beta {rw.get('beta')}, from epoch {rw.get('start_epoch')}"))
     if rec.posthoc is not None:
-        rows.append(("training", "none: a post-hoc method fitted on the stage-1 model (posthoc.json)"))
+        rows.append(("training", f"none: a post-hoc method fitted on the stage-1 model ({RunDir.POSTHOC})"))
     else:
         rows.append(("training", _schedule(rec)))
     seconds = sum(float(r.get("seconds", 0.0)) for r in rec.metrics)
     if seconds:
         took = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
-        rows.append(("training time", f"{took} (sum of the epochs' seconds in metrics.jsonl)"))
+        rows.append(("training time", f"{took} (sum of the epochs' seconds in {RunDir.METRICS})"))
     evaluated = f"last checkpoint, after epoch {ev.get('epoch')}; {ev.get('num_samples')} test images"
     if "best_val" in ev:
         evaluated += f"; best on validation: after epoch {ev['best_val'].get('epoch')}"
@@ -75,14 +89,14 @@ def config_rows(rec: RunRecord) -> list[tuple[str, str]]:
     rows.append(("shot groups", f"many n > {th['many']} ({sizes['many']} classes), medium {th['few']} <= n <= "
                                 f"{th['many']} ({sizes['medium']}), few n < {th['few']} ({sizes['few']})"))
     if rec.posthoc:
-        rows.append(("posthoc.json", ", ".join(f"{k} {v}" for k, v in rec.posthoc.items()
+        rows.append((RunDir.POSTHOC, ", ".join(f"{k} {v}" for k, v in rec.posthoc.items()
                                                if not isinstance(v, (list, dict)))))
     return rows
 
 
 def _schedule(rec: RunRecord) -> str:
     t = rec.config.get("train", {})
-    text = (f"{t.get('epochs')} epochs configured, {len(rec.metrics)} recorded in metrics.jsonl; "
+    text = (f"{t.get('epochs')} epochs configured, {len(rec.metrics)} recorded in {RunDir.METRICS}; "
             f"batch {t.get('batch_size')}, lr {t.get('lr')} ({t.get('lr_schedule')}, warm-up "
             f"{t.get('warmup_epochs')}, milestones {t.get('milestones')}, decay {t.get('lr_decay')}), "
             f"weight decay {t.get('weight_decay')}, seed {t.get('seed')}")
@@ -110,7 +124,7 @@ def metric_rows(rec: RunRecord) -> list[tuple[str, dict]]:
 
 
 def _best(values: list, higher: bool):
-    present = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    present = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
     if len(present) < 2:
         return None
     return max(present) if higher else min(present)
@@ -118,19 +132,20 @@ def _best(values: list, higher: bool):
 
 def metrics_table(rows: list[tuple[str, dict]], *, first_header: str = "evaluation",
                   extra: list[tuple[str, list[str]]] | None = None) -> str:
-    """Rows of top-1 / many / medium / few / MCC / NMI / ECE; the best of each column in bold.
+    """Rows of top-1 / top-5 / many / medium / few / MCC / NMI / ECE; the best of each column in bold.
+    The top-5 column is left out when no row has top-5 (5 classes or fewer, or an older eval.json).
 
     `extra`: leading text columns (header, one value per row), e.g. a comparison's config.
     """
     extra = extra or []
-    head = "".join(f"<th>{escape(h)}</th>" for h in [first_header, *[h for h, _ in extra],
-                                                       *[c[1] for c in METRIC_COLUMNS]])
-    best = {key: _best([m.get(key) for _, m in rows], higher) for key, _, _, higher in METRIC_COLUMNS}
+    columns = [c for c in METRIC_COLUMNS if c[0] not in OPTIONAL_COLUMNS or any(c[0] in m for _, m in rows)]
+    head = "".join(f"<th>{escape(h)}</th>" for h in [first_header, *[h for h, _ in extra], *[c[1] for c in columns]])
+    best = {key: _best([m.get(key) for _, m in rows], higher) for key, _, _, higher in columns}
     body = []
     for r, (label, m) in enumerate(rows):
         cells = [f"<td>{escape(label)}</td>", *[f"<td>{escape(vals[r])}</td>" for _, vals in extra]]
-        for key, _, kind, _ in METRIC_COLUMNS:
-            text = escape(fmt(m.get(key), kind))
+        for key, _, kind, _ in columns:
+            text = escape(metric_text(m, key, kind))
             value = m.get(key)
             cells.append(f"<td class=\"num\"><b>{text}</b></td>" if value is not None and value == best[key]
                          else f"<td class=\"num\">{text}</td>")

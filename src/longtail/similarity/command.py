@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
+from ..rundir import CHECKPOINT_CHOICES, RunDir
 
 DEFAULT_WINDOW, DEFAULT_BETA, DEFAULT_EDGE = 15, 1.0, "shift"
 
@@ -43,20 +44,15 @@ def _is_inside(path: Path, folder: Path) -> bool:
 
 def _run_settings(run_dir: Path) -> tuple[dict, int]:
     """(the run's SWRM loss params or {}, train.seed) from its config."""
-    from ..runs import load_run_config
-
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).read_config()
     return (dict(cfg.loss.params) if cfg.loss.name == "swrm" else {}), cfg.train.seed
 
 
 def _other_confusion(run_dir: Path, labels: np.ndarray, num_classes: int) -> np.ndarray:
     from .confusion import confusion_counts
 
-    path = Path(run_dir) / "predictions.npz"
-    if not path.is_file():
-        raise CheckpointError(f"no predictions.npz in {run_dir}: run `longtail eval {run_dir}` first")
-    with np.load(path) as z:
-        logits, other_labels = z["logits"], z["labels"]
+    preds = RunDir(run_dir).read_predictions()
+    logits, other_labels = preds["logits"], preds["labels"]
     if logits.shape[1] != num_classes or not np.array_equal(other_labels, labels):
         raise ConfigError(f"{run_dir} was not evaluated on the same test set ({logits.shape[1]} classes, "
                           f"{len(other_labels)} test images)")
@@ -76,22 +72,21 @@ def analyse_run(run_dir: str | Path, *, out: str | Path | None = None, checkpoin
                 device: str | None = None, window: int | None = None, beta: float | None = None,
                 edge: str | None = None, similarity: str = "projection", perplexity: float | None = None,
                 seed: int | None = None, tail_fraction: float = 0.5, min_ratio: float = 2.0, top: int = 2,
-                cb_beta: float = 0.9999, compare: list[str] | None = None, refresh: bool = False, log=print) -> dict:
+                cb_beta: float = 0.9999, compare: list[str] | None = None, refresh: bool = False) -> dict:
     """Compute and write everything of the module docstring; returns the similarity.json content."""
     import torch
 
-    from ..features import CHECKPOINTS, extract_features
+    from ..features import extract_features
     from ..losses import effective_number_weights
-    from ..train.checkpoint import atomic_write_json, atomic_write_text
+    from ..io import atomic_write_json, atomic_write_text
     from .confusion import compare_errors, confusion_counts, head_to_tail_errors
     from .plot import plot_weights
     from .projection import default_perplexity, prototypes_from_features, tsne_projection
     from .windows import (SIMILARITIES, cosine_similarity_from_prototypes, projection_similarity, swm_margins,
                           swr_weights, window_mask, window_members)
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder {run_dir} does not exist")
+    run = RunDir(run_dir).require()
+    run_dir = run.path
     if similarity not in SIMILARITIES:
         raise ConfigError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
     if not 0 <= cb_beta < 1:
@@ -107,23 +102,18 @@ def analyse_run(run_dir: str | Path, *, out: str | Path | None = None, checkpoin
         raise ConfigError(f"beta must be >= 0, got {beta}")
     compare = [Path(c) for c in (compare or [])]
     for other in compare:
-        if not (other / "predictions.npz").is_file():
-            raise CheckpointError(f"no predictions.npz in {other}: run `longtail eval {other}` first")
+        RunDir(other).require_result(RunDir.PREDICTIONS)
     out = run_dir / "similarity" if out is None else Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
 
-    if checkpoint not in CHECKPOINTS:
-        raise ConfigError(f"unknown checkpoint '{checkpoint}' (choose from: {', '.join(CHECKPOINTS)})")
-    if not (run_dir / "checkpoints" / CHECKPOINTS[checkpoint]).is_file():
-        raise CheckpointError(f"no {checkpoint} checkpoint in {run_dir} (checkpoints/{CHECKPOINTS[checkpoint]})")
+    run.require_checkpoint(checkpoint)
 
     started = time.time()
     created = not out.exists()
     try:
-        cache_dir = None if _is_inside(out, run_dir) else out / "features"
-        fs = extract_features(run_dir, checkpoint=checkpoint, device=device, refresh=refresh, cache_dir=cache_dir,
-                              log=log)
+        cache_dir = None if _is_inside(out, run_dir) else out / RunDir.FEATURES
+        fs = extract_features(run_dir, checkpoint=checkpoint, device=device, refresh=refresh, cache_dir=cache_dir)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -196,13 +186,15 @@ def format_classes(classes: list[dict]) -> str:
 
 
 def _cmd_similarity(args) -> int:
+    from ..runlock import lock_if_inside
     from .confusion import format_table
 
-    result = analyse_run(args.run_dir, out=args.out, checkpoint=args.checkpoint, device=args.device,
-                         window=args.window, beta=args.beta, edge=args.edge, similarity=args.similarity,
-                         perplexity=args.perplexity, seed=args.seed, tail_fraction=args.tail_fraction,
-                         min_ratio=args.min_ratio, top=args.top, cb_beta=args.cb_beta, compare=args.compare,
-                         refresh=args.refresh)
+    with lock_if_inside(args.out or Path(args.run_dir) / "similarity", args.run_dir):  # one writer per run folder
+        result = analyse_run(args.run_dir, out=args.out, checkpoint=args.checkpoint, device=args.device,
+                             window=args.window, beta=args.beta, edge=args.edge, similarity=args.similarity,
+                             perplexity=args.perplexity, seed=args.seed, tail_fraction=args.tail_fraction,
+                             min_ratio=args.min_ratio, top=args.top, cb_beta=args.cb_beta, compare=args.compare,
+                             refresh=args.refresh)
     s = result["settings"]
     print(f"{result['run']} ({result['checkpoint']}, epoch {result['epoch']}): t-SNE order, windows of "
           f"W={s['effective_window']} ({s['edge']}), beta {s['beta']:g}, similarity {s['similarity']}")
@@ -216,14 +208,12 @@ def _cmd_similarity(args) -> int:
 
 
 def register(sub) -> None:
-    from ..features import CHECKPOINTS
-
     p = sub.add_parser("similarity", help="category similarity of a trained run (SWRM): t-SNE class order, "
                                           "windows, SWR weights, SWM margins, confusable head-to-tail pairs")
     p.add_argument("run_dir", help="a trained run folder (any method; usually plain CE)")
     p.add_argument("--out", help="output folder (default RUN_DIR/similarity); outside RUN_DIR, nothing is "
                                  "written into RUN_DIR, the features cache included")
-    p.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="last")
+    p.add_argument("--checkpoint", choices=sorted(CHECKPOINT_CHOICES), default="last")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the run's)")
     p.add_argument("--refresh", action="store_true", help="extract the features again even when a cache is fresh")
     p.add_argument("--window", type=int, help="window size W (default: the run's swrm loss setting, else 15)")

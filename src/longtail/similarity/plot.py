@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..train.checkpoint import atomic_write_bytes
+from ..io import atomic_write_bytes
 
 MAX_CLASS_LABELS = 40
 

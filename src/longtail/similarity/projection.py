@@ -2,7 +2,7 @@
 1-D t-SNE projection.
 
 prototype p_c = mean pooled pre-logit feature of the training images of class c (all of
-them, eval mode, no augmentation; `doctor.confusable.class_prototypes`). The C prototypes
+them, eval mode, no augmentation; `class_prototypes` below). The C prototypes
 are projected to one dimension with scikit-learn's t-SNE (exact method, PCA init, Euclidean
 distances, `random_state` = the seed); the projection vector orders the classes for the
 similarity windows. t-SNE needs perplexity < C; the default is min(30, max(1, (C - 1) / 3))
@@ -16,6 +16,8 @@ of classes with 'auto', 70 % with the PCA initialisation alone and 100 % with th
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 
 from ..errors import ConfigError
@@ -23,7 +25,6 @@ from ..errors import ConfigError
 
 def prototypes_from_features(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """(C, D) float64 mean feature per class; every class must have an image."""
-    from ..doctor.confusable import class_prototypes
 
     protos, used = class_prototypes([(features, labels)], num_classes)
     if (used == 0).any():
@@ -52,3 +53,24 @@ def tsne_projection(prototypes: np.ndarray, *, seed: int = 0, perplexity: float 
     tsne = TSNE(n_components=1, perplexity=perp, init="pca", method="exact", random_state=int(seed),
                 learning_rate=max(C / 12.0, 1.0))
     return tsne.fit_transform(protos)[:, 0].astype(np.float64)
+
+
+def class_prototypes(batches: Iterable[tuple[np.ndarray, np.ndarray]],
+                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean feature per class from (features (B, D), labels (B,)) batches.
+
+    Returns (prototypes (C, D) float64, images used per class (C,)); a class without
+    images has a row of NaN.
+    """
+    sums, used = None, np.zeros(num_classes, dtype=np.int64)
+    for feats, labels in batches:
+        feats = np.asarray(feats, dtype=np.float64)
+        labels = np.asarray(labels, dtype=np.int64)
+        if sums is None:
+            sums = np.zeros((num_classes, feats.shape[1]))
+        np.add.at(sums, labels, feats)
+        used += np.bincount(labels, minlength=num_classes)
+    if sums is None:
+        raise ConfigError("no readable training images to compute class prototypes from")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / used[:, None], used

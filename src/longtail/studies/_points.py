@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import config_from_dict, diff_configs, load_config
+from ..config import config_from_dict, diff_configs
 from ..errors import ConfigError
 from ..report.figures import new_figure as figure, png_bytes  # noqa: F401  (re-exported for the studies)
-from ..train.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..log import warnings_only
+from ..rundir import RunDir
 
 DEFAULT_CIFAR10_ROOT = "../shared/data/cifar10-jpeg.tar.gz"
 DATASETS = ("cifar10", "digits")
@@ -76,17 +77,17 @@ def run_point(cfg: dict, run_dir: Path, *, arrays: dict | None = None) -> dict:
     """Train one point into run_dir (or read its finished result back); returns its eval.json."""
     from ..runs import train_run
 
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     config = config_from_dict(cfg)
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        changed = diff_configs(config, load_config(saved))
+    if run.is_run():
+        changed = diff_configs(config, run.read_config())  # its paths: absolute, or relative to here
         if changed:
-            raise ConfigError(f"study point {run_dir} was run with another config ({', '.join(changed[:4])}); "
+            raise ConfigError(f"study point {run.path} was run with another config ({', '.join(changed[:4])}); "
                               "use another --out")
-        if (run_dir / "eval.json").is_file():
-            return json.loads((run_dir / "eval.json").read_text())
-    return train_run(config, run_dir, resume=saved.is_file(), arrays=arrays, log=lambda *a: None)
+        if run.has(RunDir.EVAL):
+            return run.read_eval()
+    with warnings_only():  # the study logs one line per point, not the point's epochs
+        return train_run(config, run.path, resume=run.is_run(), arrays=arrays)
 
 
 def write_results(out: Path, payload: dict, rows: list[dict]) -> None:

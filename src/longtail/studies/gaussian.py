@@ -45,6 +45,7 @@ estimate (sample means, pooled covariance, class frequencies in Eq. (3)).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- checks
 
@@ -329,8 +332,8 @@ def _rows_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def run_gaussian(out: str | Path | None, *, trials: int = 4000, repeats: int = 20, n: int = 4000, alpha: float = 0.2,
-                 seed: int = 0, log=print) -> dict:
-    """Both theorems on their default grids; prints formula vs simulation, writes gaussian.json/csv/png."""
+                 seed: int = 0) -> dict:
+    """Both theorems on their default grids; logs formula vs simulation, writes gaussian.json/csv/png."""
     import csv
     import io
 
@@ -344,27 +347,28 @@ def run_gaussian(out: str | Path | None, *, trials: int = 4000, repeats: int = 2
         t1.append(theorem1_row(beta=beta, p=p, n_pos=n_pos, alpha=alpha, trials=trials, seed=seed + k,
                                **THEOREM1_SETUP))
     s = THEOREM1_SETUP
-    log(f"Theorem 1: mu1 {s['mu1']:g}, mu2 {s['mu2']:g}, sigma {s['sigma']:g}, n- {s['n_neg']}, {trials} "
-        f"simulated training sets per row, alpha {alpha:g}")
-    log("  shift = f~B - (mu1+mu2)/2;  printed Delta = (1-b)(1-p/2)(mu2-mu1);  derived Delta = (1-b)(1-p)(mu2-mu1)/2")
-    log("  z = (MC mean - Delta) / MC standard error; coverage = fraction of sets with |shift - Delta| <= alpha")
+    log.info(f"Theorem 1: mu1 {s['mu1']:g}, mu2 {s['mu2']:g}, sigma {s['sigma']:g}, n- {s['n_neg']}, {trials} "
+             f"simulated training sets per row, alpha {alpha:g}")
+    log.info("  shift = f~B - (mu1+mu2)/2;  printed Delta = (1-b)(1-p/2)(mu2-mu1);  "
+             "derived Delta = (1-b)(1-p)(mu2-mu1)/2")
+    log.info("  z = (MC mean - Delta) / MC standard error; coverage = fraction of sets with |shift - Delta| <= alpha")
     header = ["n+", "beta", "p", "MC shift", "+-SE", "derived", "z", "printed", "z", "bound", "cov(der)", "cov(pri)"]
-    log(_rows_table(header, [[str(r.n_pos), f"{r.beta:g}", f"{r.p:g}", f"{r.mc_shift:.4f}", f"{r.mc_se:.4f}",
-                              f"{r.delta_derived:.4f}", f"{r.z_derived:+.1f}", f"{r.delta_printed:.4f}",
-                              f"{r.z_printed:+.0f}", f"{r.bound:.4f}", f"{r.coverage_derived:.4f}",
-                              f"{r.coverage_printed:.4f}"] for r in t1]))
+    log.info(_rows_table(header, [[str(r.n_pos), f"{r.beta:g}", f"{r.p:g}", f"{r.mc_shift:.4f}", f"{r.mc_se:.4f}",
+                                   f"{r.delta_derived:.4f}", f"{r.z_derived:+.1f}", f"{r.delta_printed:.4f}",
+                                   f"{r.z_printed:+.0f}", f"{r.bound:.4f}", f"{r.coverage_derived:.4f}",
+                                   f"{r.coverage_printed:.4f}"] for r in t1]))
     t2 = []
     for k, (case, mu1, mu2, cov, priors) in enumerate(THEOREM2_CASES):
         for j, p_pos in enumerate(priors):
             t2.append(theorem2_row(case=case, mu1=mu1, mu2=mu2, cov=cov, p_pos=p_pos, n=n, repeats=repeats,
                                    seed=seed + 1000 * (k + 1) + j))
-    log("")
-    log(f"Theorem 2: boundary shift s along u = (mu2-mu1)/|mu2-mu1| from (mu1+mu2)/2; closed form "
-        f"|mu1-mu2| ln(p+/p-) / M (Eq. 3); Monte Carlo: {repeats} samples of n = {n} per row")
+    log.info("")
+    log.info(f"Theorem 2: boundary shift s along u = (mu2-mu1)/|mu2-mu1| from (mu1+mu2)/2; closed form "
+             f"|mu1-mu2| ln(p+/p-) / M (Eq. 3); Monte Carlo: {repeats} samples of n = {n} per row")
     header = ["case", "p+", "ln(p+/p-)", "closed form", "logistic", "+-SE", "z", "plug-in", "+-SE", "z"]
-    log(_rows_table(header, [[r.case, f"{r.p_pos:g}", f"{r.log_prior_ratio:.3f}", f"{r.closed_form:.4f}",
-                              f"{r.logistic:.4f}", f"{r.logistic_se:.4f}", f"{r.z_logistic:+.1f}",
-                              f"{r.plugin:.4f}", f"{r.plugin_se:.4f}", f"{r.z_plugin:+.1f}"] for r in t2]))
+    log.info(_rows_table(header, [[r.case, f"{r.p_pos:g}", f"{r.log_prior_ratio:.3f}", f"{r.closed_form:.4f}",
+                                   f"{r.logistic:.4f}", f"{r.logistic_se:.4f}", f"{r.z_logistic:+.1f}",
+                                   f"{r.plugin:.4f}", f"{r.plugin_se:.4f}", f"{r.z_plugin:+.1f}"] for r in t2]))
     result = {
         "study": "gaussian", "paper_sections": ["4.1 Theorem 1", "5.1 Theorem 2, Properties 1-2"],
         "seed": seed, "trials": trials, "repeats": repeats, "n": n, "alpha": alpha,
@@ -377,7 +381,7 @@ def run_gaussian(out: str | Path | None, *, trials: int = 4000, repeats: int = 2
         "theorem2": [{**r.__dict__, "z_logistic": r.z_logistic, "z_plugin": r.z_plugin} for r in t2],
     }
     if out is not None:
-        from ..train.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+        from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
         out = Path(out)
         atomic_write_json(out / "gaussian.json", result)
@@ -389,7 +393,7 @@ def run_gaussian(out: str | Path | None, *, trials: int = 4000, repeats: int = 2
             writer.writerows(rows)
             atomic_write_text(out / name, buffer.getvalue())
         atomic_write_bytes(out / "gaussian.png", gaussian_figure(t1, t2))
-        log(f"\nwrote {out}/gaussian.json, gaussian_theorem1.csv, gaussian_theorem2.csv, gaussian.png")
+        log.info(f"\nwrote {out}/gaussian.json, gaussian_theorem1.csv, gaussian_theorem2.csv, gaussian.png")
     return result
 
 

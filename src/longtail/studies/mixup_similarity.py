@@ -27,6 +27,7 @@ have):
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -35,6 +36,8 @@ import numpy as np
 from ..config import config_from_dict
 from ..errors import ConfigError
 from ._points import Budget, figure, png_bytes, run_point, write_png, write_results
+
+log = logging.getLogger(__name__)
 
 
 def replaced_count(rho: float, n_major: int) -> int:
@@ -117,7 +120,7 @@ def base_config(budget: Budget, *, imbalance_ratio: float, max_count: int | None
 
 def run_mixup_similarity(out: str | Path, *, budget: Budget, imbalance_ratio: float, max_count: int | None,
                          rhos, lams, rho_fixed: float, lam_fixed: float, major: int = 0, minor: int = -1,
-                         seeds=(0,), log=print) -> dict:
+                         seeds=(0,)) -> dict:
     """Train every point (skipping finished ones); write results.json/csv and mixup_similarity.png."""
     from ..data.build import build_data
 
@@ -164,9 +167,9 @@ def run_mixup_similarity(out: str | Path, *, budget: Budget, imbalance_ratio: fl
                            "majority_acc": round(entry["majority_acc"], 2),
                            "minority_acc": round(entry["minority_acc"], 2)})
             write_results(out, {**settings, "points": results}, rows)
-            log(f"[{len(results)}/{len(points) * len(seeds)}] seed {seed} rho {p['rho']:g} lam {p['lam']:g} "
-                f"({len(replaced)} of {n_major} replaced): majority {entry['majority_acc']:.1f}, "
-                f"minority {entry['minority_acc']:.1f}, top1 {ev['top1']:.1f}")
+            log.info(f"[{len(results)}/{len(points) * len(seeds)}] seed {seed} rho {p['rho']:g} lam {p['lam']:g} "
+                     f"({len(replaced)} of {n_major} replaced): majority {entry['majority_acc']:.1f}, "
+                     f"minority {entry['minority_acc']:.1f}, top1 {ev['top1']:.1f}")
     write_png(out / "mixup_similarity.png", mixup_figure(results, settings))
     return {**settings, "points": results}
 

@@ -21,12 +21,15 @@ first n images are the same for every n).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError
 from ._points import Budget, figure, png_bytes, run_point, write_png, write_results
+
+log = logging.getLogger(__name__)
 
 CASES = (1, 2)
 
@@ -73,7 +76,7 @@ def point_config(counts: list[int], budget: Budget, seed: int) -> dict:
 
 
 def run_toy(out: str | Path, *, budget: Budget, min_count: int, max_count: int, step: int, cases=CASES,
-            seeds=(0,), log=print) -> dict:
+            seeds=(0,)) -> dict:
     """Train every point (skipping finished ones); write results.json/csv and toy.png into `out`."""
     out = Path(out)
     grid = count_grid(min_count, max_count, step)
@@ -101,8 +104,8 @@ def run_toy(out: str | Path, *, budget: Budget, min_count: int, max_count: int, 
                          **{f"acc_class{c + 1}": (None if v is None else round(v, 2))
                             for c, v in enumerate(ev["per_class"])}})
             write_results(out, {**settings, "points": results}, rows)
-            log(f"[{len(results)}/{total}] case {p['case']} seed {seed}: classes 1-9 x {majority}, class-10 "
-                f"{minority}: top1 {ev['top1']:.1f}, class-10 {ev['per_class'][-1]:.1f}")
+            log.info(f"[{len(results)}/{total}] case {p['case']} seed {seed}: classes 1-9 x {majority}, class-10 "
+                     f"{minority}: top1 {ev['top1']:.1f}, class-10 {ev['per_class'][-1]:.1f}")
     write_png(out / "toy.png", toy_figure(results, cases))
     return {**settings, "points": results}
 

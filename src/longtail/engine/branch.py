@@ -27,14 +27,14 @@ SOURCE is a checkpoint file (a run's `checkpoints/epoch<E>.pt`, kept with
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..config import RunConfig, config_from_dict, diff_configs
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import atomic_write_json, safe_torch_load
+from ..io import safe_torch_load
+from ..rundir import RunDir
 
 # keys that may differ between a branch and its source (dotted prefixes)
 FREE_KEYS = ("loss", "method", "reweight", "eval", "train.epochs", "train.save_epochs", "train.progress",
@@ -45,7 +45,7 @@ def source_checkpoint(source: str | Path) -> Path:
     """The checkpoint file a branch starts from: SOURCE itself, or SOURCE/checkpoints/last.pt."""
     path = Path(source)
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        path = RunDir(path).last
     if not path.is_file():
         raise CheckpointError(f"--branch-from: no checkpoint at {path}")
     return path
@@ -95,21 +95,19 @@ def load_optimizer_prefix(optimizer: torch.optim.Optimizer, saved: dict) -> None
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def copy_best_val(source_ckpt: Path, run_dir: Path, best_epoch) -> bool:
+def copy_best_val(source_ckpt: Path, run: RunDir, best_epoch) -> bool:
     """Copy the source run's best_val.pt when it still holds the best-on-validation weights
     of the prefix (0-idx epoch `best_epoch`); returns whether it did."""
-    best = source_ckpt.parent / "best_val.pt"
+    best = RunDir(source_ckpt.parent.parent).best_val
     if best_epoch is None or not best.is_file() or int(safe_torch_load(best)["epoch"]) != int(best_epoch) + 1:
         return False  # none yet, or overwritten by a later epoch of the source run
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "checkpoints" / ".best_val.pt.tmp"
-    shutil.copyfile(best, tmp)
-    tmp.replace(run_dir / "checkpoints" / "best_val.pt")
+    run.write_bytes(RunDir.BEST_VAL, best.read_bytes())
     return True
 
 
-def write_branch_record(run_dir: Path, source_ckpt: Path, epoch: int) -> None:
-    atomic_write_json(run_dir / "branch.json", {"from": str(source_ckpt), "epoch": epoch})
+def write_branch_record(run: RunDir, source_ckpt: Path, epoch: int) -> None:
+    """branch.json: the source checkpoint (absolute, so the record holds from any folder) and epoch."""
+    run.write_json(RunDir.BRANCH, {"from": str(Path(source_ckpt).absolute()), "epoch": epoch})
 
 
 def source_config(ckpt: dict, path: Path) -> RunConfig:

@@ -10,7 +10,7 @@ atomic checkpoint. Randomness depends only on (seed, epoch) and the saved states
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -18,55 +18,67 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import dist as distributed
 from ..config import RunConfig
 from ..data.augment import BatchAugment
 from ..data.build import LTData
 from ..data.samplers import split_batch
+from ..dist import resolve_device
 from ..errors import CheckpointError, ConfigError, LongtailError
 from ..eval.metrics import compute_metrics
 from ..eval.predict import predict
-from ..methods import build_method
-from . import branch, distributed
-from .checkpoint import append_line, atomic_torch_save, atomic_write_text, safe_torch_load
-from .schedule import learning_rate
+from ..io import atomic_torch_save, safe_torch_load
+from ..log import bar_enabled
+from ..methods import Recipe, build_method, build_recipe
+from ..optim import ParamGroup, build_optimizer, learning_rate, no_decay_split, set_learning_rate
+from ..rundir import RunDir
+from . import branch
 
-CHECKPOINT = "checkpoints/last.pt"
-BEST_VAL = "checkpoints/best_val.pt"
-
+log = logging.getLogger(__name__)
 
 class TrainingError(LongtailError):
     """Training cannot go on (non-finite loss)."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LongtailError(f"train.device is '{name}' but CUDA is not available")
-    return torch.device(name)
+def optimizer_params(cfg: RunConfig) -> dict:
+    """The optimizer's own parameters: SGD's momentum and Nesterov switch come from `train`,
+    anything else from `optimizer.params`."""
+    params = dict(cfg.optimizer.params)
+    if cfg.optimizer.name == "sgd":
+        for key in ("momentum", "nesterov"):
+            if key in params:
+                raise ConfigError(f"optimizer.params.{key}: set train.{key} instead (one place for SGD's {key})")
+        params.update(momentum=cfg.train.momentum, nesterov=cfg.train.nesterov)
+    return params
+
+
+def make_optimizer(cfg: RunConfig, groups: list[ParamGroup], model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The run's optimizer over the recipe's parameter groups (split into decay / no decay with
+    optimizer.no_decay_norm_bias). An invalid optimizer parameter is a ConfigError naming it."""
+    if cfg.optimizer.no_decay_norm_bias:
+        groups = [part for g in groups for part in no_decay_split(g, model)]
+    try:
+        return build_optimizer(cfg.optimizer.name, groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                               params=optimizer_params(cfg))
+    except ValueError as err:
+        raise ConfigError(f"optimizer '{cfg.optimizer.name}': {str(err).splitlines()[0]}") from None
+
+
+def check_optimizer(cfg: RunConfig) -> None:
+    """Build the configured optimizer once on a stand-in parameter: bad names or parameters fail
+    before a run folder exists."""
+    make_optimizer(cfg, [ParamGroup("check", [torch.nn.Parameter(torch.zeros(1))])], torch.nn.Identity())
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, 7]).generate_state(1)[0])
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line from a crash
-    return rows
-
-
 def _progress(total: int, desc: str, enabled: bool):
+    """The run's progress bar; drawn only on a terminal (log.bar_enabled), else the epoch lines alone."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False, disable=not enabled,
+    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False, disable=not bar_enabled(enabled),
                 dynamic_ncols=True, mininterval=0.5)
 
 
@@ -119,8 +131,10 @@ class Trainer:
     every epoch, and only rank 0 validates and writes.
     """
 
-    def __init__(self, cfg: RunConfig, data: LTData, run_dir: str | Path, *, log=print):
-        self.cfg, self.data, self.run_dir, self.log = cfg, data, Path(run_dir), log
+    def __init__(self, cfg: RunConfig, data: LTData, run_dir: str | Path, *, recipe: Recipe | None = None):
+        self.cfg, self.data = cfg, data
+        self.rundir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.run_dir = self.rundir.path
         t = cfg.train
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
@@ -128,19 +142,21 @@ class Trainer:
         torch.use_deterministic_algorithms(t.deterministic, warn_only=True)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not t.deterministic  # autotuned convolutions unless reproducibility is asked
-        torch.manual_seed(t.seed)
-        self.method = build_method(cfg, data)
-        self.model = self.method.build_model().to(self.device)
+        if recipe is None:  # the caller seeds and builds the recipe once (runs.train_run); here for direct use
+            torch.manual_seed(t.seed)
+            recipe = build_recipe(cfg, data)
+        self.method = recipe.method
+        self.model = recipe.model.to(self.device)  # Module.to keeps the Parameter objects the groups hold
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = self.method.build_loss().to(self.device)
-        self.sampler = self.method.build_sampler()
-        self.optimizer = torch.optim.SGD(self.method.parameters(self.model), lr=t.lr, momentum=t.momentum,
-                                         weight_decay=t.weight_decay, nesterov=t.nesterov)
+        self.loss_fn = recipe.loss.to(self.device)
+        self.sampler = recipe.sampler
+        self.optimizer = make_optimizer(cfg, recipe.param_groups, self.model)
         self.augment = BatchAugment(mean=data.mean, std=data.std, crop_padding=t.augment.crop_padding,
                                     flip=t.augment.flip, device=self.device, channels_last=t.channels_last)
         self.start_epoch = 0
         self.best = {"epoch": None, "top1": -math.inf}
+        self._last_is_sound = True  # False after resuming from prev.pt: last.pt is not kept as prev.pt then
         self.dist = distributed.context()
         self._sync_loss_statistics = getattr(self.loss_fn, "sync_statistics", None)
         autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
@@ -163,9 +179,10 @@ class Trainer:
             self.forward = torch.compile(self.forward)  # weights stay in self.model: checkpoints are unchanged
 
     def resume(self) -> None:
-        """Restore model, optimiser, epoch, best-val and RNG state; drop metrics of unsaved epochs."""
-        path = self.run_dir / CHECKPOINT
-        ckpt = safe_torch_load(path)
+        """Restore model, optimiser, epoch, best-val and RNG state; drop metrics of unsaved epochs.
+        Where last.pt fails its integrity check, from prev.pt (the epoch before)."""
+        ckpt, path = self.rundir.load_checkpoint("last", action="resuming from", warn=self.dist.is_main)
+        self._last_is_sound = path == self.rundir.last
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -177,16 +194,11 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {str(err).splitlines()[0]}") from None
         if self.dist.is_main:
-            self._keep_metrics_before(self.run_dir, self.start_epoch)
-        self.log(f"resuming {self.run_dir} after epoch {self.start_epoch}/{self.cfg.train.epochs}")
-
-    def _keep_metrics_before(self, source_run: Path, epoch: int) -> None:
-        """This run's metrics.jsonl := the lines of `source_run`'s for 0-idx epochs < `epoch`."""
-        rows = [r for r in read_metrics(source_run) if r.get("epoch", math.inf) < epoch]
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            self.rundir.keep_metrics_before(self.start_epoch)
+            log.info("resuming %s after epoch %d/%d", self.run_dir, self.start_epoch, self.cfg.train.epochs)
 
     def branch(self, source: str | Path) -> None:
-        """Start from another run's checkpoint at epoch E (train/branch.py): model, optimiser,
+        """Start from another run's checkpoint at epoch E (engine/branch.py): model, optimiser,
         epoch, best-val record, RNG state and metrics of epochs < E; this run's own method and
         loss start fresh, as they would be at epoch E when training from scratch."""
         path = branch.source_checkpoint(source)
@@ -204,18 +216,17 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {str(err).splitlines()[0]}") from None
         self.start_epoch = epoch
         if self.dist.is_main:
-            self._keep_metrics_before(path.parent.parent, epoch)  # the source run's lines of the prefix
-            if branch.copy_best_val(path, self.run_dir, best_epoch):
+            self.rundir.keep_metrics_before(epoch, source=RunDir(path.parent.parent))  # the source run's prefix lines
+            if branch.copy_best_val(path, self.rundir, best_epoch):
                 self.best = {"epoch": best_epoch, "top1": float(ckpt["best_val_top1"])}
-            branch.write_branch_record(self.run_dir, path, epoch)
+            branch.write_branch_record(self.rundir, path, epoch)
             self.save(epoch - 1)  # the branch point is this run's first checkpoint: --resume works from here
-        self.log(f"branched from {path} after epoch {epoch}/{self.cfg.train.epochs}")
+            log.info("branched from %s after epoch %d/%d", path, epoch, self.cfg.train.epochs)
 
     def run(self) -> dict:
         t = self.cfg.train
         started = time.time()
         bar = _progress((t.epochs - self.start_epoch) * len(self.sampler), "train", t.progress and self.dist.is_main)
-        log = bar.write if t.progress and self.log is print else self.log  # keep the bar intact
         try:
             for epoch in range(self.start_epoch, t.epochs):
                 row = self.train_epoch(epoch, bar)
@@ -225,15 +236,15 @@ class Trainer:
                         raise TrainingError(f"the processes' weights diverged in epoch {epoch + 1}")
                 if self.dist.is_main:
                     row.update(self.validate(epoch))
-                    append_line(self.run_dir / "metrics.jsonl", json.dumps(row))
+                    self.rundir.append_metrics(row)
                     self.save(epoch)
                 distributed.barrier()
                 if not self.dist.is_main:
                     continue
                 val_text = f", val top1 {row['val_top1']:.2f}" if "val_top1" in row else ""
-                log(f"epoch {epoch + 1}/{t.epochs}: lr {row['lr']:.2e}, loss {row['train_loss']:.4f}, "
-                    f"train top1 {row['train_top1']:.2f}{val_text}, {row['images_per_s']:.0f} img/s, "
-                    f"{row['seconds']:.1f}s")
+                log.info(f"epoch {epoch + 1}/{t.epochs}: lr {row['lr']:.2e}, loss {row['train_loss']:.4f}, "
+                         f"train top1 {row['train_top1']:.2f}{val_text}, {row['images_per_s']:.0f} img/s, "
+                         f"{row['seconds']:.1f}s")  # through tqdm.write (log.setup): the bar stays intact
         finally:
             bar.close()
         return {"epochs": t.epochs, "best_val_epoch": self.best["epoch"], "seconds": time.time() - started}
@@ -242,8 +253,7 @@ class Trainer:
         t, data, device = self.cfg.train, self.data, self.device
         lr = learning_rate(epoch, base_lr=t.lr, epochs=t.epochs, schedule=t.lr_schedule,
                            warmup_epochs=t.warmup_epochs, milestones=t.milestones, decay=t.lr_decay, min_lr=t.min_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         self.method.on_epoch_start(epoch, self.loss_fn)
         self.method.set_train_mode(self.model)
         order = self.sampler.indices(epoch)
@@ -264,9 +274,8 @@ class Trainer:
                 raw = torch.from_numpy(data.train.batch(pos)).to(device)
                 target = torch.from_numpy(data.train.labels[pos]).to(device)
             images = self.augment(raw, gen, shard)
-            # (loss, logits) or (loss, logits, scored): a pretext task (SSP) scores its own labels
-            loss, logits, *scored = self.method.training_loss(self.model, self.forward, images, target,
-                                                              self.loss_fn, gen)
+            step_out = self.method.training_step(self.model, self.forward, images, target, self.loss_fn, gen)
+            loss = step_out.loss
             value = float(distributed.all_reduce_sum(loss.detach().clone().reshape(1))) / world
             if not math.isfinite(value):
                 raise TrainingError(
@@ -280,13 +289,13 @@ class Trainer:
             if self._sync_loss_statistics is not None:
                 self._sync_loss_statistics()  # e.g. seesaw counts: sum the ranks' increments
             loss_sum += value * len(global_pos)
-            correct += (logits.detach().argmax(1) == (scored[0] if scored else target)).sum()
+            correct += (step_out.logits.detach().argmax(1) == step_out.target).sum()
             seen += len(global_pos)
             bar.update(len(global_pos))
             bar.set_postfix(loss=f"{value:.3f}", img_s=f"{seen / max(time.time() - tic, 1e-9):.0f}", refresh=False)
         correct = int(distributed.all_reduce_sum(correct.to(torch.float64).reshape(1)))
         seconds = time.time() - tic
-        return {"epoch": epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1),
+        return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),  # 1-based: epochs done
                 "train_top1": 100.0 * correct / max(seen, 1), "seconds": seconds, "images_per_s": seen / seconds}
 
     def ranks_identical(self) -> bool:
@@ -305,19 +314,20 @@ class Trainer:
                    channels_last=t.channels_last)
         mkw = dict(many_threshold=e.many_threshold, few_threshold=e.few_threshold, rare_threshold=e.rare_threshold,
                    ece_bins=e.ece_bins)
-        pretext = getattr(self.method, "pretext_metrics", None)
-        if pretext is not None:  # a pretext pre-training run (SSP): metrics of its own task
-            vm = pretext(self.model, data.val, **pkw, **mkw)[0]
+        own = self.method.evaluate(self.model, data.val, **pkw, **mkw)
+        if own is not None:  # a pretext pre-training run (SSP): metrics of its own task
+            vm = own[0]
         else:
             out = predict(self.model, data.val, **pkw)
             vm = compute_metrics(out["logits"], out["labels"], data.class_counts, **mkw)
         if vm["top1"] > self.best["top1"]:
             self.best = {"epoch": epoch, "top1": vm["top1"]}
             atomic_torch_save({"model": self.model.state_dict(), "epoch": epoch + 1, "val_top1": vm["top1"]},
-                              self.run_dir / BEST_VAL)
+                              self.rundir.best_val)
         return {f"val_{k}": vm[k] for k in ("top1", "many", "medium", "few")}
 
     def save(self, epoch: int) -> None:
+        """Checkpoint after 0-idx `epoch`: last.pt, the previous last.pt kept as prev.pt."""
         state = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch + 1,
             "best_val_epoch": self.best["epoch"], "best_val_top1": self.best["top1"],
@@ -325,16 +335,18 @@ class Trainer:
             "loss": self.loss_fn.state_dict(), "method": self.method.state_dict(),
             "class_counts": torch.as_tensor(self.data.class_counts),
         }
-        atomic_torch_save(state, self.run_dir / CHECKPOINT)
+        self.rundir.save_checkpoint(state, keep_prev=self._last_is_sound)
+        self._last_is_sound = True
         if epoch + 1 in self.cfg.train.save_epochs:  # a branch point other runs may start from
-            atomic_torch_save(state, self.run_dir / f"checkpoints/epoch{epoch + 1}.pt")
+            atomic_torch_save(state, self.rundir.epoch_checkpoint(epoch + 1))
 
 
-def fit(cfg: RunConfig, data: LTData, run_dir: str | Path, *, resume: bool = False, branch_from=None,
-        log=print) -> dict:
-    """Train per `cfg` into `run_dir` (continuing from its checkpoint with `resume`, or
-    starting from another run's checkpoint with `branch_from`)."""
-    trainer = Trainer(cfg, data, run_dir, log=log)
+def fit(cfg: RunConfig, data: LTData, run_dir: str | Path, *, recipe: Recipe | None = None, resume: bool = False,
+        branch_from=None) -> dict:
+    """Train per `cfg` (with the run's `recipe`, built once by the caller) into `run_dir`
+    (continuing from its checkpoint with `resume`, or starting from another run's checkpoint
+    with `branch_from`)."""
+    trainer = Trainer(cfg, data, run_dir, recipe=recipe)
     if resume:
         trainer.resume()
     elif branch_from is not None:

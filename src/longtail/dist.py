@@ -16,10 +16,14 @@ same way. Only rank 0 writes.
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .errors import LongtailError
 
 
 @dataclass(frozen=True)
@@ -87,3 +91,24 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if context().enabled:
         dist.barrier()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LongtailError(f"train.device is '{name}' but CUDA is not available")
+    return torch.device(name)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, platform's answer elsewhere): printed next
+    to every speed figure, and part of the fingerprint bitwise reproducibility depends on."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name

@@ -1,0 +1,307 @@
+"""RunDir: the one class that knows a run folder's files, reads and writes them, and validates a folder.
+
+A run folder holds::
+
+    config.yaml               the resolved config (written first)
+    data.json                 what the run needs of its data without the images (DataInfo)
+    metrics.jsonl             one line per finished epoch; "epoch" counts the epochs done (1, 2, ...),
+                              as the console and eval.json do (files written before counted from 0:
+                              read_metrics converts them)
+    config_history.jsonl      each change of config.yaml made by `--resume` (train.epochs: extend a run)
+    checkpoints/last.pt       model, optimiser, epoch, RNG, method / loss state (atomic, each epoch)
+    checkpoints/prev.pt       the checkpoint before last.pt (fallback when last.pt is corrupt)
+    checkpoints/best_val.pt   the best-on-validation weights (when a validation split is set)
+    checkpoints/epoch<E>.pt   kept branch points (train.save_epochs)
+    branch.json               where a branched run started (source checkpoint, epoch)
+    posthoc.json              what a post-hoc method fitted (tau_norm's tau, ...)
+    predictions.npz           test logits and labels (+ best_val_logits)
+    eval.json                 test metrics of the last epoch, and of best-on-validation
+    eval_logit_adjusted.json  post-hoc logit adjustment of predictions.npz
+    features/<checkpoint>.npz cached frozen features (longtail features)
+    .lock                     the single writer's lock (runlock.py)
+
+Every command reaches these files through a RunDir; no other module spells their names.
+All writes are atomic (io.py); checkpoint loads are integrity-checked and a corrupt last.pt
+falls back to prev.pt with one logged warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import RunConfig, apply_overrides, config_from_dict, dump_config, read_yaml
+from .errors import CheckpointError, ConfigError
+from .io import (append_line, atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                 keep_previous, load_with_fallback, safe_torch_load)
+from .runlock import RunLock, lock_holder
+
+CHECKPOINT_CHOICES = ("last", "best_val")
+DATA_KEYS = ("class_names", "class_counts", "image_shape", "channels", "mean", "std")
+
+
+class RunDir:
+    """A run folder at `path` (which need not exist yet: a new run creates it)."""
+
+    CONFIG = "config.yaml"
+    DATA = "data.json"
+    METRICS = "metrics.jsonl"
+    CONFIG_HISTORY = "config_history.jsonl"
+    CHECKPOINTS = "checkpoints"
+    LAST = "checkpoints/last.pt"
+    PREV = "checkpoints/prev.pt"
+    BEST_VAL = "checkpoints/best_val.pt"
+    BRANCH = "branch.json"
+    POSTHOC = "posthoc.json"
+    PREDICTIONS = "predictions.npz"
+    EVAL = "eval.json"
+    EVAL_LOGIT_ADJUSTED = "eval_logit_adjusted.json"
+    FEATURES = "features"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # -- paths
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def has(self, name: str) -> bool:
+        """Whether the run folder holds the file `name` (RunDir.EVAL, RunDir.PREDICTIONS, ...)."""
+        return (self.path / name).is_file()
+
+    @property
+    def last(self) -> Path:
+        return self.path / self.LAST
+
+    @property
+    def prev(self) -> Path:
+        return self.path / self.PREV
+
+    @property
+    def best_val(self) -> Path:
+        return self.path / self.BEST_VAL
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.path / self.CHECKPOINTS / f"epoch{int(epoch)}.pt"
+
+    @staticmethod
+    def check_which(which: str) -> str:
+        """`which` when it names a checkpoint ('last' or 'best_val'); a ConfigError naming them otherwise."""
+        if which not in CHECKPOINT_CHOICES:
+            raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINT_CHOICES)}, got {which!r}")
+        return which
+
+    def checkpoint(self, which: str = "last") -> Path:
+        """checkpoints/last.pt or checkpoints/best_val.pt."""
+        return self.last if self.check_which(which) == "last" else self.best_val
+
+    def features_cache(self, which: str = "last") -> Path:
+        return self.path / self.FEATURES / f"{which}.npz"
+
+    # -- validation
+    def is_run(self) -> bool:
+        return (self.path / self.CONFIG).is_file()
+
+    def is_trained(self) -> bool:
+        return self.last.is_file()
+
+    def require(self, *, trained: bool = False) -> "RunDir":
+        """This folder, or a one-line error: not a folder, not a run folder, or (trained) no checkpoint."""
+        if not self.path.is_dir():
+            raise CheckpointError(f"run folder not found: {self.path}")
+        if not self.is_run():
+            raise CheckpointError(f"not a run folder (no {self.CONFIG}): {self.path}")
+        if trained and not self.is_trained():
+            raise CheckpointError(f"no checkpoint in {self.path} (train it first)")
+        return self
+
+    # -- config and data
+    def read_config(self, overrides: list[str] | None = None) -> RunConfig:
+        """config.yaml, validated; dotted `overrides` (a.b=c, paths relative to the current folder)
+        applied first, as `longtail train --resume --out RUN train.epochs=300` does."""
+        if not self.is_run():
+            raise CheckpointError(f"not a run folder (no {self.CONFIG}): {self.path}")
+        return config_from_dict(apply_overrides(read_yaml(self.path / self.CONFIG), list(overrides or [])))
+
+    def read_config_mapping(self) -> dict:
+        """config.yaml as written (a mapping, not validated against today's RunConfig: the report and
+        analysis read old runs too); an unreadable file is a CheckpointError naming the run."""
+        if not self.is_run():
+            raise CheckpointError(f"not a run folder (no {self.CONFIG}): {self.path}")
+        try:
+            return read_yaml(self.path / self.CONFIG)
+        except ConfigError as err:  # reworded as a run-folder problem
+            raise CheckpointError(f"{self.CONFIG} in {self.path} cannot be read: {str(err).splitlines()[0]}") from None
+
+    def write_config(self, cfg: RunConfig) -> None:
+        atomic_write_text(self.path / self.CONFIG, dump_config(cfg))
+
+    def append_config_history(self, entry: dict) -> None:
+        """One line of config_history.jsonl: a change of config.yaml (what, when, after which epoch)."""
+        append_line(self.path / self.CONFIG_HISTORY, json.dumps(entry))
+
+    def read_config_history(self) -> list[dict]:
+        """config_history.jsonl rows, oldest first ([] when the config never changed)."""
+        return self._read_jsonl(self.path / self.CONFIG_HISTORY)
+
+    def read_data_info(self) -> dict:
+        """data.json as a dict, checked for the keys a run's network needs (data.DataInfo.from_json
+        makes the object)."""
+        path = self.path / self.DATA
+        if not path.is_file():
+            raise CheckpointError(f"run folder {self.path} has no {self.DATA}")
+        info = self._read_json(path)
+        missing = [k for k in DATA_KEYS if not isinstance(info, dict) or k not in info]
+        if missing:
+            raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+        if len(info["class_names"]) != len(info["class_counts"]):
+            raise CheckpointError(f"{path}: class_names and class_counts differ in length")
+        return info
+
+    def write_data_info(self, info: dict) -> None:
+        atomic_write_json(self.path / self.DATA, info)
+
+    # -- metrics
+    def read_metrics(self) -> list[dict]:
+        """metrics.jsonl rows, "epoch" counting the epochs done (1-based; a torn last line from a
+        crash is dropped).
+
+        Reading rule for files written before epochs were counted from 1: a file whose first row
+        has "epoch" 0 numbers its rows from 0 and every "epoch" is read + 1. A file written now
+        never holds 0 (its first row is 1, or the branch point + 1), and every rewrite
+        (keep_metrics_before) writes 1-based rows, so one file never mixes the two."""
+        rows = self._read_jsonl(self.path / self.METRICS)
+        if rows and rows[0].get("epoch") == 0:
+            rows = [{**r, "epoch": r["epoch"] + 1} if isinstance(r.get("epoch"), int) else r for r in rows]
+        return rows
+
+    @staticmethod
+    def _read_jsonl(path: Path) -> list[dict]:
+        """The JSON rows of a .jsonl file of the run ([] when absent; a torn last line dropped)."""
+        if not path.is_file():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return rows
+
+    def append_metrics(self, row: dict) -> None:
+        append_line(self.path / self.METRICS, json.dumps(row))
+
+    def keep_metrics_before(self, epoch: int, source: "RunDir | None" = None) -> None:
+        """metrics.jsonl := the rows of `source` (default: this run) of its first `epoch` epochs
+        ("epoch" <= `epoch`; those trained before 0-idx epoch `epoch`), written 1-based."""
+        rows = [r for r in (source or self).read_metrics() if r.get("epoch", math.inf) <= epoch]
+        atomic_write_text(self.path / self.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+    # -- checkpoints
+    def require_checkpoint(self, which: str = "last") -> Path:
+        """checkpoint(which), or a one-line error: an unknown choice, no best_val.pt (no validation
+        split), or no checkpoint at all (train it first)."""
+        path = self.checkpoint(which)
+        if which == "best_val" and not path.is_file() and self.is_run():
+            raise CheckpointError(f"no best_val checkpoint in {self.path} (the run had no validation split)")
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint in {self.path} (train it first)")
+        return path
+
+    def load_checkpoint(self, which: str = "last", *, action: str = "loading", warn: bool = True) -> tuple[Any, Path]:
+        """(state, path loaded). A last.pt that is empty, truncated or fails its CRC check falls
+        back to prev.pt, with one logged warning (unless `warn` is False)."""
+        path = self.require_checkpoint(which)
+        return load_with_fallback(path, self.prev if which == "last" else None, action=action, warn=warn)
+
+    def checkpoint_epoch(self, which: str = "last") -> int | None:
+        """The epoch a checkpoint was saved after; None when it is absent."""
+        path = self.checkpoint(which)
+        if not path.is_file():
+            return None
+        state = self.load_checkpoint(which, warn=False)[0] if which == "last" else safe_torch_load(path)
+        return int(state.get("epoch", 0))
+
+    def save_checkpoint(self, state: dict, *, keep_prev: bool = True) -> None:
+        """checkpoints/last.pt := state, atomically; the previous last.pt kept as prev.pt first."""
+        self.last.parent.mkdir(parents=True, exist_ok=True)
+        if keep_prev and self.last.is_file():
+            keep_previous(self.last, self.prev)
+        atomic_torch_save(state, self.last)
+
+    def save_extra_checkpoint(self, state: dict, path: Path) -> None:
+        atomic_torch_save(state, path)
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of a write that a crash interrupted."""
+        for stale in [*self.path.glob(".*.tmp"), *self.path.glob(f"{self.CHECKPOINTS}/.*.tmp")]:
+            stale.unlink()
+
+    # -- results
+    def require_result(self, name: str | None = None) -> Path:
+        """The path of an evaluation output (default eval.json; predictions.npz, ...), or a one-line
+        error naming the command that writes it."""
+        path = self.path / (name or self.EVAL)
+        if not path.is_file():
+            raise CheckpointError(f"no {path.name} in {self.path}: run `longtail eval {self.path}` first")
+        return path
+
+    def read_eval(self, name: str | None = None) -> dict:
+        return self._read_json(self.require_result(name))
+
+    def read_optional_json(self, name: str) -> dict | None:
+        """A JSON object file of the run (posthoc.json, eval_logit_adjusted.json, ...); None when absent."""
+        path = self.path / name
+        return self._read_json(path) if path.is_file() else None
+
+    def read_predictions(self) -> dict[str, np.ndarray]:
+        """predictions.npz as arrays (logits, labels, optional best_val_logits)."""
+        path = self.require_result(self.PREDICTIONS)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise CheckpointError(f"cannot read {path}: {err}") from None
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.path / name, obj)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        atomic_write_bytes(self.path / name, data)
+
+    @staticmethod
+    def _read_json(path: Path) -> dict:
+        """A JSON object file of a run folder; a one-line CheckpointError naming it otherwise."""
+        try:
+            value = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path.name} in {path.parent} is not valid JSON ({err.msg}, line {err.lineno})"
+                                  ) from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"cannot read {path}: {err}") from None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path.name} in {path.parent} must hold a JSON object")
+        return value
+
+    # -- the single writer
+    def lock(self, hint: str = "wait for it to finish") -> RunLock:
+        return RunLock(self.path, hint=hint)
+
+    def lock_holder(self) -> str | None:
+        """Who holds the run's lock now ('this process', 'pid N', ...), None when nobody does;
+        asks without taking it (runlock.lock_holder)."""
+        return lock_holder(self.path)
