@@ -21,7 +21,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("optim", ("optim",)),
     ("eval", ("eval", "logit_adjust")),
     ("methods", ("methods",)),
-    ("engine", ("engine",)),
+    ("engine", ("engine", "callbacks")),  # callbacks: the protocol the loop calls, TensorBoard
     ("runs", ("runmodel", "features", "runs")),
     ("tools", ("inference", "preprocess", "predict_files", "export", "report", "bench", "doctor", "similarity",
                "dlsa", "studies", "analysis", "demo", "runs_list")),

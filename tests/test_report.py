@@ -108,11 +108,11 @@ def test_report_of_a_tiny_run(runs, one_report):
 def test_report_compares_runs_and_handles_post_hoc(runs, tmp_path, capsys):
     out = tmp_path / "both.html"
     assert main(["report", str(runs / "ce"), str(runs / "tau_norm"), "--out", str(out), "--title", "two"]) == 0
-    assert f"wrote {out}: 2 run(s), 13 figures embedded" in capsys.readouterr().out
+    assert f"wrote {out}: 2 run(s), 14 figures embedded" in capsys.readouterr().out
     page = parse(out)
-    assert page.figures[:2] == ["compare_group_bars", "compare_accuracy_vs_frequency"]
+    assert page.figures[:3] == ["compare_group_bars", "compare_training_curves", "compare_accuracy_vs_frequency"]
     assert page.figures.count("training_curves") == 1  # the post-hoc run has no epochs
-    assert len(decode_all(page)) == 13
+    assert len(decode_all(page)) == 14
     text = " ".join(page.text)
     assert "Comparison" in text and "Best on validation, test set" in text
     assert "a post-hoc method trains no epochs" in text
@@ -224,3 +224,90 @@ def test_top5_column_only_where_a_run_has_top5():
     assert "<th>top-5</th>" in with_top5 and "87.50" in with_top5
     assert with_top5.index("<th>top-1</th>") < with_top5.index("<th>top-5</th>") < with_top5.index("<th>many</th>")
     assert "<th>top-5</th>" not in metrics_table([("a", base)])
+
+
+# -- the figures' content, read from their matplotlib objects (usability: titles, legends, labels, ratio)
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The Figure objects the figure functions draw (captured instead of only their PNG bytes)."""
+    from longtail.report import figures
+
+    figs = []
+    real = figures.png_bytes
+    monkeypatch.setattr(figures, "png_bytes", lambda fig: figs.append(fig) or real(fig))
+    return figs
+
+
+def _legend_labels(ax) -> list[str]:
+    legend = ax.get_legend()
+    return [t.get_text() for t in legend.get_texts()] if legend is not None else []
+
+
+def test_training_curve_panels_have_titles(drawn):
+    from longtail.report import figures
+
+    rows = [{"epoch": e, "lr": 0.1, "train_loss": 1.0 / e, "train_top1": 50.0 + e, "val_top1": 40.0 + e,
+             "val_many": 60.0, "val_medium": 40.0, "val_few": 10.0, "images_per_s": 100.0} for e in (1, 2, 3)]
+    figures.training_curves(metrics=rows)
+    titles = [ax.get_title() for ax in drawn[0].axes]
+    assert titles == ["training loss", "top-1: train vs validation", "learning rate",
+                      "validation: many / medium / few"]
+    assert _legend_labels(drawn[0].axes[1]) == ["train top-1", "validation top-1"]
+
+
+def test_comparison_overlays_every_runs_curves(drawn):
+    from longtail.report import figures
+
+    runs = [(f"run{k}", [{"epoch": e, "train_loss": 1.0 / (e + k), "train_top1": 10.0 * e, "val_top1": 9.0 * e}
+                         for e in (1, 2)]) for k in range(3)] + [("posthoc", [])]
+    figures.training_curves_overlay(runs=runs)
+    loss_ax, top_ax = drawn[0].axes
+    assert loss_ax.get_title() and top_ax.get_title()
+    assert _legend_labels(loss_ax) == ["run0", "run1", "run2", "posthoc (no epochs)"]  # one entry per run
+    assert _legend_labels(top_ax)[:4] == _legend_labels(loss_ax)
+    assert sum(len(line.get_xdata()) > 0 for line in loss_ax.get_lines()) == 3
+
+
+def test_every_point_of_the_per_class_plot_is_labelled(drawn):
+    from matplotlib.text import Annotation, Text
+
+    from longtail.report import figures
+
+    counts = [50, 50, 50, 20, 20, 10, 10, 10]  # ties at equal count: labels must not hide each other
+    per_class = [90.0, 88.0, 90.0, 60.0, None, 20.0, 21.0, 19.0]
+    names = [f"c{i}" for i in range(8)]
+    figures.accuracy_vs_frequency(series=[("last", per_class), ("best", per_class)], train_counts=counts,
+                                  class_names=names)
+    ax = drawn[0].axes[0]
+    labels = sorted(c.get_text() for c in ax.get_children() if isinstance(c, Annotation))
+    assert labels == sorted(n for n, v in zip(names, per_class) if v is not None)  # the class without test images: none
+    assert _legend_labels(ax) == ["last", "best"]
+    renderer = drawn[0].canvas.get_renderer()
+    boxes = [Text.get_window_extent(c, renderer) for c in ax.get_children() if isinstance(c, Annotation)]
+    overlapping = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert not overlapping
+
+
+def test_group_bars_legend_names_every_run(drawn):
+    from longtail.report import figures
+
+    rows = [("a", {"top1": 50.0, "many": 60.0, "medium": 40.0, "few": 10.0}),
+            ("b", {"top1": None, "many": None, "medium": None, "few": None}),  # nothing drawn, still named
+            ("c", {"top1": float("nan"), "many": 70.0, "medium": None, "few": 5.0})]
+    figures.group_bars(rows=rows)
+    assert _legend_labels(drawn[0].axes[0]) == ["a", "b", "c"]
+
+
+def test_ratio_line_is_honest_for_profile_none(runs):
+    from longtail.report.rundata import load_run_record
+    from longtail.report.tables import config_rows
+
+    rec = load_run_record(runs / "ce")
+    exp = dict(config_rows(rec))["long tail"]
+    assert "profile exp, imbalance ratio 4.0 (measured 3.8)" in exp
+    rec.config["data"]["profile"] = "none"  # as a run on the source's own counts records it
+    none = dict(config_rows(rec))["long tail"]
+    assert "imbalance ratio 4" not in none
+    assert "profile none (class counts as in the source), measured ratio 3.8 of the training counts" in none

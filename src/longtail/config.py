@@ -120,6 +120,8 @@ class TrainConfig:
     sync_bn: bool = False  # distributed runs: SyncBatchNorm across processes
     mixup_alpha: float = 0.0  # > 0: mixup batches with lam ~ Beta(alpha, alpha) (MiSLAS stage 1: 1.0)
     save_epochs: list = field(default_factory=list)  # also keep checkpoints/epoch<E>.pt after these epochs (branch points)
+    tensorboard: bool = False  # RUN/tensorboard/ event files (pip install -e '.[tensorboard]'; docs/training.md)
+    callbacks: list = field(default_factory=list)  # "package.module:Class" training callbacks (longtail.callbacks)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

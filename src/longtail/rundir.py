@@ -18,6 +18,7 @@ A run folder holds::
     eval.json                 test metrics of the last epoch, and of best-on-validation
     eval_logit_adjusted.json  post-hoc logit adjustment of predictions.npz
     features/<checkpoint>.npz cached frozen features (longtail features)
+    tensorboard/              TensorBoard event files (train.tensorboard; longtail.callbacks)
     .lock                     the single writer's lock (runlock.py)
 
 Every command reaches these files through a RunDir; no other module spells their names.
@@ -62,6 +63,7 @@ class RunDir:
     EVAL = "eval.json"
     EVAL_LOGIT_ADJUSTED = "eval_logit_adjusted.json"
     FEATURES = "features"
+    TENSORBOARD = "tensorboard"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -94,6 +96,11 @@ class RunDir:
     @property
     def best_val(self) -> Path:
         return self.path / self.BEST_VAL
+
+    @property
+    def tensorboard(self) -> Path:
+        """The folder of the run's TensorBoard event files (train.tensorboard)."""
+        return self.path / self.TENSORBOARD
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.path / self.CHECKPOINTS / f"epoch{int(epoch)}.pt"

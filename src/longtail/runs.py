@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import dist as distributed
+from .callbacks import check_callbacks
 from .config import RunConfig, absolute_paths, diff_configs
 from .data.build import LTData, build_data, stand_in_data
 from .dist import resolve_device
@@ -48,6 +49,7 @@ def build_run_recipe(cfg: RunConfig, data: LTData) -> Recipe:
     """The run's recipe, built once: seeded first (the model's initial weights depend on train.seed
     alone), every component checked (bad names or parameters raise ConfigError)."""
     check_optimizer(cfg)
+    check_callbacks(cfg)
     torch.manual_seed(cfg.train.seed)
     return build_recipe(cfg, data, Services(run_features=_run_features))
 
@@ -74,11 +76,15 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def train_run(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, evaluate: bool = True,
-              arrays: dict | None = None, branch_from: str | Path | None = None) -> dict:
+              arrays: dict | None = None, branch_from: str | Path | None = None,
+              callbacks: list | None = None) -> dict:
     """Train (or resume) into `out`, then evaluate; returns the eval.json content.
 
     `branch_from` (a checkpoint file or run folder) starts a new run from another run's
     checkpoint instead of from scratch, where both train as plain CE up to it (engine/branch.py).
+
+    `callbacks`: objects of the longtail.callbacks protocol (on_epoch_end, on_validation, ...),
+    called on rank 0 after those of train.tensorboard and train.callbacks (docs/training.md).
 
     With `resume`, `cfg` (None: the saved config.yaml) may differ from the saved config only in
     train.epochs, which extends (or shortens, not below the epochs done) the run: written to
@@ -102,7 +108,7 @@ def train_run(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, e
     lock = RunLock(out, hint="wait for it to finish" + ("" if resume else " or choose another --out"))
     try:  # rank 0, the only writer, takes the lock in _train_run once the folder exists
         result = _train_run(cfg, out, resume=resume, evaluate=evaluate, arrays=arrays, ctx=ctx, lock=lock,
-                            branch_from=branch_from)
+                            branch_from=branch_from, callbacks=callbacks)
     finally:
         lock.release()
     if ctx.enabled and torch.distributed.is_initialized():
@@ -138,7 +144,8 @@ def _make_run_dir(out: Path) -> bool:
 # and is written to config.yaml and config_history.jsonl; the session keys change no number and
 # hold for this session only. Any other difference is refused (resumed_config).
 RESUME_EPOCHS_KEY = "train.epochs"
-RESUME_SESSION_KEYS = ("train.progress", "train.num_threads", "train.eval_batch_size")
+RESUME_SESSION_KEYS = ("train.progress", "train.num_threads", "train.eval_batch_size", "train.tensorboard",
+                       "train.callbacks")
 
 
 def _dotted(cfg: RunConfig, key: str):
@@ -209,7 +216,7 @@ def _record_resume_changes(run: RunDir, cfg: RunConfig, saved: RunConfig, change
 
 
 def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, lock: RunLock,
-               branch_from=None) -> dict:
+               branch_from=None, callbacks=None) -> dict:
     created, new_run = False, not resume
     changes, done_before, saved = {}, 0, None
     if resume:
@@ -252,7 +259,7 @@ def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, loc
             if not resume and ctx.is_main:
                 fit_posthoc_run(cfg, data, out, recipe=recipe)
         elif done < cfg.train.epochs:
-            fit(cfg, data, out, recipe=recipe, resume=resume, branch_from=branch_from)
+            fit(cfg, data, out, recipe=recipe, resume=resume, branch_from=branch_from, callbacks=callbacks)
     except BaseException:
         if created and not RunDir(out).last.exists():
             shutil.rmtree(out, ignore_errors=True)

@@ -38,7 +38,7 @@ from ..rundir import RunDir
 
 # keys that may differ between a branch and its source (dotted prefixes)
 FREE_KEYS = ("loss", "method", "reweight", "eval", "train.epochs", "train.save_epochs", "train.progress",
-             "train.num_threads", "train.eval_batch_size")
+             "train.num_threads", "train.eval_batch_size", "train.tensorboard", "train.callbacks")
 
 
 def source_checkpoint(source: str | Path) -> Path:

@@ -3,7 +3,8 @@
 Per epoch: learning rate from the schedule, `method.on_epoch_start` (re-weighting), the
 sampler's order for (seed, epoch), batches augmented on the device with a generator seeded
 by (seed, epoch), SGD steps; then validation (if configured), `metrics.jsonl` and an
-atomic checkpoint. Randomness depends only on (seed, epoch) and the saved states, so
+atomic checkpoint, then the run's callbacks (longtail.callbacks: TensorBoard, user loggers; rank 0,
+RNG states restored around them). Randomness depends only on (seed, epoch) and the saved states, so
 `resume` from the last checkpoint ends with the same weights as an uninterrupted run
 (bitwise on CPU with train.deterministic).
 """
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from .. import dist as distributed
+from ..callbacks import CallbackContext, CallbackList, build_callbacks
 from ..config import RunConfig
 from ..data.augment import BatchAugment
 from ..data.build import LTData
@@ -131,7 +133,8 @@ class Trainer:
     every epoch, and only rank 0 validates and writes.
     """
 
-    def __init__(self, cfg: RunConfig, data: LTData, run_dir: str | Path, *, recipe: Recipe | None = None):
+    def __init__(self, cfg: RunConfig, data: LTData, run_dir: str | Path, *, recipe: Recipe | None = None,
+                 callbacks: list | None = None):
         self.cfg, self.data = cfg, data
         self.rundir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.run_dir = self.rundir.path
@@ -158,6 +161,8 @@ class Trainer:
         self.best = {"epoch": None, "top1": -math.inf}
         self._last_is_sound = True  # False after resuming from prev.pt: last.pt is not kept as prev.pt then
         self.dist = distributed.context()
+        # only rank 0 reports: the other ranks build no callback (no TensorBoard writer, no user logger)
+        self.callbacks = CallbackList(build_callbacks(cfg, self.rundir, callbacks) if self.dist.is_main else [])
         self._sync_loss_statistics = getattr(self.loss_fn, "sync_statistics", None)
         autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
         self.forward: torch.nn.Module = TrainForward(self.model, autocast_dtype=autocast_dtype)
@@ -227,7 +232,11 @@ class Trainer:
         t = self.cfg.train
         started = time.time()
         bar = _progress((t.epochs - self.start_epoch) * len(self.sampler), "train", t.progress and self.dist.is_main)
+        context = CallbackContext(run_dir=self.rundir, cfg=self.cfg, class_names=list(self.data.class_names),
+                                  class_counts=[int(c) for c in self.data.class_counts], epochs=t.epochs,
+                                  start_epoch=self.start_epoch)
         try:
+            self.callbacks.call("on_train_start", context)
             for epoch in range(self.start_epoch, t.epochs):
                 row = self.train_epoch(epoch, bar)
                 if self.dist.enabled:
@@ -238,6 +247,7 @@ class Trainer:
                     row.update(self.validate(epoch))
                     self.rundir.append_metrics(row)
                     self.save(epoch)
+                    self.callbacks.call("on_epoch_end", epoch + 1, dict(row), context)
                 distributed.barrier()
                 if not self.dist.is_main:
                     continue
@@ -245,8 +255,12 @@ class Trainer:
                 log.info(f"epoch {epoch + 1}/{t.epochs}: lr {row['lr']:.2e}, loss {row['train_loss']:.4f}, "
                          f"train top1 {row['train_top1']:.2f}{val_text}, {row['images_per_s']:.0f} img/s, "
                          f"{row['seconds']:.1f}s")  # through tqdm.write (log.setup): the bar stays intact
-        finally:
+        except BaseException:
             bar.close()
+            self.callbacks.end_quietly(context)  # the training error is the one to report
+            raise
+        bar.close()
+        self.callbacks.call("on_train_end", context)
         return {"epochs": t.epochs, "best_val_epoch": self.best["epoch"], "seconds": time.time() - started}
 
     def train_epoch(self, epoch: int, bar) -> dict:
@@ -316,10 +330,13 @@ class Trainer:
                    ece_bins=e.ece_bins)
         own = self.method.evaluate(self.model, data.val, **pkw, **mkw)
         if own is not None:  # a pretext pre-training run (SSP): metrics of its own task
-            vm = own[0]
+            vm, arrays = own[0], {}
         else:
             out = predict(self.model, data.val, **pkw)
             vm = compute_metrics(out["logits"], out["labels"], data.class_counts, **mkw)
+            arrays = {"logits": out["logits"], "labels": out["labels"]}
+        if self.callbacks:
+            self.callbacks.call("on_validation", epoch + 1, vm, arrays)
         if vm["top1"] > self.best["top1"]:
             self.best = {"epoch": epoch, "top1": vm["top1"]}
             atomic_torch_save({"model": self.model.state_dict(), "epoch": epoch + 1, "val_top1": vm["top1"]},
@@ -342,11 +359,11 @@ class Trainer:
 
 
 def fit(cfg: RunConfig, data: LTData, run_dir: str | Path, *, recipe: Recipe | None = None, resume: bool = False,
-        branch_from=None) -> dict:
+        branch_from=None, callbacks: list | None = None) -> dict:
     """Train per `cfg` (with the run's `recipe`, built once by the caller) into `run_dir`
     (continuing from its checkpoint with `resume`, or starting from another run's checkpoint
-    with `branch_from`)."""
-    trainer = Trainer(cfg, data, run_dir, recipe=recipe)
+    with `branch_from`). `callbacks`: longtail.callbacks objects, after those the config names."""
+    trainer = Trainer(cfg, data, run_dir, recipe=recipe, callbacks=callbacks)
     if resume:
         trainer.resume()
     elif branch_from is not None:

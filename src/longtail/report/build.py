@@ -2,13 +2,13 @@
 
 For each run: what it is (data, model, method, loss, sampler, epochs, evaluated
 checkpoints), its metrics (last epoch, best-on-validation, post-hoc logit adjustment, as
-present), and six figures: the training-count histogram, per-class accuracy against class
+present), and six figures (each panel titled): the training-count histogram, per-class accuracy against class
 frequency, many / medium / few bars, the confusion matrix ordered head to tail
 (row-normalised), the reliability diagram with its ECE, and the training curves; a seventh,
 the classifier's per-class weight norms, when the run's feature cache (`longtail features` /
 `longtail analyze`) holds its linear head. With several runs, a comparison first: tables of
-every run's numbers, the group bars side by side and, when the runs share their training
-counts, per-class accuracy overlaid.
+every run's numbers, the group bars side by side, every run's training curves overlaid and,
+when the runs share their training counts, per-class accuracy overlaid.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def _run_section(rec: RunRecord, index: int) -> tuple[str, int]:
         "training-count histogram", "count_histogram")
     series = [(label, m["per_class"]) for label, m in rows]
     add(figures.accuracy_vs_frequency(series=series, train_counts=rec.train_counts, class_names=rec.class_names),
-        f"Per-class test accuracy against the class's training count, {C} classes ({RunDir.EVAL} per_class).",
+        f"Per-class test accuracy against the class's training count, {C} classes ({RunDir.EVAL} per_class)"
+        f"{'; each point is named by its class (of the first series)' if C <= figures.MAX_CLASS_LABELS else ''}.",
         "per-class accuracy against class frequency", "accuracy_vs_frequency")
     add(figures.group_bars(rows=rows),
         f"Overall top-1 and mean per-class accuracy of the many / medium / few groups ({RunDir.EVAL}).",
@@ -102,6 +103,13 @@ def _comparison(records: list[RunRecord]) -> tuple[str, int]:
                            caption="Last epoch: overall top-1 and many / medium / few accuracy of every run.",
                            alt="many / medium / few accuracy of every run", name="compare_group_bars"))
     shown += 1
+    if any(r.metrics for r in records):
+        out.append(figure_html(
+            figures.training_curves_overlay(runs=[(r.label, r.metrics) for r in records]),
+            caption=f"Training curves of every run ({RunDir.METRICS}): training loss, and top-1 on the validation "
+                    "split (solid) and the training batches (dashed); one colour per run.",
+            alt="training curves of every run", name="compare_training_curves"))
+        shown += 1
     first = records[0]
     if all(r.train_counts == first.train_counts for r in records):
         series = [(r.label, r.eval["per_class"]) for r in records]

@@ -111,7 +111,7 @@ def accuracy_vs_frequency(*, series: list[tuple[str, list]], train_counts, class
         ys = [per_class[i] for i in order if per_class[i] is not None]
         colour = RUN_COLOURS[k % len(RUN_COLOURS)]
         ax.plot(xs, ys, marker="o", markersize=4 if C <= 100 else 2, linewidth=0.8, alpha=0.85, color=colour,
-                label=label)
+                label=label if xs else f"{label} (no class with test images)")
     if counts.min() > 0 and counts.max() > counts.min():
         from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
@@ -120,19 +120,34 @@ def accuracy_vs_frequency(*, series: list[tuple[str, list]], train_counts, class
         if counts.max() / counts.min() < 30:  # under ~1.5 decades: label 2, 3, 5 times the powers of ten too
             ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
         ax.xaxis.set_minor_formatter(NullFormatter())
-    if C <= 20 and series:
-        per_class = series[0][1]
-        for i in order:
-            if per_class[i] is not None:
-                ax.annotate(class_names[i], (counts[i], per_class[i]), textcoords="offset points", xytext=(3, 3),
-                            fontsize=7, color="#444444")
     ax.set_ylim(-3, 103)
+    if C <= MAX_CLASS_LABELS and series:
+        _label_points(ax, [(class_names[i], counts[i], series[0][1][i]) for i in order
+                           if series[0][1][i] is not None])
     ax.set_xlabel("training images of the class")
     ax.set_ylabel("test accuracy of the class (%)")
     ax.grid(True, alpha=0.3)
     if len(series) > 1 or (series and series[0][0]):
         ax.legend(fontsize=8, frameon=False, loc="best")
     return png_bytes(fig)
+
+
+def _label_points(ax, points: list[tuple[str, float, float]]) -> None:
+    """One name beside every point; a label that would overlap one placed before moves up a line
+    (points of equal count and near-equal accuracy are common: profile none, ties)."""
+    ax.figure.canvas.draw_idle()
+    ax.get_xlim(), ax.get_ylim()  # settle autoscaling before reading display positions
+    placed: list[tuple[float, float]] = []
+    for name, x, y in points:
+        px, py = ax.transData.transform((x, y))
+        scale = ax.figure.dpi / 72  # points -> pixels
+        for dy in (3, -11, 12, -20, 21, -29, 30, -38, 39):  # above, below, further out
+            if not any(abs(px - qx) < 6 * scale * max(len(str(name)), 2) and abs(py + dy * scale - qy) < 9 * scale
+                       for qx, qy in placed):
+                break
+        placed.append((px, py + dy * scale))
+        ax.annotate(str(name), (x, y), textcoords="offset points", xytext=(3, dy), fontsize=7, color="#444444",
+                    arrowprops=dict(arrowstyle="-", color="#999999", linewidth=0.5) if dy != 3 else None)
 
 
 GROUP_BAR_KEYS = ("top1", "many", "medium", "few")
@@ -151,6 +166,7 @@ def group_bars(*, rows: list[tuple[str, dict]]) -> bytes:
     width = 0.8 / n
     for k, (label, m) in enumerate(rows):
         colour = RUN_COLOURS[k % len(RUN_COLOURS)]
+        labelled = False
         for j, key in enumerate(GROUP_BAR_KEYS):
             x = j - 0.4 + width * (k + 0.5)
             value = m.get(key)
@@ -159,9 +175,12 @@ def group_bars(*, rows: list[tuple[str, dict]]) -> bytes:
                 ax.text(x, 1, "n/a" if undefined else "empty", rotation=90 if n > 2 else 0, ha="center",
                         va="bottom", fontsize=8, color="grey")
                 continue
-            ax.bar(x, value, width=width * 0.95, color=colour, label=label if j == 0 else None)
+            ax.bar(x, value, width=width * 0.95, color=colour, label=None if labelled else label)
+            labelled = True
             if n <= 6:
                 ax.text(x, value + 1, f"{value:.1f}", ha="center", va="bottom", fontsize=7)
+        if not labelled:  # no group has a value: the run still gets its legend entry
+            ax.bar([], [], color=colour, label=label)
     ax.set_xticks(np.arange(len(GROUP_BAR_KEYS)))
     ax.set_xticklabels(["overall", "many", "medium", "few"])
     ax.set_ylim(0, 110)
@@ -265,16 +284,18 @@ def training_curves(*, metrics: list[dict]) -> bytes:
     fig = new_figure(10.0, 6.0)
     axes = [fig.add_subplot(2, 2, k) for k in range(1, 5)]
     panels = [
-        (axes[0], [("train_loss", "train loss")], "loss", False),
-        (axes[1], [("train_top1", "train top-1"), ("val_top1", "validation top-1")], "accuracy (%)", False),
-        (axes[2], [("lr", "learning rate")], "learning rate", True),
+        (axes[0], [("train_loss", "train loss")], "loss", False, "training loss"),
+        (axes[1], [("train_top1", "train top-1"), ("val_top1", "validation top-1")], "accuracy (%)", False,
+         "top-1: train vs validation"),
+        (axes[2], [("lr", "learning rate")], "learning rate", True, "learning rate"),
     ]
     if has_val_groups:
         panels.append((axes[3], [("val_many", "val many"), ("val_medium", "val medium"), ("val_few", "val few")],
-                       "validation accuracy (%)", False))
+                       "validation accuracy (%)", False, "validation: many / medium / few"))
     else:
-        panels.append((axes[3], [("images_per_s", "images / s")], "training images / s", False))
-    for ax, keys, ylabel, log in panels:
+        panels.append((axes[3], [("images_per_s", "images / s")], "training images / s", False, "training speed"))
+    for ax, keys, ylabel, log, title in panels:
+        ax.set_title(title, fontsize=10)
         drawn = 0
         for k, (key, label) in enumerate(keys):
             pts = column(key)
@@ -322,4 +343,40 @@ def weight_norms(*, series: list[tuple[str, list]], train_counts, class_names, t
         ax.set_title(title, fontsize=10)
     if len(series) > 1 or (series and series[0][0]):
         ax.legend(fontsize=8, frameon=False, loc="best")
+    return png_bytes(fig)
+
+
+def training_curves_overlay(*, runs: list[tuple[str, list[dict]]]) -> bytes:
+    """Every run's curves on shared axes (metrics.jsonl rows per run): training loss, and top-1 with
+    validation solid and train dashed, one colour per run. A run without rows keeps its legend entry."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    fig = new_figure(11.0, 4.2)
+    loss_ax, top_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    handles = []
+    for k, (label, metrics) in enumerate(runs):
+        colour = RUN_COLOURS[k % len(RUN_COLOURS)]
+
+        def column(key):
+            pts = [(int(r["epoch"]), r[key]) for r in metrics if isinstance(r.get(key), (int, float))
+                   and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+            return [p[0] for p in pts], [p[1] for p in pts]
+
+        marker = "o" if len(metrics) <= 40 else None
+        loss_ax.plot(*column("train_loss"), color=colour, marker=marker, markersize=3, linewidth=1)
+        top_ax.plot(*column("val_top1"), color=colour, marker=marker, markersize=3, linewidth=1)
+        top_ax.plot(*column("train_top1"), color=colour, linestyle="--", linewidth=1, alpha=0.7)
+        handles.append(Line2D([], [], color=colour, label=label if metrics else f"{label} (no epochs)"))
+    for ax, ylabel, title in ((loss_ax, "loss", "training loss, every run"),
+                              (top_ax, "top-1 (%)", "top-1: validation (solid) vs train (dashed)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    style = [Line2D([], [], color="grey", label="validation"), Line2D([], [], color="grey", linestyle="--",
+                                                                        label="train")]
+    top_ax.legend(handles=handles + style, fontsize=8, frameon=False, loc="best")
+    loss_ax.legend(handles=handles, fontsize=8, frameon=False, loc="best")
     return png_bytes(fig)

@@ -55,8 +55,11 @@ def config_rows(rec: RunRecord) -> list[tuple[str, str]]:
     if data.get("description"):
         rows.append(("data", data["description"]))
     ratio = f"{max(counts) / min(counts):.1f}" if counts and min(counts) > 0 else "-"
-    rows.append(("long tail", f"source {d.get('source')}, profile {d.get('profile')}, imbalance ratio "
-                              f"{d.get('imbalance_ratio')} (measured {ratio}), data seed {d.get('seed')}"))
+    if d.get("profile") in (None, "none"):  # no profile applied: the configured ratio says nothing of the counts
+        shape = f"profile none (class counts as in the source), measured ratio {ratio} of the training counts"
+    else:
+        shape = f"profile {d.get('profile')}, imbalance ratio {d.get('imbalance_ratio')} (measured {ratio})"
+    rows.append(("long tail", f"source {d.get('source')}, {shape}, data seed {d.get('seed')}"))
     split = f"{sum(counts)} training images, {len(counts)} classes"
     if data:
         split += f"; validation {data.get('num_val', 0)}; test {data.get('num_test', ev.get('num_samples'))}"
