@@ -125,12 +125,17 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
+LOGITS_DTYPES = ("float32", "float16", "topk")
+
+
 @dataclass
 class EvalConfig:
     many_threshold: int = 100  # many: n_train > many_threshold
     few_threshold: int = 20  # few: n_train < few_threshold; medium in between
     rare_threshold: int = 10  # four-group variant: rare: n_train < rare_threshold
     ece_bins: int = 15
+    logits_dtype: str = "float32"  # predictions.npz logits: float32 | float16 (half the size) | topk (k largest)
+    logits_topk: int = 10  # with logits_dtype topk: how many logits per image are kept
 
 
 @dataclass
@@ -279,6 +284,9 @@ def _check_values(cfg: RunConfig) -> None:
     need(e.many_threshold >= e.few_threshold > 0 and e.few_threshold >= e.rare_threshold > 0,
          f"eval thresholds must satisfy many_threshold >= few_threshold >= rare_threshold > 0, got {e.many_threshold}/{e.few_threshold}/{e.rare_threshold}")
     need(e.ece_bins >= 1, f"config key 'eval.ece_bins' must be >= 1, got {e.ece_bins}")
+    need(e.logits_dtype in LOGITS_DTYPES, f"config key 'eval.logits_dtype' must be one of "
+         f"{', '.join(LOGITS_DTYPES)}, got {e.logits_dtype!r}")
+    need(e.logits_topk >= 1, f"config key 'eval.logits_topk' must be >= 1, got {e.logits_topk}")
 
 
 # ----------------------------------------------------------------------------- paths

@@ -17,6 +17,8 @@ A run folder holds::
     predictions.npz           test logits and labels (+ best_val_logits)
     eval.json                 test metrics of the last epoch, and of best-on-validation
     eval_logit_adjusted.json  post-hoc logit adjustment of predictions.npz
+    eval_arrays.npz           eval.json's per-class arrays and confusion matrix, above INLINE_MAX_CLASSES
+                              classes (eval_logit_adjusted_arrays.npz likewise); read_eval_arrays
     features/<checkpoint>.npz cached frozen features (longtail features)
     tensorboard/              TensorBoard event files (train.tensorboard; longtail.callbacks)
     .lock                     the single writer's lock (runlock.py)
@@ -43,6 +45,13 @@ from .io import (append_line, atomic_torch_save, atomic_write_bytes, atomic_writ
 from .runlock import RunLock, lock_holder
 
 CHECKPOINT_CHOICES = ("last", "best_val")
+# Above this many classes eval.json keeps its scalars only: the per-class arrays (ARRAY_KEYS) and the
+# confusion matrix go to a compressed .npz beside it, the confusion as (row, col, count) triplets
+# where that is smaller than the dense matrix. At or below it eval.json is as it always was.
+INLINE_MAX_CLASSES = 100
+ARRAY_KEYS = ("per_class", "train_counts", "groups", "class_names", "confusion")
+LOGITS_TOPK_ERROR = ("{path} holds only the top-{k} logits of each image (eval.logits_dtype=topk); {what} needs "
+                     "full logits: set eval.logits_dtype: float32 in {run}/config.yaml and rerun `longtail eval {run}`")
 DATA_KEYS = ("class_names", "class_counts", "image_shape", "channels", "mean", "std")
 
 
@@ -62,6 +71,7 @@ class RunDir:
     PREDICTIONS = "predictions.npz"
     EVAL = "eval.json"
     EVAL_LOGIT_ADJUSTED = "eval_logit_adjusted.json"
+    EVAL_ARRAYS = {"eval.json": "eval_arrays.npz", "eval_logit_adjusted.json": "eval_logit_adjusted_arrays.npz"}
     FEATURES = "features"
     TENSORBOARD = "tensorboard"
 
@@ -284,6 +294,107 @@ class RunDir:
         except (OSError, ValueError, zipfile.BadZipFile) as err:
             raise CheckpointError(f"cannot read {path}: {err}") from None
 
+    def read_logits(self, key: str = "logits", *, what: str = "this command", preds: dict | None = None) -> np.ndarray:
+        """Full (N, C) float32 logits from predictions.npz (`key`: logits or best_val_logits; `preds`: its
+        arrays when already read), whatever their storage (float32, float16); a one-line
+        CheckpointError when only the top-k were stored."""
+        preds = self.read_predictions() if preds is None else preds
+        if f"{key}_topk_indices" in preds:
+            raise CheckpointError(LOGITS_TOPK_ERROR.format(path=self.path / self.PREDICTIONS, what=what, run=self.path,
+                                                           k=preds[f"{key}_topk_indices"].shape[1]))
+        return np.asarray(preds[key], dtype=np.float32)
+
+    def write_predictions(self, arrays: dict[str, np.ndarray], *, dtype: str = "float32", topk: int = 10) -> None:
+        """predictions.npz := arrays (labels, logits, best_val_logits, ...); the logits stored as float32,
+        float16 (half the size) or `topk` (per image the k largest: <key>_topk_indices (N, k) int32 in
+        descending order, ties to the lower class, and <key>_topk_values float32, plus num_classes)."""
+        import io
+
+        out = {}
+        for key, value in arrays.items():
+            if not key.endswith("logits") or dtype == "float32":
+                out[key] = value
+            elif dtype == "float16":
+                out[key] = np.asarray(value, dtype=np.float16)
+            else:
+                value = np.asarray(value)
+                k = min(int(topk), value.shape[1])
+                idx = np.argsort(-value, axis=1, kind="stable")[:, :k].astype(np.int32)
+                out[f"{key}_topk_indices"] = idx
+                out[f"{key}_topk_values"] = np.take_along_axis(value, idx, axis=1).astype(np.float32)
+                out["num_classes"] = np.asarray(value.shape[1])
+        buffer = io.BytesIO()
+        np.savez(buffer, **out)
+        self.write_bytes(self.PREDICTIONS, buffer.getvalue())
+
+    # -- eval.json and its arrays
+    def write_eval(self, result: dict, name: str | None = None) -> None:
+        """eval.json (or eval_logit_adjusted.json) := result; above INLINE_MAX_CLASSES classes its
+        ARRAY_KEYS (also best_val's) go to the compressed .npz beside it (EVAL_ARRAYS) and each section
+        names that file under "arrays". The npz is written first, so a JSON that names it finds it."""
+        name = name or self.EVAL
+        arrays_name = self.EVAL_ARRAYS[name]
+        sections = {"": result, **({"best_val": result["best_val"]} if isinstance(result.get("best_val"), dict) else {})}
+        if max(len(s.get("train_counts", ())) for s in sections.values()) <= INLINE_MAX_CLASSES:
+            (self.path / arrays_name).unlink(missing_ok=True)
+            atomic_write_json(self.path / name, _jsonable(result))
+            return
+        packed, trimmed = {}, {}
+        for prefix, section in sections.items():
+            packed.update(_pack_arrays(section, prefix))
+            trimmed[prefix] = {**{k: v for k, v in section.items() if k not in ARRAY_KEYS}, "arrays": arrays_name}
+        small = {**trimmed[""], **({"best_val": trimmed["best_val"]} if "best_val" in trimmed else {})}
+        import io
+
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **packed)
+        self.write_bytes(arrays_name, buffer.getvalue())
+        atomic_write_json(self.path / name, _jsonable(small))
+
+    def read_eval_arrays(self, name: str | None = None, *, section: str | None = None) -> dict:
+        """The per-class arrays of eval.json (or eval_logit_adjusted.json; `section` 'best_val' for its
+        best-on-validation part), whatever their storage (inline in old or small runs, or the .npz):
+        per_class (list, None where undefined), train_counts (list), groups (dict of lists),
+        class_names (list or None), confusion (scipy.sparse.csr_matrix, int64, C x C)."""
+        ev = self.read_eval(name)
+        if section:
+            if not isinstance(ev.get(section), dict):
+                raise CheckpointError(f"{name or self.EVAL} in {self.path} has no {section!r} section")
+            ev = ev[section]
+        return self._arrays_of(ev, name or self.EVAL, section or "")
+
+    def read_eval_full(self, name: str | None = None) -> dict:
+        """eval.json with its arrays in place (read_eval_arrays; the confusion as a csr_matrix), for
+        the top level and best_val."""
+        name = name or self.EVAL
+        ev = self.read_eval(name)
+        full = {**ev, **self._arrays_of(ev, name, "")}
+        if isinstance(ev.get("best_val"), dict):
+            full["best_val"] = {**ev["best_val"], **self._arrays_of(ev["best_val"], name, "best_val")}
+        return full
+
+    def _arrays_of(self, ev: dict, name: str, prefix: str) -> dict:
+        from scipy import sparse
+
+        if "arrays" not in ev:  # inline: small or old runs
+            missing = [k for k in ARRAY_KEYS if k not in ev and k != "class_names"]
+            if missing:
+                raise CheckpointError(f"{name} in {self.path} lacks {', '.join(map(repr, missing))}: "
+                                      f"rerun `longtail eval {self.path}`")
+            cm = np.asarray(ev["confusion"], dtype=np.int64).reshape(len(ev["confusion"]), -1)
+            return {"per_class": list(ev["per_class"]), "train_counts": [int(v) for v in ev["train_counts"]],
+                    "groups": dict(ev["groups"]), "class_names": ev.get("class_names"),
+                    "confusion": sparse.csr_matrix(cm)}
+        path = self.path / self.EVAL_ARRAYS[name]
+        if not path.is_file():
+            raise CheckpointError(f"{name} in {self.path} names {path.name}, which is missing: "
+                                  f"rerun `longtail eval {self.path}`")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return _unpack_arrays({k: z[k] for k in z.files}, prefix)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise CheckpointError(f"cannot read {path}: {err}") from None
+
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write_json(self.path / name, obj)
 
@@ -312,3 +423,58 @@ class RunDir:
         """Who holds the run's lock now ('this process', 'pid N', ...), None when nobody does;
         asks without taking it (runlock.lock_holder)."""
         return lock_holder(self.path)
+
+
+def _jsonable(obj: Any) -> Any:
+    """obj with any sparse matrix made a nested list (a confusion of INLINE_MAX_CLASSES classes or fewer)."""
+    if hasattr(obj, "toarray"):
+        return obj.toarray().tolist()
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def _pack_arrays(section: dict, prefix: str) -> dict[str, np.ndarray]:
+    """One eval section's ARRAY_KEYS as npz arrays named '<prefix>/<key>'; the confusion as
+    (row, col, count) triplets where 3 x nonzeros < C^2, dense otherwise."""
+    from scipy import sparse
+
+    p = f"{prefix}/" if prefix else ""
+    out = {}
+    if "per_class" in section:
+        out[p + "per_class"] = np.array([np.nan if v is None else v for v in section["per_class"]], dtype=np.float64)
+    if "train_counts" in section:
+        out[p + "train_counts"] = np.asarray(section["train_counts"], dtype=np.int64)
+    for g, idx in (section.get("groups") or {}).items():
+        out[f"{p}groups/{g}"] = np.asarray(idx, dtype=np.int64)
+    if section.get("class_names") is not None:
+        out[p + "class_names"] = np.asarray([str(n) for n in section["class_names"]])
+    if "confusion" in section:
+        cm = sparse.coo_matrix(section["confusion"]) if not sparse.issparse(section["confusion"]) \
+            else section["confusion"].tocoo()
+        cm.sum_duplicates()
+        if 3 * cm.nnz < cm.shape[0] * cm.shape[1]:
+            out.update({p + "confusion/rows": cm.row.astype(np.int32), p + "confusion/cols": cm.col.astype(np.int32),
+                        p + "confusion/counts": cm.data.astype(np.int64),
+                        p + "confusion/shape": np.asarray(cm.shape, dtype=np.int64)})
+        else:
+            out[p + "confusion/dense"] = cm.toarray().astype(np.int64)
+    return out
+
+
+def _unpack_arrays(z: dict, prefix: str) -> dict:
+    """The inverse of _pack_arrays for one section (KeyError when an array is missing)."""
+    from scipy import sparse
+
+    p = f"{prefix}/" if prefix else ""
+    if p + "confusion/dense" in z:
+        cm = sparse.csr_matrix(z[p + "confusion/dense"].astype(np.int64))
+    else:
+        cm = sparse.csr_matrix((z[p + "confusion/counts"].astype(np.int64),
+                                (z[p + "confusion/rows"], z[p + "confusion/cols"])),
+                               shape=tuple(int(v) for v in z[p + "confusion/shape"]))
+    per_class = z[p + "per_class"]
+    groups = {k[len(p + "groups/"):]: z[k].tolist() for k in z if k.startswith(p + "groups/")}
+    return {"per_class": [None if np.isnan(v) else float(v) for v in per_class],
+            "train_counts": z[p + "train_counts"].tolist(), "groups": groups,
+            "class_names": z[p + "class_names"].tolist() if p + "class_names" in z else None, "confusion": cm}

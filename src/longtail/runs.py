@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import io
 import logging
 import shutil
 from datetime import datetime, timezone
@@ -288,9 +287,7 @@ def _posthoc_logit_adjustment(run: RunDir, cfg: RunConfig, tau: float) -> dict:
     from .logit_adjust import adjust_logits, check_tau, train_prior
 
     tau = check_tau(tau)
-    path = run.file(RunDir.PREDICTIONS)
-    if not path.is_file():
-        raise CheckpointError(f"no {RunDir.PREDICTIONS} in {run}: run `longtail eval {run}` first")
+    run.require_result(RunDir.PREDICTIONS)
     info = run.read_data_info()
     counts = np.asarray(info["class_counts"])
     pi = train_prior(counts)
@@ -298,21 +295,23 @@ def _posthoc_logit_adjustment(run: RunDir, cfg: RunConfig, tau: float) -> dict:
     e = cfg.eval
     kw = dict(many_threshold=e.many_threshold, few_threshold=e.few_threshold, rare_threshold=e.rare_threshold,
               ece_bins=e.ece_bins, class_names=info["class_names"])
-    with np.load(path) as preds:
-        if preds["logits"].shape[1] != len(counts):  # an SSP pre-training run predicts rotations, not classes
-            raise ConfigError(f"{run} predicts {preds['logits'].shape[1]} outputs for {len(counts)} classes: "
-                              "post-hoc logit adjustment needs a classification run")
-        result = {"run": str(run), "split": "test", "checkpoint": "last", "posthoc": "logit adjustment",
-                  "tau": tau, "target_prior": "uniform"}
-        adjusted = adjust_logits(torch.from_numpy(preds["logits"]), pi_train=pi, pi_target=uniform, tau=tau)
-        result.update(compute_metrics(adjusted.numpy(), preds["labels"], counts, **kw))
-        if "best_val_logits" in preds:
-            adjusted = adjust_logits(torch.from_numpy(preds["best_val_logits"]), pi_train=pi, pi_target=uniform,
-                                     tau=tau)
-            result["best_val"] = {"epoch": run.checkpoint_epoch("best_val"), "selected_on": "validation top1",
-                                  **compute_metrics(adjusted.numpy(), preds["labels"], counts, **kw)}
+    what = "post-hoc logit adjustment"
+    preds = run.read_predictions()
+    logits, labels = run.read_logits(what=what, preds=preds), preds["labels"]
+    if logits.shape[1] != len(counts):  # an SSP pre-training run predicts rotations, not classes
+        raise ConfigError(f"{run} predicts {logits.shape[1]} outputs for {len(counts)} classes: "
+                          "post-hoc logit adjustment needs a classification run")
+    result = {"run": str(run), "split": "test", "checkpoint": "last", "posthoc": "logit adjustment",
+              "tau": tau, "target_prior": "uniform"}
+    adjusted = adjust_logits(torch.from_numpy(logits), pi_train=pi, pi_target=uniform, tau=tau)
+    result.update(compute_metrics(adjusted.numpy(), labels, counts, **kw))
+    if "best_val_logits" in preds:
+        adjusted = adjust_logits(torch.from_numpy(run.read_logits("best_val_logits", what=what, preds=preds)), pi_train=pi,
+                                 pi_target=uniform, tau=tau)
+        result["best_val"] = {"epoch": run.checkpoint_epoch("best_val"), "selected_on": "validation top1",
+                              **compute_metrics(adjusted.numpy(), labels, counts, **kw)}
     result["epoch"] = run.checkpoint_epoch("last")
-    run.write_json(RunDir.EVAL_LOGIT_ADJUSTED, result)
+    run.write_eval(result, RunDir.EVAL_LOGIT_ADJUSTED)
     return result
 
 
@@ -365,8 +364,6 @@ def _evaluate(run: RunDir, cfg: RunConfig, *, data: LTData | None, arrays: dict 
             best_metrics, bt = score(best, data.test)
             result["best_val"] = {"epoch": best_epoch, "selected_on": "validation top1", **best_metrics}
             arrays_out["best_val_logits"] = bt["logits"]
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays_out)
-    run.write_bytes(RunDir.PREDICTIONS, buffer.getvalue())
-    run.write_json(RunDir.EVAL, result)
+    run.write_predictions(arrays_out, dtype=e.logits_dtype, topk=e.logits_topk)
+    run.write_eval(result)
     return result

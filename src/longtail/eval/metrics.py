@@ -14,6 +14,12 @@ ImageNet-LT table without defining the boundaries; these thresholds are our read
 A group with no class is reported as null. MCC, NMI and the confusion matrix come from
 scikit-learn.
 
+Many classes (docs/evaluation.md): above rundir.INLINE_MAX_CLASSES (100) classes the
+confusion matrix is a scipy.sparse csr_matrix built from (label, prediction) pairs, never the
+dense C x C array, MCC is computed from its row and column sums (sklearn's multiclass formula),
+and softmax, ECE and top-5 run over blocks of rows, so memory stays O(N x C) for the logits
+alone; at or below it the numbers come from scikit-learn as before (bitwise the same).
+
 A class with no test images (possible when the source brings its own test split) has an
 undefined accuracy: its `per_class` entry is null, it is left out of `mean_per_class` and
 of its shot group's mean (a group whose classes all lack test images is null), it stays
@@ -46,17 +52,62 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
     Returns (ece, {'bin_confidence', 'bin_accuracy', 'bin_count'}) for reliability diagrams.
     """
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    return _ece_from(probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64), len(labels), bins)
+
+
+ROW_BLOCK = 2048  # rows of logits converted to float64 at a time
+
+
+def _confidence_and_prediction(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the top softmax probability and its class, over blocks of ROW_BLOCK rows (each row
+    alone, so the values equal those of one softmax over the whole array)."""
+    conf, pred = [], []
+    for start in range(0, len(logits), ROW_BLOCK):
+        probs = _softmax(np.asarray(logits[start:start + ROW_BLOCK], dtype=np.float64))
+        conf.append(probs.max(axis=1))
+        pred.append(probs.argmax(axis=1))
+    return (np.concatenate(conf) if conf else np.zeros(0), np.concatenate(pred) if pred else np.zeros(0, np.int64))
+
+
+def calibration(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> tuple[float, dict]:
+    """expected_calibration_error of softmax(logits), without holding the (N, C) probabilities."""
+    conf, pred = _confidence_and_prediction(logits)
+    return _ece_from(conf, (pred == labels).astype(np.float64), len(labels), bins)
+
+
+def _ece_from(conf: np.ndarray, correct: np.ndarray, n: int, bins: int) -> tuple[float, dict]:
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
     count = np.bincount(which, minlength=bins).astype(np.float64)
     conf_sum = np.bincount(which, weights=conf, minlength=bins)
     acc_sum = np.bincount(which, weights=correct, minlength=bins)
-    ece = float(np.abs(acc_sum - conf_sum).sum() / max(len(labels), 1))
+    ece = float(np.abs(acc_sum - conf_sum).sum() / max(n, 1))
     safe = np.maximum(count, 1)
     return ece, {"bin_confidence": (conf_sum / safe).tolist(), "bin_accuracy": (acc_sum / safe).tolist(),
                  "bin_count": count.astype(int).tolist()}
+
+
+def sparse_confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int):
+    """The confusion matrix (rows true, columns predicted) as a scipy.sparse csr_matrix of int64."""
+    from scipy import sparse
+
+    labels, preds = np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)
+    return sparse.csr_matrix((np.ones(len(labels), dtype=np.int64), (labels, preds)),
+                             shape=(num_classes, num_classes))
+
+
+def mcc_from_confusion(cm) -> float:
+    """Multiclass Matthews correlation (Gorodkin 2004) from a confusion matrix's sums, as
+    sklearn.metrics.matthews_corrcoef computes it (0.0 where it is undefined)."""
+    t_sum = np.asarray(cm.sum(axis=1), dtype=np.float64).ravel()
+    p_sum = np.asarray(cm.sum(axis=0), dtype=np.float64).ravel()
+    n_correct, n = float(cm.diagonal().sum()), float(t_sum.sum())
+    cov_ytyp = n_correct * n - np.dot(t_sum, p_sum)
+    cov_ypyp = n**2 - np.dot(p_sum, p_sum)
+    cov_ytyt = n**2 - np.dot(t_sum, t_sum)
+    if cov_ypyp * cov_ytyt == 0:
+        return 0.0
+    return float(cov_ytyp / np.sqrt(cov_ytyt * cov_ypyp))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -81,8 +132,13 @@ def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
         raise ValueError(f"k must be in [1, {logits.shape[1]}], got {k}")
     if len(labels) == 0:
         return 0.0
-    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    return float((top == labels[:, None]).any(axis=1).mean() * 100.0)
+    hits = 0
+    for start in range(0, len(labels), ROW_BLOCK):  # the label's rank: larger logits, then equal ones before it
+        block, y = logits[start:start + ROW_BLOCK], labels[start:start + ROW_BLOCK]
+        own = np.take_along_axis(block, y[:, None], axis=1)
+        ties = (block == own) & (np.arange(block.shape[1])[None, :] < y[:, None])
+        hits += int((((block > own) | ties).sum(axis=1) < k).sum())
+    return float(hits / len(labels) * 100.0)
 
 
 def _group_means(per_class: np.ndarray, groups: dict) -> dict:
@@ -108,18 +164,22 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, class_counts, *, man
     """
     from sklearn.metrics import confusion_matrix, matthews_corrcoef, normalized_mutual_info_score
 
-    logits = np.asarray(logits, dtype=np.float64)
+    from ..rundir import INLINE_MAX_CLASSES
+
     labels = np.asarray(labels, dtype=np.int64)
-    C = logits.shape[1]
+    C = np.shape(logits)[1]
+    small = C <= INLINE_MAX_CLASSES
+    logits = np.asarray(logits, dtype=np.float64) if small else np.asarray(logits)
     preds = logits.argmax(axis=1)
-    cm = confusion_matrix(labels, preds, labels=np.arange(C))
-    support = cm.sum(axis=1)
+    cm = confusion_matrix(labels, preds, labels=np.arange(C)) if small else sparse_confusion(labels, preds, C)
+    support = np.asarray(cm.sum(axis=1)).ravel()
     with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan) * 100.0
+        per_class = np.where(support > 0, cm.diagonal() / np.maximum(support, 1), np.nan) * 100.0
     three = shot_groups(class_counts, many_threshold=many_threshold, few_threshold=few_threshold)
     four = shot_groups(class_counts, many_threshold=many_threshold, few_threshold=few_threshold,
                        rare_threshold=rare_threshold)
-    ece, reliability = expected_calibration_error(_softmax(logits), labels, ece_bins)
+    ece, reliability = (expected_calibration_error(_softmax(logits), labels, ece_bins) if small
+                        else calibration(logits, labels, ece_bins))
     out = {
         "num_samples": int(len(labels)),
         "top1": float((preds == labels).mean() * 100.0),
@@ -127,14 +187,14 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, class_counts, *, man
         **_group_means(per_class, three),
         "mean_per_class": mean_defined(per_class),
         "per_class": [None if np.isnan(v) else float(v) for v in per_class],
-        "mcc": float(matthews_corrcoef(labels, preds)),
+        "mcc": float(matthews_corrcoef(labels, preds)) if small else mcc_from_confusion(cm),
         "nmi": float(normalized_mutual_info_score(labels, preds)),
         "ece": ece,
         "four_group": _group_means(per_class, four),
         "groups": {g: idx.tolist() for g, idx in three.items()},
         "thresholds": {"many": many_threshold, "few": few_threshold, "rare": rare_threshold},
         "train_counts": [int(v) for v in np.asarray(class_counts)],
-        "confusion": cm.tolist(),
+        "confusion": cm.tolist() if small else cm,  # above INLINE_MAX_CLASSES: a csr_matrix (RunDir.write_eval)
         "reliability": reliability,
         "warnings": no_test_image_warnings(support, class_names),
     }

@@ -32,6 +32,30 @@ INTRO = (f"Every number and figure below is read from the run folders ({', '.joi
          "test images).")
 
 
+FIGURE_MAX_CLASSES = 100  # above: the confusion figure shows blocks of classes, head to tail
+
+
+def _figure_confusion(confusion, train_counts, class_names) -> dict:
+    """confusion_ordered's arguments: the dense matrix up to FIGURE_MAX_CLASSES classes; above, the
+    classes ordered head to tail and cut into FIGURE_MAX_CLASSES equal blocks, each cell the summed
+    counts of a block pair (a sparse product, never the dense C x C matrix)."""
+    import numpy as np
+    from scipy import sparse
+
+    cm = confusion if sparse.issparse(confusion) else sparse.csr_matrix(np.asarray(confusion))
+    C = cm.shape[0]
+    if C <= FIGURE_MAX_CLASSES:
+        return {"confusion": cm.toarray(), "train_counts": train_counts, "class_names": class_names}
+    order = np.argsort(-np.asarray(train_counts), kind="stable")
+    block = np.empty(C, dtype=np.int64)
+    block[order] = np.arange(C) * FIGURE_MAX_CLASSES // C
+    P = sparse.csr_matrix((np.ones(C), (np.arange(C), block)), shape=(C, FIGURE_MAX_CLASSES))
+    counts = np.bincount(block, weights=np.asarray(train_counts, dtype=float), minlength=FIGURE_MAX_CLASSES)
+    names = [f"classes {i * C // FIGURE_MAX_CLASSES + 1}-{(i + 1) * C // FIGURE_MAX_CLASSES} (head to tail)"
+             for i in range(FIGURE_MAX_CLASSES)]
+    return {"confusion": (P.T @ cm @ P).toarray(), "train_counts": counts.tolist(), "class_names": names}
+
+
 def _run_section(rec: RunRecord, index: int) -> tuple[str, int]:
     ev = rec.eval
     out = [f'<section id="run-{index}"><h2>{escape(rec.label)}</h2>', key_value_table(config_rows(rec))]
@@ -59,8 +83,7 @@ def _run_section(rec: RunRecord, index: int) -> tuple[str, int]:
     add(figures.group_bars(rows=rows),
         f"Overall top-1 and mean per-class accuracy of the many / medium / few groups ({RunDir.EVAL}).",
         "many / medium / few accuracy", "group_bars")
-    add(figures.confusion_ordered(confusion=ev["confusion"], train_counts=rec.train_counts,
-                                  class_names=rec.class_names),
+    add(figures.confusion_ordered(**_figure_confusion(ev["confusion"], rec.train_counts, rec.class_names)),
         f"Confusion matrix of the last epoch (after epoch {ev.get('epoch')}), rows = true class, each row divided "
         "by its test images; rows and columns ordered by training count, head (top / left) to tail. Tail images "
         "predicted as head classes appear left of the diagonal in the lower rows.",

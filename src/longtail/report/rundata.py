@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..analysis.norms import cached_weight_norms
 from ..errors import CheckpointError
-from ..rundir import RunDir
+from ..rundir import ARRAY_KEYS, RunDir
 
 REQUIRED_EVAL_KEYS = ("top1", "many", "medium", "few", "per_class", "train_counts", "confusion", "reliability",
                       "ece", "groups", "thresholds")
@@ -42,15 +42,18 @@ class RunRecord:
         return [int(v) for v in self.eval["train_counts"]]
 
 
-def _check_eval(ev: dict, name: str, run_dir: Path) -> None:
+def _check_eval(ev: dict, name: str, run_dir: Path, *, arrays: bool = True) -> None:
     missing = [k for k in REQUIRED_EVAL_KEYS if k not in ev]
     if missing:
         raise CheckpointError(f"{name} in {run_dir} lacks {', '.join(repr(k) for k in missing)}: "
                               f"rerun `longtail eval {run_dir}`")
+    if not arrays:
+        return
     C = len(ev["train_counts"])
-    if len(ev["per_class"]) != C or len(ev["confusion"]) != C:
+    rows = ev["confusion"].shape[0] if hasattr(ev["confusion"], "shape") else len(ev["confusion"])
+    if len(ev["per_class"]) != C or rows != C:
         raise CheckpointError(f"{name} in {run_dir} is inconsistent: {C} training counts, "
-                              f"{len(ev['per_class'])} per-class accuracies, {len(ev['confusion'])} confusion rows")
+                              f"{len(ev['per_class'])} per-class accuracies, {rows} confusion rows")
 
 
 def load_run_record(run_dir: str | Path, *, label: str | None = None) -> RunRecord:
@@ -59,12 +62,14 @@ def load_run_record(run_dir: str | Path, *, label: str | None = None) -> RunReco
     run_dir = run.path
     run.require_result(RunDir.EVAL)
     config = run.read_config_mapping()
-    ev = run.read_eval(RunDir.EVAL)
+    raw = run.read_eval(RunDir.EVAL)  # its scalars checked first; the arrays may live in eval_arrays.npz
+    _check_eval({**dict.fromkeys(ARRAY_KEYS), **raw}, RunDir.EVAL, run_dir, arrays=False)
+    ev = run.read_eval_full(RunDir.EVAL)
     _check_eval(ev, RunDir.EVAL, run_dir)
     if "best_val" in ev:
         _check_eval(ev["best_val"], f"{RunDir.EVAL} best_val", run_dir)
     data = run.read_optional_json(RunDir.DATA) or {}  # as written: the report reads old runs too
-    la = run.read_optional_json(RunDir.EVAL_LOGIT_ADJUSTED)
+    la = run.read_eval_full(RunDir.EVAL_LOGIT_ADJUSTED) if run.has(RunDir.EVAL_LOGIT_ADJUSTED) else None
     if la is not None:
         _check_eval(la, RunDir.EVAL_LOGIT_ADJUSTED, run_dir)
     posthoc = run.read_optional_json(RunDir.POSTHOC)

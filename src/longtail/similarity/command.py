@@ -51,8 +51,9 @@ def _run_settings(run_dir: Path) -> tuple[dict, int]:
 def _other_confusion(run_dir: Path, labels: np.ndarray, num_classes: int) -> np.ndarray:
     from .confusion import confusion_counts
 
-    preds = RunDir(run_dir).read_predictions()
-    logits, other_labels = preds["logits"], preds["labels"]
+    run = RunDir(run_dir)
+    preds = run.read_predictions()
+    logits, other_labels = run.read_logits(what="longtail similarity --compare", preds=preds), preds["labels"]
     if logits.shape[1] != num_classes or not np.array_equal(other_labels, labels):
         raise ConfigError(f"{run_dir} was not evaluated on the same test set ({logits.shape[1]} classes, "
                           f"{len(other_labels)} test images)")
