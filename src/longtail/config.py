@@ -336,6 +336,11 @@ def absolute_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
     return dataclasses.replace(cfg, **sections)
 
 
+# Keys that change no number a run produces (how it reports, how many threads, which loggers
+# listen): a resumed run may change them for its session, and a branch may differ from its source in them.
+SESSION_KEYS = ("train.progress", "train.num_threads", "train.eval_batch_size", "train.tensorboard", "train.callbacks")
+
+
 def config_from_dict(values: dict | None) -> RunConfig:
     """Validate a plain dictionary into a RunConfig (raises ConfigError, nothing else); its
     relative paths are taken relative to the current folder and made absolute (PATH_KEYS)."""

@@ -59,11 +59,6 @@ def check_k(k) -> int:
     return k
 
 
-def read_data_info(run_dir: Path) -> dict:
-    """data.json of a run folder, validated (RunDir.read_data_info)."""
-    return RunDir(run_dir).read_data_info()
-
-
 class Predictor:
     """A trained network with its run's preprocessing, class names and training counts.
 

@@ -260,9 +260,6 @@ class RunDir:
             keep_previous(self.last, self.prev)
         atomic_torch_save(state, self.last)
 
-    def save_extra_checkpoint(self, state: dict, path: Path) -> None:
-        atomic_torch_save(state, path)
-
     def remove_stale_temporaries(self) -> None:
         """Temporary files of a write that a crash interrupted."""
         for stale in [*self.path.glob(".*.tmp"), *self.path.glob(f"{self.CHECKPOINTS}/.*.tmp")]:

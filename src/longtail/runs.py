@@ -21,14 +21,13 @@ import torch
 
 from . import dist as distributed
 from .callbacks import check_callbacks
-from .config import RunConfig, absolute_paths, diff_configs
+from .config import SESSION_KEYS, RunConfig, absolute_paths, diff_configs
 from .data.build import LTData, build_data, stand_in_data
 from .dist import resolve_device
 from .engine.branch import source_checkpoint
 from .engine.loop import check_optimizer, fit
-from .errors import CheckpointError, ConfigError, LongtailError
+from .errors import ConfigError, LongtailError
 from .eval.metrics import compute_metrics
-from .eval.predict import predict
 from .methods import Recipe, Services, build_method, build_recipe
 from .rundir import RunDir
 from .runlock import LOCK_NAME, RunLock
@@ -143,8 +142,7 @@ def _make_run_dir(out: Path) -> bool:
 # and is written to config.yaml and config_history.jsonl; the session keys change no number and
 # hold for this session only. Any other difference is refused (resumed_config).
 RESUME_EPOCHS_KEY = "train.epochs"
-RESUME_SESSION_KEYS = ("train.progress", "train.num_threads", "train.eval_batch_size", "train.tensorboard",
-                       "train.callbacks")
+RESUME_SESSION_KEYS = SESSION_KEYS
 
 
 def _dotted(cfg: RunConfig, key: str):
@@ -169,7 +167,7 @@ def resumed_config(cfg: RunConfig | None, saved: RunConfig, out: Path) -> tuple[
     return cfg, {k: (_dotted(saved, k), _dotted(cfg, k)) for k in keys}
 
 
-def _check_new_length(out: Path, old: int, new: int) -> int:
+def _check_new_length(out: Path, new: int) -> int:
     """The epochs `out` has trained; a ConfigError when train.epochs would end the run before them."""
     done = RunDir(out).checkpoint_epoch("last") or 0
     if new < done:
@@ -216,18 +214,18 @@ def _record_resume_changes(run: RunDir, cfg: RunConfig, saved: RunConfig, change
 
 def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, lock: RunLock,
                branch_from=None, callbacks=None) -> dict:
-    created, new_run = False, not resume
+    created, new_run, run = False, not resume, RunDir(out)
     changes, done_before, saved = {}, 0, None
     if resume:
-        saved = load_run_config(out)
+        saved = run.read_config()
         cfg, changes = resumed_config(cfg, saved, out)
-        if RESUME_EPOCHS_KEY in changes and RunDir(out).is_trained():
-            done_before = _check_new_length(out, *changes[RESUME_EPOCHS_KEY])
+        if RESUME_EPOCHS_KEY in changes and run.is_trained():
+            done_before = _check_new_length(out, changes[RESUME_EPOCHS_KEY][1])
         distributed.barrier()
         if ctx.is_main:
             lock.acquire()
-            RunDir(out).remove_stale_temporaries()
-        if not RunDir(out).is_trained():
+            run.remove_stale_temporaries()
+        if not run.is_trained():
             resume = False  # crashed before the first checkpoint: start over in place
     else:
         if cfg is None:
@@ -246,12 +244,12 @@ def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, loc
             _check_new_run_dir(out)  # again, as its only writer: another run may have filled it meanwhile
     try:
         if not resume and ctx.is_main:
-            RunDir(out).write_config(cfg)
-            RunDir(out).write_data_info(data.info.to_json())
+            run.write_config(cfg)
+            run.write_data_info(data.info.to_json())
         elif changes and ctx.is_main:
-            _record_resume_changes(RunDir(out), cfg, saved, changes, done_before)
+            _record_resume_changes(run, cfg, saved, changes, done_before)
         distributed.barrier()
-        done = RunDir(out).checkpoint_epoch("last") if resume else 0
+        done = run.checkpoint_epoch("last") if resume else 0
         if not recipe.method.trains:
             if branch_from is not None:
                 raise ConfigError(f"method '{cfg.method.name}' is post-hoc; it takes no --branch-from")
@@ -260,7 +258,7 @@ def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, loc
         elif done < cfg.train.epochs:
             fit(cfg, data, out, recipe=recipe, resume=resume, branch_from=branch_from, callbacks=callbacks)
     except BaseException:
-        if created and not RunDir(out).last.exists():
+        if created and not run.last.exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
     if not ctx.is_main:
@@ -344,11 +342,7 @@ def _evaluate(run: RunDir, cfg: RunConfig, *, data: LTData | None, arrays: dict 
     method = build_method(cfg, data)
 
     def score(net, split) -> tuple[dict, dict]:
-        own = method.evaluate(net, split, **pkw, **kw)  # a pretext pre-training run (SSP): its own task
-        if own is not None:
-            return own
-        out = predict(net, split, **pkw)
-        return compute_metrics(out["logits"], out["labels"], data.class_counts, **kw), out
+        return method.evaluate(net, split, **pkw, **kw)  # a pretext pre-training run (SSP): its own task
 
     def load(which: str, **kw_load):
         return load_run_model(run, which=which, device=device, cfg=cfg, info=data.info, **kw_load)[:2]

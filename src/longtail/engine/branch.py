@@ -31,14 +31,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, config_from_dict, diff_configs
+from ..config import SESSION_KEYS, RunConfig, config_from_dict, diff_configs
 from ..errors import CheckpointError, ConfigError
 from ..io import safe_torch_load
 from ..rundir import RunDir
 
 # keys that may differ between a branch and its source (dotted prefixes)
-FREE_KEYS = ("loss", "method", "reweight", "eval", "train.epochs", "train.save_epochs", "train.progress",
-             "train.num_threads", "train.eval_batch_size", "train.tensorboard", "train.callbacks")
+FREE_KEYS = ("loss", "method", "reweight", "eval", "train.epochs", "train.save_epochs", *SESSION_KEYS)
 
 
 def source_checkpoint(source: str | Path) -> Path:

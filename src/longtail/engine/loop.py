@@ -27,8 +27,6 @@ from ..data.build import LTData
 from ..data.samplers import split_batch
 from ..dist import resolve_device
 from ..errors import CheckpointError, ConfigError, LongtailError
-from ..eval.metrics import compute_metrics
-from ..eval.predict import predict
 from ..io import atomic_torch_save, safe_torch_load
 from ..log import bar_enabled
 from ..methods import Recipe, build_method, build_recipe
@@ -328,15 +326,9 @@ class Trainer:
                    channels_last=t.channels_last)
         mkw = dict(many_threshold=e.many_threshold, few_threshold=e.few_threshold, rare_threshold=e.rare_threshold,
                    ece_bins=e.ece_bins)
-        own = self.method.evaluate(self.model, data.val, **pkw, **mkw)
-        if own is not None:  # a pretext pre-training run (SSP): metrics of its own task
-            vm, arrays = own[0], {}
-        else:
-            out = predict(self.model, data.val, **pkw)
-            vm = compute_metrics(out["logits"], out["labels"], data.class_counts, **mkw)
-            arrays = {"logits": out["logits"], "labels": out["labels"]}
-        if self.callbacks:
-            self.callbacks.call("on_validation", epoch + 1, vm, arrays)
+        vm, arrays = self.method.evaluate(self.model, data.val, **pkw, **mkw)  # SSP: its own task's metrics
+        if self.callbacks:  # class logits only (a pretext run's arrays are of its task)
+            self.callbacks.call("on_validation", epoch + 1, vm, arrays if self.method.pretext is None else {})
         if vm["top1"] > self.best["top1"]:
             self.best = {"epoch": epoch, "top1": vm["top1"]}
             atomic_torch_save({"model": self.model.state_dict(), "epoch": epoch + 1, "val_top1": vm["top1"]},

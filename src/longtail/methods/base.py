@@ -14,7 +14,7 @@ and implement `fit_posthoc` instead of gradient steps.
 | `on_epoch_start(epoch, loss)` | at each epoch start | RW / DRW class weights; the loss's own `on_epoch_start` |
 | `training_step(model, forward, images, target, loss, generator) -> StepResult` | each step | the loss on the logits (mixup when `train.mixup_alpha > 0`) |
 | `fit_posthoc(model, device) -> dict` | post-hoc methods, instead of steps | - |
-| `evaluate(model, split, **kw) -> (metrics, arrays) or None` | validation and test evaluation | None: class metrics of the logits |
+| `evaluate(model, split, **kw) -> (metrics, arrays)` | validation and test evaluation | class metrics of the logits, {logits, labels} |
 | `state_dict()` / `load_state_dict(state)` | every checkpoint; resume; rebuilding a run's network | nothing |
 | `plain_ce_epochs()` | branching off a plain-CE run | 0 |
 
@@ -39,6 +39,8 @@ import torch
 
 from ..data.mixup import mixup_batch
 from ..errors import ConfigError
+from ..eval.metrics import compute_metrics
+from ..eval.predict import predict
 from ..data.samplers import Sampler, build_sampler
 from ..losses import Loss, build_loss, effective_number_weights, inverse_frequency_weights
 from ..models import Classifier, build_model, load_weights
@@ -172,10 +174,13 @@ class Method:
         return StepResult(loss(logits, target), logits, target)
 
     # -- evaluation
-    def evaluate(self, model: Classifier, split, **kw) -> tuple[dict, dict] | None:
-        """Metrics and prediction arrays of a pretext run on `split`; None (the default): the
-        caller computes class metrics from the logits."""
-        return None
+    def evaluate(self, model: Classifier, split, *, mean, std, batch_size: int, device, channels_last: bool,
+                 **metric_kw) -> tuple[dict, dict]:
+        """(metrics, prediction arrays) of `split`: by default the class metrics of the logits and
+        {logits (N, C), labels (N,)}; a pretext run (SSP) scores its own task instead."""
+        out = predict(model, split, mean=mean, std=std, batch_size=batch_size, device=device,
+                      channels_last=channels_last)
+        return compute_metrics(out["logits"], out["labels"], self.data.class_counts, **metric_kw), out
 
     # -- branching (engine/branch.py)
     def plain_ce_epochs(self) -> float:
