@@ -71,28 +71,65 @@ def run_one(num_classes: int, root: Path, *, tools: bool, eval_keys: dict) -> Pa
     return out
 
 
+def folder_kb(path: Path) -> str:
+    files = [p for p in Path(path).rglob("*") if p.is_file() and "features" not in p.parts]
+    return ", ".join(f"{p.name} {p.stat().st_size / 1e3:,.0f} kB" for p in sorted(files))
+
+
 def tool_times(run, num_classes: int) -> None:
     """Time and peak memory of each tool that reads the run at this class count."""
     import torch
 
-    from longtail.report import build_report
+    from longtail.dlsa.cascade import DLSACascade, DLSAConfig
+    from longtail.features import extract_features
+    from longtail.doctor.confusable import confusable_pairs
+    from longtail.doctor.plot import plot_class_counts
+    from longtail.doctor.stats import class_statistics
     from longtail.losses.ghm_cwap import GHMCWAPLoss
+    from longtail.report import build_report
+    from longtail.similarity.command import analyse_run
     counts = np.asarray(run.read_data_info()["class_counts"])
+    names = [str(i) for i in range(num_classes)]
 
     def report():
-        return build_report([str(run.path)], out=str(run.path / "report.html"))
+        build_report([str(run.path)], out=str(run.path / "report.html"))
+        return f"report.html {(run.path / 'report.html').stat().st_size / 1e3:,.0f} kB"
+
+    def similarity():  # the features cache first (data.source 'arrays' needs the arrays), then the command
+        extract_features(run.path, device="cpu", arrays=synthetic_arrays(num_classes))
+        analyse_run(run.path, out=run.path / "sim", device="cpu")
+        return folder_kb(run.path / "sim")
+
+    def doctor():  # what `longtail doctor` computes: statistics, the count figure, the ranked pairs
+        stats = class_statistics(counts, names)
+        plot_class_counts(stats, names, run.path / "doctor_counts.png")
+        protos = np.random.RandomState(0).randn(num_classes, 64)
+        ranked = confusable_pairs(protos, counts, min_ratio=2.0, top=10)
+        return f"{ranked['num_pairs']:,} pairs ranked"
+
+    def dlsa():  # a depth-1 cascade, 1 flow and 1 classifier epoch, on synthetic 64-d features
+        feats = torch.randn(len(np.repeat(np.arange(num_classes), counts)), 64, generator=torch.Generator().manual_seed(0))
+        labels = np.repeat(np.arange(num_classes), counts)
+        cfg = DLSAConfig(depth=1, flow_epochs=1, cls_epochs=1, eval_every=1, flow_select="last")
+        cascade = DLSACascade(cfg, num_classes).fit(feats, labels)
+        stage = cascade.stages[0]
+        size = sum(t.numel() * t.element_size() for _, snap in stage.snapshots for t in snap.values())
+        return (f"{len(feats):,} samples, K={cascade.info[0]['clusters']}, cluster-aided classifier snapshot "
+                f"{size / 1e6:,.0f} MB (C x C prior linear)")
 
     def ghm():
         loss = GHMCWAPLoss(class_counts=counts)
         logits = torch.randn(256, num_classes)
         target = torch.randint(0, num_classes, (256,))
         loss(logits, target)
-        return loss.state_dict()
+        state = loss.state_dict()
+        return f"state_dict {sum(t.numel() * t.element_size() for t in state.values()) / 1e6:.1f} MB"
 
-    for name, fn in (("report", report), ("ghm_cwap step+state", ghm)):
+    for name, fn in (("report", report), ("similarity", similarity), ("doctor", doctor), ("dlsa", dlsa),
+                     ("ghm_cwap step+state", ghm)):
         try:
-            _, s, mb = measured(fn)
-            print(f"  {name}: {s:.2f} s, peak {mb:.0f} MB (tracemalloc)", flush=True)
+            out, s, mb = measured(fn)
+            print(f"  {name}: {s:.2f} s, peak {mb:.0f} MB (tracemalloc); {out}", flush=True)
         except Exception as err:  # noqa: BLE001 - a benchmark reports what fails
             print(f"  {name}: FAILED {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
 

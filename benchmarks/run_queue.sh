@@ -5,6 +5,8 @@
 # Rerun the same command after an interruption: finished runs are skipped, a cut-off run resumes.
 # @BRANCH_SOURCE (a checkpoint, e.g. runs/bench/ce/checkpoints/epoch24.pt) starts a new run from
 # it with --branch-from (docs/training.md, branching); it waits until that file exists.
+# EXTRA="train.precision=bf16 ..." adds overrides to every new or branching run (a resumed run keeps
+# the config it was started with).
 set -uo pipefail
 core=$1; shift
 for pair in "$@"; do
@@ -13,12 +15,12 @@ for pair in "$@"; do
   [ "$run" != "$target" ] && source=${target#*@}
   mkdir -p "$(dirname "$run")"
   if [ -f "$run/eval.json" ]; then echo "skip $run (finished)"; continue; fi
-  extra=()
+  read -r -a extra <<< "${EXTRA:-}"
   if [ -f "$run/checkpoints/last.pt" ]; then
     extra=(--resume)
   elif [ -n "$source" ]; then
     while [ ! -e "$source" ]; do sleep 60; done  # its source run is still training
-    extra=(--branch-from "$source")
+    extra+=(--branch-from "$source")
   fi
   start=$(date +%s)
   OMP_NUM_THREADS=1 taskset -c "$core" longtail train "$config" --out "$run" --no-progress "${extra[@]}" >> "$run.log" 2>&1

@@ -295,13 +295,20 @@ def test_shipped_grids_resolve(monkeypatch):
     assert next(c for c in cpu.cells if c.method == "ce").cfg.train.save_epochs == [24]
     assert [state for _, state in plan(cpu)] == ["new"] * 14
     full = load_grid("configs/grids/cifar10_lt_full.yaml", out="/nonexistent/full")
-    assert len(full.cells) == 90
+    assert full.ratios == [100, 10] and full.seeds == [0, 1, 2] and len(full.cells) == 132
+    at_10 = {c.method for c in full.cells if c.ratio == 10}
+    assert {"ce", "ldam_drw", "balanced_softmax", "ssp_drw", "swrm", "dyswrm", "ghm_cwap_aura", "lcreg"} <= at_10
+    assert not {"focal", "crt", "lcreg_no_aug"} & at_10  # ratio 100 only (issue 22)
     for c in full.cells:
         assert c.cfg.train.device == "auto"
-        if c.stage1 is None:
+        if c.stage1 is None and c.method != "ssp":  # SSP pre-training: one milestone (docs/ssp.md)
             assert (c.cfg.train.epochs, c.cfg.train.warmup_epochs, c.cfg.train.milestones) == (200, 5, [160, 180])
     drw = next(c for c in full.cells if c.method == "ldam_drw")
     assert drw.cfg.reweight.start_epoch == 160
+    assert {c.branch_epoch for c in full.cells if c.branch_source is not None} == {160}
+    ssp_drw = next(c for c in full.cells if c.method == "ssp_drw")
+    assert ssp_drw.weights_source.method == "ssp" and ssp_drw.cfg.model.weights == str(ssp_drw.weights_source.run.last)
+    assert full.method("ce").published == {100.0: 70.4, 10.0: 86.4}
 
 
 def test_adopting_a_run_trained_outside_the_grid(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -507,3 +508,29 @@ def test_dlsa_command_flow_divergence_is_one_line(tmp_path, monkeypatch, capsys)
     assert "filter 1: flow training diverged at epoch 1" in err
     assert "lower --flow-lr (now 0.2), raise --flow-noise (now 0.05" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_large_classifier_snapshots_go_to_disk_and_come_back_equal():
+    """At thousands of classes the cluster-aided classifier's C x C prior layer makes every snapshot
+    hundreds of MB: above `spill_bytes` a snapshot is written to a temporary file, read back
+    equal, and its file goes with the object."""
+    from longtail.dlsa.classifier import Snapshots
+
+    snaps = Snapshots(spill_bytes=1000)
+    small = {"w": torch.arange(10.0)}
+    large = {"w": torch.randn(40, 40), "b": torch.randn(40)}
+    snaps.append(5, small)
+    snaps.append(10, large)
+    small["w"].zero_()  # the snapshot is a copy
+    assert snaps.epochs == [5, 10] and len(snaps) == 2
+    assert torch.equal(snaps[0][1]["w"], torch.arange(10.0))
+    folder = snaps._folder.name
+    assert isinstance(snaps._items[1][1], Path) and snaps._items[1][1].is_file()
+    epoch, back = snaps[1]
+    assert epoch == 10 and all(torch.equal(back[k], large[k]) for k in large)
+    assert [e for e, _ in snaps] == [5, 10]
+    del snaps, back
+    import gc
+
+    gc.collect()
+    assert not Path(folder).exists()

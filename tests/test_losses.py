@@ -665,7 +665,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt"
 # one config per loss (other recipes in the folder are tested with their methods)
 LOSS_CONFIGS = ["focal", "class_balanced", "cb_sigmoid", "cb_focal", "ldam", "ldam_drw", "balanced_softmax",
                 "logit_adjustment", "seesaw", "softmax_eql", "ghm_c", "label_aware_smoothing",
-                "ghm_cwap_ura", "ghm_cwap_aura", "swrm"]
+                "ghm_cwap_ura", "ghm_cwap_aura", "swrm", "grw", "lade", "cdb_ce",
+                "cb_softmax_bce", "cyclical_focal"]
 CONFIGS = [CONFIG_DIR / f"{name}.yaml" for name in LOSS_CONFIGS]
 
 
@@ -685,7 +686,8 @@ def test_config_builds_its_loss_with_the_benchmark_budget(path):
     base = load_config(path.parent / "ce.yaml")
     assert cfg.data == base.data and cfg.train == base.train and cfg.model.name == base.model.name
     assert cfg.sampler == base.sampler
-    assert cfg.method == base.method or path.stem == "swrm"  # SWRM's config uses its two-stage method
+    # SWRM's config uses its two-stage method, CDB-W-CE's the method that measures the difficulty
+    assert cfg.method == base.method or path.stem in ("swrm", "cdb_ce")
     first = path.read_text().splitlines()[0]
     assert first == f"# longtail train configs/cifar10_lt/{path.name} --out runs/cifar10_lt_{path.stem}"
     loss = build_loss(cfg.loss.name, cfg.loss.params, class_counts=class_counts("exp", 10, 5000, 100))

@@ -33,6 +33,11 @@ SETUP = {
     "swrm": {"loss.name": "swrm", "loss.params": {"window": 2}, "method.params": {"start_epoch": 0}},
     "dyswrm": {"loss.name": "swrm", "loss.params": {"window": 2}, "method.params": {"start_epoch": 0}},
     "lcreg": {"method.params": {"num_latents": 3}},
+    "ib": {"method.params": {"start_epoch": 0}}, "ib_focal": {"method.params": {"start_epoch": 0}},  # the IB step itself
+    "cdb_ce": {"data.val_per_class": 2, "loss.name": "cdb_ce"},
+    "disalign": {"method.params": {"stage1": "STAGE1"}, "loss.name": "grw"},
+    "dro_lt": {"method.params": {"stage1": "STAGE1"}}, "dro_lt_classifier": {"method.params": {"stage1": "STAGE1"}},
+    "weight_balancing": {"method.params": {"stage1": "STAGE1"}, "loss.name": "cb_softmax_bce", "constraint": {"name": "max_norm"}},
 }
 
 
@@ -112,3 +117,56 @@ def test_recipe_step_state_and_rebuild(name, stage1, tmp_path):
         rebuilt = rebuild_model(cfg, data.info, checkpoint)
     a, b = recipe.model.state_dict(), rebuilt.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loop_calls_after_step_and_on_epoch_end_in_order(tmp_path):
+    """The loop calls `after_step` after every optimiser step (the weights already updated) and
+    `on_epoch_end` once per epoch after its steps and before that epoch's checkpoint."""
+    from longtail.engine.loop import fit
+    from longtail.methods.standard import Standard
+
+    cfg = config_from_dict(tiny_config(**{"data.val_per_class": 2}))
+    data = build_data(cfg.data, arrays=tiny_arrays())
+    calls = []
+
+    class Probe(Standard):
+        def training_step(self, model, forward, images, target, loss, generator):
+            self.before = [p.detach().clone() for p in model.parameters()]
+            calls.append("step")
+            return super().training_step(model, forward, images, target, loss, generator)
+
+        def after_step(self, model):
+            changed = any(not torch.equal(a, p) for a, p in zip(self.before, model.parameters()))
+            calls.append("after_step" if changed else "after_step_before_update")
+
+        def on_epoch_end(self, epoch, model, device):
+            calls.append(f"epoch_end{epoch}")
+
+        def state_dict(self):
+            calls.append("save")
+            return {}
+
+    torch.manual_seed(0)
+    recipe = build_recipe(cfg, data)
+    method = Probe(cfg=cfg, data=data)
+    recipe = Recipe(method=method, model=recipe.model, loss=recipe.loss, sampler=recipe.sampler,
+                    param_groups=recipe.param_groups)
+    fit(cfg, data, tmp_path / "run", recipe=recipe)
+    steps = len(recipe.sampler)
+    batches = math.ceil(steps / cfg.train.batch_size)
+    one_epoch = ["step", "after_step"] * batches
+    assert calls == one_epoch + ["epoch_end0", "save"] + one_epoch + ["epoch_end1", "save"]
+
+
+@pytest.mark.parametrize("hook", ["after_step", "on_epoch_end"])
+def test_overridden_loop_hooks_keep_the_default_behaviour(hook):
+    """A method that overrides after_step / on_epoch_end calls the default too: that is where a
+    configured weight constraint (MaxNorm, `constraint` section) projects, for every method."""
+    import inspect
+
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        for klass in cls.__mro__:
+            if hook in vars(klass) and klass.__module__ != "longtail.methods.base":
+                source = inspect.getsource(vars(klass)[hook])
+                assert f"super().{hook}(" in source, f"{klass.__name__}.{hook} does not call super().{hook}(...)"

@@ -324,3 +324,22 @@ def test_load_a_run_whose_method_replaces_the_head(run, tmp_path, test_images):
     assert type(predictor.model.head).__name__ == "NCMHead"
     stored = np.load(tmp_path / "ncm" / "predictions.npz")["logits"]
     np.testing.assert_allclose(predictor.logits(test_images[0]).numpy(), stored, atol=1e-5, rtol=0)
+
+
+def test_a_stated_prior_on_balanced_logits_adds_its_log_only_once():
+    """Balanced softmax and LADE train z + log n, so their raw logits already aim at a uniform prior:
+    adjusting toward a stated prior p_t starts from uniform (z + log p_t + const), not from the
+    training prior (which would subtract log pi_train a second time); the logit-adjusted loss
+    with tau trains z toward pi^(1 - tau)."""
+    from conftest import tiny_config
+    from longtail.config import config_from_dict
+    from longtail.logit_adjust import source_prior, train_prior
+
+    counts = np.array([40, 20, 10, 5])
+    half = np.sqrt(counts) / np.sqrt(counts).sum()
+    for loss, params, expected in (("balanced_softmax", {}, np.full(4, 0.25)), ("lade", {}, np.full(4, 0.25)),
+                                   ("ce", {}, train_prior(counts)), ("logit_adjustment", {}, np.full(4, 0.25)),
+                                   ("logit_adjustment", {"tau": 0.5}, half),
+                                   ("logit_adjustment", {"tau": 0.0}, train_prior(counts))):
+        cfg = config_from_dict(tiny_config(**{"loss.name": loss, "loss.params": params}))
+        np.testing.assert_allclose(source_prior(cfg, counts), expected, err_msg=f"{loss} {params}")

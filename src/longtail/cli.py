@@ -12,7 +12,7 @@ import re
 import sys
 import traceback
 
-from .errors import LongtailError
+from .errors import ConfigError, LongtailError
 from .log import setup as setup_logging
 
 
@@ -120,6 +120,7 @@ def _cmd_methods(args) -> int:
 
 def _cmd_predict(args) -> int:
     from .inference import load, rebalanced_training
+    from .logit_adjust import logit_prior_name
     from .predict_files import predict_paths
 
     predictor = load(args.run_dir, checkpoint=args.checkpoint, device=args.device)
@@ -129,7 +130,7 @@ def _cmd_predict(args) -> int:
     if why_auto is not None:
         print(f"prior {prior} (auto): {why_auto}")
     why = rebalanced_training(predictor.config)
-    if args.prior == "uniform" and args.tau > 0 and why:
+    if args.prior == "uniform" and args.tau > 0 and why and logit_prior_name(predictor.config) != "uniform":
         print(f"longtail: note: the run was trained with re-balancing ({why}); --prior uniform adjusts it "
               "again, --prior train leaves its logits as they are", file=sys.stderr)
     shown = rows[:max(args.show, 0)]
@@ -187,17 +188,33 @@ def _cmd_bench(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if args.list:
         for cell, state in plan(grid, methods=methods):
-            stage = f"  (stage 1: {cell.stage1.key})" if cell.stage1 is not None else ""
+            stage = f"  ({cell.need_kind}: {cell.needs.key})" if cell.needs is not None else ""
             if cell.branch_source is not None:
                 stage = f"  (from {cell.branch_source.key} at epoch {cell.branch_epoch})"
             print(f"{state:<7} {cell.key}{stage}")
         return 0
     check_output(grid.out, folder=True, name="--out" if args.out is not None else f"the out of grid {args.grid}")
-    if not args.table_only:
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.cell:  # one cell, in this process (what --jobs starts for each cell)
+        run_grid(grid, cells=[args.cell], progress=False if args.no_progress else None)
+        return 0
+    summary = None
+    if args.table_only:
+        pass
+    elif args.jobs > 1:
+        from .bench.parallel import run_parallel
+
+        summary = run_parallel(grid, jobs=args.jobs, grid_arg=args.grid, overrides=args.overrides, methods=methods)
+    else:
         run_grid(grid, methods=methods, progress=False if args.no_progress else None)
     tables = write_tables(grid)
     print(tables["text"], end="")
     print(f"wrote {tables['markdown']} and {tables['csv']}")
+    if summary is not None:
+        from .bench.parallel import check_failures
+
+        check_failures(summary, grid)
     return 0
 
 
@@ -270,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--k", type=int, default=5, help="top-k classes per image (default 5, capped at C)")
     pr.add_argument("--prior", default="auto",
                     help="target label distribution: auto (default: uniform, or train for a run trained with "
-                         "re-balancing), uniform, train (no adjustment) or a file")
+                         "re-balancing), uniform, train (no adjustment, except for a LADE run, whose logits "
+                         "are calibrated to uniform) or a file")
     pr.add_argument("--tau", type=float, default=1.0, help="logit adjustment strength (default 1)")
     pr.add_argument("--checkpoint", choices=list(CHECKPOINT_CHOICES), default="last")
     pr.add_argument("--batch-size", type=int, default=64)
@@ -315,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", help="comma-separated methods of the grid to run (default: all)")
     b.add_argument("--table-only", action="store_true", help="only rebuild results.md / results.csv")
     b.add_argument("--list", action="store_true", help="print every cell and its state (done, resume, new)")
+    b.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N cells at once, each in its own process: on the CPU pinned to its own cores, on GPUs "
+                        "round-robin over the visible GPUs (several per GPU when N exceeds them); default 1, in "
+                        "this process")
+    b.add_argument("--cell", metavar="METHOD/ratioR/seedS", help="run this one cell only (as --list names it)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_cmd_bench, outputs=())  # the grid's out is checked in _cmd_bench
 

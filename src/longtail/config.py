@@ -26,6 +26,7 @@ from .errors import ConfigError, did_you_mean
 
 PROFILES = ("exp", "step", "pareto", "counts", "none")
 PRECISIONS = ("fp32", "bf16")
+CONSTRAINTS = ("none", "max_norm")  # weight constraints (optim/constraints.py, CONSTRAINT_NAMES)
 # shape a of the pareto profile: the one default, used by DataConfig, data/profiles.py and
 # `longtail data counts` (docs/data.md explains the value)
 PARETO_DEFAULT_SHAPE = 0.337
@@ -147,6 +148,8 @@ class RunConfig:
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     method: ComponentConfig = field(default_factory=lambda: ComponentConfig(name="standard"))
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # a weight constraint applied by the method's after_step / on_epoch_end (optim/constraints.py)
+    constraint: ComponentConfig = field(default_factory=lambda: ComponentConfig(name="none"))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -287,6 +290,9 @@ def _check_values(cfg: RunConfig) -> None:
     need(e.logits_dtype in LOGITS_DTYPES, f"config key 'eval.logits_dtype' must be one of "
          f"{', '.join(LOGITS_DTYPES)}, got {e.logits_dtype!r}")
     need(e.logits_topk >= 1, f"config key 'eval.logits_topk' must be >= 1, got {e.logits_topk}")
+    c = cfg.constraint
+    need(c.name in CONSTRAINTS, f"config key 'constraint.name' must be one of {', '.join(CONSTRAINTS)}, "
+         f"got '{c.name}'{did_you_mean(c.name, CONSTRAINTS)}")
 
 
 # ----------------------------------------------------------------------------- paths

@@ -12,7 +12,9 @@ label distribution (`longtail.logit_adjust`). The default, prior 'auto', adjusts
 uniform prior only a run trained toward its training prior (plain CE, instance sampling); a
 run trained with re-balancing (balanced softmax, LA loss, DRW, a class-balanced sampler,
 decoupled classifiers, ...) already aims at balanced classes and is left as it is ('train'):
-adjusting it again would correct for the training prior twice (`auto_prior`).
+adjusting it again would correct for the training prior twice (`auto_prior`). A LADE run's logits
+are calibrated to a uniform prior by training: adjustment starts from uniform (logits + log
+pi_target, the official LADE inference) and 'auto' is 'uniform', which leaves them as they are.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, DataError
-from .logit_adjust import NAMED_PRIORS, adjust_logits, check_tau, resolve_prior, train_prior
+from .logit_adjust import NAMED_PRIORS, adjust_logits, check_tau, logit_prior_name, resolve_prior, source_prior
 from .data.build import DataInfo
 from .methods import build_method
 from .registry import LOSSES, METHODS
@@ -115,11 +117,12 @@ class Predictor:
         return prior, None
 
     def target_shift(self, prior="auto") -> tuple[np.ndarray, np.ndarray]:
-        """(pi_train, pi_target), both (C,) float64, for `prior` ('auto': `choose_prior`; the others:
-        `logit_adjust`)."""
+        """(pi_source, pi_target), both (C,) float64, for `prior` ('auto': `choose_prior`; the others:
+        `logit_adjust`). pi_source is the training prior, or uniform for a run whose loss trains
+        logits calibrated to a uniform prior (LADE: `logit_adjust.source_prior`)."""
         prior = self.choose_prior(prior)[0]
         pi_target = resolve_prior(prior, class_names=self.class_names, class_counts=self.class_counts)
-        return train_prior(self.class_counts), pi_target
+        return source_prior(self.config, self.class_counts), pi_target
 
     def predict(self, images, *, k: int = 5, prior="auto", tau: float = 1.0, batch_size: int = 256) -> Prediction:
         """Top-k classes with probabilities per image, after post-hoc logit adjustment.
@@ -131,7 +134,8 @@ class Predictor:
                 toward its training prior, 'train' for a re-balanced run; `choose_prior` says
                 which and why), 'uniform', 'train' (no change), a prior file, or C non-negative
                 weights in class order.
-            tau: adjustment strength; adjusted = logit + tau * (log pi_target - log pi_train).
+            tau: adjustment strength; adjusted = logit + tau * (log pi_target - log pi_source),
+                pi_source the training prior (uniform for a LADE run: `target_shift`).
         """
         k = min(check_k(k), self.num_classes)
         tau = check_tau(tau)
@@ -170,8 +174,12 @@ def rebalanced_training(cfg: RunConfig | None) -> str | None:
 
 
 def auto_prior(cfg: RunConfig | None) -> tuple[str, str]:
-    """What prior 'auto' means for a run, and why (one clause): 'train' (no adjustment) when its
-    training re-balanced (`rebalanced_training`), 'uniform' otherwise."""
+    """What prior 'auto' means for a run, and why (one clause): 'uniform' (no adjustment) for a run
+    whose loss trains uniform-calibrated logits (LADE, `logit_adjust.logit_prior_name`); 'train'
+    (no adjustment) when its training re-balanced (`rebalanced_training`); 'uniform' otherwise."""
+    if logit_prior_name(cfg) == "uniform":
+        return "uniform", (f"the run's loss ({cfg.loss.name}) trains logits calibrated to a uniform prior "
+                           "(post-compensated), so they are left as they are")
     why = rebalanced_training(cfg)
     if why:
         return "train", f"the run was trained with re-balancing ({why}), so its logits are left as they are"

@@ -161,3 +161,39 @@ def adjust_logits(logits: torch.Tensor, *, pi_train: np.ndarray, pi_target: np.n
     with np.errstate(divide="ignore"):
         shift = tau * (np.log(np.asarray(pi_target, dtype=np.float64)) - np.log(np.asarray(pi_train, dtype=np.float64)))
     return logits + torch.as_tensor(shift, dtype=logits.dtype, device=logits.device)
+
+
+LOGIT_PRIORS = ("train", "uniform")
+
+
+def logit_prior_name(cfg) -> str:
+    """The label distribution a run's raw logits are calibrated to: its loss's `logit_prior` class
+    attribute ('train' by default and for a run with no config or an unregistered loss; 'uniform'
+    for LADE, whose logits are post-compensated by training)."""
+    if cfg is None:
+        return "train"
+    from . import losses  # noqa: F401  (registration; losses stand below this floor)
+    from .registry import LOSSES
+
+    name = cfg.loss.name
+    value = getattr(LOSSES.get(name), "logit_prior", "train") if name in LOSSES else "train"
+    if value not in LOGIT_PRIORS:
+        raise ConfigError(f"loss '{name}' states logit_prior {value!r}; allowed: {', '.join(LOGIT_PRIORS)}")
+    return value
+
+
+def source_prior(cfg, class_counts) -> np.ndarray:
+    """pi_source (C,) float64 that post-hoc adjustment of a run's logits starts from
+    (`adjust_logits(pi_train=...)`): what the run's loss calibrates its logits to
+    (`Loss.calibrated_prior`): the training prior; uniform for balanced softmax and LADE (LADE:
+    adjusted = logits + tau * (log pi_target - log(1/C)), the official logits + log p_t up to a
+    constant); pi^(1 - tau) for the logit-adjusted loss."""
+    pi = train_prior(class_counts)
+    if cfg is None:
+        return pi
+    logit_prior_name(cfg)  # a loss stating an unknown logit_prior is refused
+    from .registry import LOSSES
+
+    if cfg.loss.name not in LOSSES:
+        return pi
+    return LOSSES.get(cfg.loss.name).calibrated_prior(class_counts, dict(cfg.loss.params or {}))

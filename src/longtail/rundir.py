@@ -50,6 +50,37 @@ CHECKPOINT_CHOICES = ("last", "best_val")
 # where that is smaller than the dense matrix. At or below it eval.json is as it always was.
 INLINE_MAX_CLASSES = 100
 ARRAY_KEYS = ("per_class", "train_counts", "groups", "class_names", "confusion")
+TOPK_ROW_BLOCK = 2048  # rows per block of top_k_indices (bounds its temporaries)
+
+
+def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) int64: per row the column indices of the k largest values, descending, ties to the
+    lower column; equal to `np.argsort(-values, axis=1, kind="stable")[:, :k]` without the full
+    sort (np.argpartition finds the k-th value, then the k chosen columns are sorted). Rows with
+    a NaN take the full sort."""
+    values = np.asarray(values)
+    N, C = values.shape
+    k = int(k)
+    if not 1 <= k <= C:
+        raise ValueError(f"k must be in [1, {C}], got {k}")
+    out = np.empty((N, k), dtype=np.int64)
+    for start in range(0, N, TOPK_ROW_BLOCK):
+        block = values[start:start + TOPK_ROW_BLOCK]
+        kth = -np.partition(-block, k - 1, axis=1)[:, k - 1:k]  # the k-th largest value of each row
+        above = block > kth
+        tied = block == kth
+        keep = above | (tied & (np.cumsum(tied, axis=1) <= k - above.sum(axis=1, keepdims=True)))
+        ok = keep.sum(axis=1) == k  # False only for rows with a NaN
+        chosen = np.nonzero(keep[ok])[1].reshape(-1, k)  # ascending column order per row
+        rows = np.take_along_axis(block[ok], chosen, axis=1)
+        picked = np.take_along_axis(chosen, np.argsort(-rows, axis=1, kind="stable"), axis=1)
+        part = out[start:start + len(block)]
+        part[ok] = picked
+        if not ok.all():
+            part[~ok] = np.argsort(-block[~ok], axis=1, kind="stable")[:, :k]
+    return out
+
+
 LOGITS_TOPK_ERROR = ("{path} holds only the top-{k} logits of each image (eval.logits_dtype=topk); {what} needs "
                      "full logits: set eval.logits_dtype: float32 in {run}/config.yaml and rerun `longtail eval {run}`")
 DATA_KEYS = ("class_names", "class_counts", "image_shape", "channels", "mean", "std")
@@ -316,7 +347,7 @@ class RunDir:
             else:
                 value = np.asarray(value)
                 k = min(int(topk), value.shape[1])
-                idx = np.argsort(-value, axis=1, kind="stable")[:, :k].astype(np.int32)
+                idx = top_k_indices(value, k).astype(np.int32)
                 out[f"{key}_topk_indices"] = idx
                 out[f"{key}_topk_values"] = np.take_along_axis(value, idx, axis=1).astype(np.float32)
                 out["num_classes"] = np.asarray(value.shape[1])

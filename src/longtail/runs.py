@@ -282,13 +282,13 @@ def fit_posthoc_run(cfg: RunConfig, data: LTData, out: Path, *, recipe: Recipe |
 
 
 def _posthoc_logit_adjustment(run: RunDir, cfg: RunConfig, tau: float) -> dict:
-    from .logit_adjust import adjust_logits, check_tau, train_prior
+    from .logit_adjust import adjust_logits, check_tau, source_prior
 
     tau = check_tau(tau)
     run.require_result(RunDir.PREDICTIONS)
     info = run.read_data_info()
     counts = np.asarray(info["class_counts"])
-    pi = train_prior(counts)
+    pi = source_prior(cfg, counts)  # the training prior; uniform for LADE (already post-compensated)
     uniform = np.full(len(counts), 1.0 / len(counts))
     e = cfg.eval
     kw = dict(many_threshold=e.many_threshold, few_threshold=e.few_threshold, rare_threshold=e.rare_threshold,
@@ -320,7 +320,8 @@ def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, data: LTD
     With `logit_adjust_tau`, the metrics are of post-hoc logit adjustment toward a uniform
     test prior (Menon et al., ICLR 2021, Eq. 5): argmax_y z_y - tau * log pi_y, pi the
     training prior; tau is given, not tuned on test. They go to eval_logit_adjusted.json and
-    predictions.npz / eval.json are left as they are.
+    predictions.npz / eval.json are left as they are. A LADE run's logits are already calibrated
+    to a uniform prior (`logit_adjust.source_prior`), so its adjusted metrics equal eval.json's.
     """
     run = RunDir(run_dir)
     cfg = cfg or run.read_config()

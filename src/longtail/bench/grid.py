@@ -25,6 +25,12 @@ A grid file (YAML)::
         config: configs/cifar10_lt/swrm.yaml
         branch_from: ce                            # optional: start from ce's checkpoint after
         branch_epoch: 24                           #   epoch 24 (shared plain-CE prefix)
+        imbalance_ratios: [100]                    # optional: a subset of the grid's ratios
+      - name: ssp_drw
+        config: configs/cifar10_lt/ssp_drw.yaml
+        weights_from: ssp                          # optional: model.weights = ssp's cell's last.pt
+        published: {100: 72.1}                     # optional: the paper's top-1 per ratio, and
+        published_source: "Paper et al., Table 2"  #   where it is printed (a table column)
 
 Paths of the grid file (`base`, `config`, `out`) are relative to the folder `longtail bench`
 runs in, like command-line arguments and overrides; paths inside a method's config (`data.root`)
@@ -54,7 +60,8 @@ from ..rundir import RunDir
 
 GRID_KEYS = ("name", "base", "out", "imbalance_ratios", "seeds", "seed_keys", "overrides", "groups", "methods")
 GROUPS = ("three", "four")
-METHOD_KEYS = ("name", "config", "overrides", "stage1", "logit_adjust_tau", "branch_from", "branch_epoch")
+METHOD_KEYS = ("name", "config", "overrides", "stage1", "logit_adjust_tau", "branch_from", "branch_epoch",
+               "imbalance_ratios", "published", "published_source", "weights_from")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 GRID_SET_KEYS = ("data.imbalance_ratio", "method.params.stage1", "train.save_epochs")  # set per cell by the grid
 
@@ -70,11 +77,15 @@ class MethodSpec:
     logit_adjust_tau: float | None = None
     branch_from: str | None = None  # name of the grid method whose checkpoint at branch_epoch this one starts from
     branch_epoch: int | None = None
+    ratios: list[float] | None = None  # the ratios this method runs at (None: all of the grid's)
+    published: dict[float, float] = field(default_factory=dict)  # ratio -> the paper's top-1
+    published_source: str | None = None
+    weights_from: str | None = None  # name of the grid method whose last.pt initialises this one's model
 
     @property
     def needs(self) -> str | None:
         """The grid method whose cells must finish before this method's cells start."""
-        return self.stage1 or self.branch_from
+        return self.stage1 or self.branch_from or self.weights_from
 
 
 BENCH_RECORD = "bench.json"  # a cell's wall time, written by the runner beside the run's own files
@@ -93,10 +104,16 @@ class Cell:
     logit_adjust_tau: float | None = None
     branch_source: "Cell | None" = None
     branch_epoch: int | None = None
+    weights_source: "Cell | None" = None  # the cell whose last.pt is this cell's model.weights
 
     @property
     def needs(self) -> "Cell | None":
-        return self.stage1 or self.branch_source
+        return self.stage1 or self.branch_source or self.weights_source
+
+    @property
+    def need_kind(self) -> str:
+        """What the cell it needs is to it: 'stage 1', 'branch source' or 'pre-training'."""
+        return "stage 1" if self.stage1 else "branch source" if self.branch_source else "pre-training"
 
     @property
     def run(self) -> RunDir:
@@ -227,9 +244,33 @@ def _method_spec(entry, index: int, base: str | None) -> MethodSpec:
                                    and branch_epoch >= 1),
           f"{where}: branch_epoch must be an integer >= 1, got {branch_epoch!r}")
     _need(branch_from is None or stage1 is None, f"{where}: a stage-2 method cannot also branch (stage1 and branch_from)")
+    weights_from = entry.get("weights_from")
+    _need(weights_from is None or isinstance(weights_from, str),
+          f"{where}: weights_from must be a method name, got {weights_from!r}")
+    _need(weights_from is None or (stage1 is None and branch_from is None),
+          f"{where}: weights_from cannot go with stage1 or branch_from (a cell starts from one other cell)")
+    ratios = entry.get("imbalance_ratios")
+    _need(ratios is None or _ratio_list(ratios), f"{where}: imbalance_ratios must be a non-empty list of numbers "
+                                                 f">= 1, got {ratios!r}")
+    published = entry.get("published") or {}
+    _need(isinstance(published, dict) and all(_ratio_list([r]) and isinstance(v, (int, float))
+                                              and not isinstance(v, bool) and 0 <= v <= 100
+                                              for r, v in published.items()),
+          f"{where}: published must map imbalance ratios to top-1 percentages, e.g. {{100: 70.4}}, got {published!r}")
+    source = entry.get("published_source")
+    _need(source is None or (isinstance(source, str) and source.strip()),
+          f"{where}: published_source must be a text naming the paper and table, got {source!r}")
+    _need(not published or source is not None, f"{where}: published numbers need published_source (paper, table)")
     return MethodSpec(name=name, config=config, overrides=_overrides(entry.get("overrides"), f"{where} overrides"),
                       stage1=stage1, logit_adjust_tau=None if tau is None else float(tau), branch_from=branch_from,
-                      branch_epoch=branch_epoch)
+                      branch_epoch=branch_epoch, ratios=None if ratios is None else [float(r) for r in ratios],
+                      published={float(r): float(v) for r, v in published.items()}, published_source=source,
+                      weights_from=weights_from)
+
+
+def _ratio_list(value) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(r, (int, float)) and not isinstance(r, bool) and r >= 1 for r in value))
 
 
 def _set(values: dict, dotted: str, value) -> None:
@@ -252,7 +293,8 @@ def _read_config(spec: MethodSpec) -> dict:
 
 
 def _cell_config(spec: MethodSpec, grid_overrides: list[str], *, ratio: float, seed: int, seed_keys: list[str],
-                 stage1_path: str | None, extra: list[str], save_epochs: list[int] | None = None) -> RunConfig:
+                 stage1_path: str | None, extra: list[str], save_epochs: list[int] | None = None,
+                 weights_path: str | None = None) -> RunConfig:
     """The method's config, then the grid's overrides, the method's, the command line's; then
     the grid's per-cell values (ratio, seeds, stage-1 checkpoint, branch points to keep)."""
     try:
@@ -262,6 +304,8 @@ def _cell_config(spec: MethodSpec, grid_overrides: list[str], *, ratio: float, s
             _set(values, key, seed)
         if stage1_path is not None:
             _set(values, "method.params.stage1", stage1_path)
+        if weights_path is not None:
+            _set(values, "model.weights", weights_path)
         if save_epochs:
             _set(values, "train.save_epochs", sorted(set(save_epochs)))
         return config_from_dict(values)
@@ -287,9 +331,7 @@ def load_grid(path: str | Path, *, out: str | Path | None = None, overrides: lis
     out = out if out is not None else raw.get("out")
     _need(isinstance(out, (str, Path)) and str(out) != "", f"grid {path} needs 'out' (or give --out)")
     ratios = raw["imbalance_ratios"]
-    _need(isinstance(ratios, list) and ratios and all(isinstance(r, (int, float)) and not isinstance(r, bool)
-                                                      and r >= 1 for r in ratios),
-          f"grid key 'imbalance_ratios' must be a non-empty list of numbers >= 1, got {ratios!r}")
+    _need(_ratio_list(ratios), f"grid key 'imbalance_ratios' must be a non-empty list of numbers >= 1, got {ratios!r}")
     _need(len({float(r) for r in ratios}) == len(ratios), f"grid key 'imbalance_ratios' repeats a value: {ratios!r}")
     seeds = raw["seeds"]
     _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
@@ -314,11 +356,24 @@ def load_grid(path: str | Path, *, out: str | Path | None = None, overrides: lis
             key = text.split("=", 1)[0]
             _need(key not in GRID_SET_KEYS and key not in seed_keys,
                   f"override '{text}': the grid sets {key} per cell")
-        for key, ref in (("stage1", s.stage1), ("branch_from", s.branch_from)):
+        for key, ref in (("stage1", s.stage1), ("branch_from", s.branch_from), ("weights_from", s.weights_from)):
             if ref is not None:
                 _need(ref in names, f"grid method '{s.name}': {key} '{ref}' is not a method of the grid"
                                     f"{did_you_mean(ref, names)}")
                 _need(ref != s.name, f"grid method '{s.name}' names itself as its {key}")
+        grid_ratios = {float(r) for r in ratios}
+        for r in [*(s.ratios or []), *s.published]:
+            _need(r in grid_ratios, f"grid method '{s.name}': ratio {r:g} is not one of the grid's imbalance_ratios "
+                                    f"{ratios!r}")
+    by_name = {s.name: s for s in specs}
+    for s in specs:
+        if s.needs is not None:
+            mine, theirs = _ratios_of(s, ratios), _ratios_of(by_name[s.needs], ratios)
+            missing = [r for r in mine if r not in theirs]
+            if missing:
+                kind = "stage 1" if s.stage1 else "branch source" if s.branch_from else "pre-training"
+                raise ConfigError(f"grid method '{s.name}' runs at ratio {missing[0]:g}, where '{s.needs}' (its "
+                                  f"{kind}) does not run")
 
     ordered = _order(specs)
     extra = list(overrides or [])
@@ -353,17 +408,27 @@ def load_grid(path: str | Path, *, out: str | Path | None = None, overrides: lis
     for seed in seeds:
         for ratio in ratios:
             for s in ordered:
+                if float(ratio) not in _ratios_of(s, ratios):
+                    continue
                 cell_dir = out / s.name / ratio_name(ratio) / f"seed{seed}"
                 first = index.get((s.stage1, ratio, seed)) if s.stage1 else None
                 stage1_path = str(first.run.last) if first else None
+                pretrained = index.get((s.weights_from, ratio, seed)) if s.weights_from else None
                 cfg = _cell_config(s, grid_overrides, ratio=ratio, seed=seed, seed_keys=seed_keys,
-                                   stage1_path=stage1_path, extra=extra, save_epochs=save_epochs.get(s.name))
+                                   stage1_path=stage1_path, extra=extra, save_epochs=save_epochs.get(s.name),
+                                   weights_path=str(pretrained.run.last) if pretrained else None)
                 source = index.get((s.branch_from, ratio, seed)) if s.branch_from else None
                 cell = Cell(method=s.name, ratio=float(ratio), seed=seed, dir=cell_dir, cfg=cfg, stage1=first,
-                            logit_adjust_tau=s.logit_adjust_tau, branch_source=source, branch_epoch=s.branch_epoch)
+                            logit_adjust_tau=s.logit_adjust_tau, branch_source=source, branch_epoch=s.branch_epoch,
+                            weights_source=pretrained)
                 index[(s.name, ratio, seed)] = cell
                 cells.append(cell)
     name = raw.get("name") or path.stem
     _need(isinstance(name, str), f"grid key 'name' must be a string, got {name!r}")
     return Grid(path=path, name=name, base=base, out=out, ratios=[float(r) for r in ratios], seeds=list(seeds),
                 seed_keys=list(seed_keys), methods=specs, cells=cells, groups=groups)
+
+
+def _ratios_of(spec: MethodSpec, grid_ratios) -> list[float]:
+    """The imbalance ratios a method's cells run at: its own list, or all of the grid's."""
+    return list(spec.ratios) if spec.ratios is not None else [float(r) for r in grid_ratios]

@@ -57,8 +57,16 @@ def check_cell_config(cell: Cell) -> None:
                           "restore the grid and overrides it was run with, or remove the cell folder")
 
 
-def select_cells(grid: Grid, methods: list[str] | None) -> list[Cell]:
-    """The cells of `methods` (all when None), in run order; unknown names are a ConfigError."""
+def select_cells(grid: Grid, methods: list[str] | None, cells: list[str] | None = None) -> list[Cell]:
+    """The cells of `methods` (all when None), or the cells named by key (`method/ratio<R>/seed<S>`),
+    in run order; unknown names are a ConfigError."""
+    if cells is not None:
+        keys = [c.key for c in grid.cells]
+        for key in cells:
+            if key not in keys:
+                raise ConfigError(f"'{key}' is not a cell of grid {grid.path}{did_you_mean(key, keys)}; "
+                                  "`longtail bench GRID --list` lists them")
+        return [c for c in grid.cells if c.key in cells]
     if methods is None:
         return list(grid.cells)
     names = [m.name for m in grid.methods]
@@ -79,28 +87,30 @@ def _la_needed(cell: Cell) -> bool:
         return True
 
 
-def plan(grid: Grid, *, methods: list[str] | None = None) -> list[tuple[Cell, str]]:
+def plan(grid: Grid, *, methods: list[str] | None = None, cells: list[str] | None = None) -> list[tuple[Cell, str]]:
     """(cell, state) for the selected cells, after checking every existing cell's config and
     that each stage-2 cell's stage 1 is done or will run first."""
-    cells = select_cells(grid, methods)
+    cells = select_cells(grid, methods, cells)
     selected = {c.key for c in cells}
     out = []
     for cell in cells:
         check_cell_config(cell)
         first = cell.needs
         if first is not None and first.key not in selected and cell_state(first) != "done":
-            what = "stage 1" if cell.stage1 is not None else "branch source"
+            what = cell.need_kind
             raise ConfigError(f"cell {cell.key} needs its {what} {first.key}, which is not finished: run it "
                               f"first (--methods {first.method}) or include it")
         out.append((cell, cell_state(cell)))
     return out
 
 
-def run_grid(grid: Grid, *, methods: list[str] | None = None, progress: bool | None = None) -> list[dict]:
-    """Run the selected cells of `grid` (see the module docstring); returns one summary per cell:
-    {'cell', 'state' (done / new / resume), 'seconds'}. `progress=False` turns the progress
+def run_grid(grid: Grid, *, methods: list[str] | None = None, cells: list[str] | None = None,
+             progress: bool | None = None) -> list[dict]:
+    """Run the selected cells of `grid` (see the module docstring) in this process, one after the
+    other; returns one summary per cell: {'cell', 'state' (done / new / resume), 'seconds'}.
+    `cells` selects cells by key instead of `methods`. `progress=False` turns the progress
     bars of new cells off; None keeps the configs' `train.progress`."""
-    steps = plan(grid, methods=methods)
+    steps = plan(grid, methods=methods, cells=cells)
     # what the cells were run from; creates grid.out (an unwritable one is a one-line error)
     atomic_write_text(grid.out / "grid.yaml", grid.path.read_text())
     summary = []
@@ -122,7 +132,7 @@ def run_grid(grid: Grid, *, methods: list[str] | None = None, progress: bool | N
             raise ConfigError(f"cell {cell.key} branches from {branch}, which its source cell did not keep (it ran "
                               f"without train.save_epochs [{cell.branch_epoch}]): remove {cell.branch_source.dir} "
                               "to rerun it, or place that checkpoint there")
-        stage = f" (stage 1: {cell.stage1.key})" if cell.stage1 is not None else ""
+        stage = f" ({cell.need_kind}: {cell.needs.key})" if cell.needs is not None else ""
         if branch is not None:
             stage = f" (from {cell.branch_source.key} at epoch {cell.branch_epoch})"
         log.info(f"{head}: {'resuming' if state == 'resume' else 'training'}{stage} -> {cell.dir}")
@@ -140,6 +150,7 @@ def run_grid(grid: Grid, *, methods: list[str] | None = None, progress: bool | N
         cell.run.write_json(BENCH_RECORD, {
             "cell": cell.key, "method": cell.method, "imbalance_ratio": cell.ratio, "seed": cell.seed,
             "config": grid.method(cell.method).config, "stage1": cell.stage1.key if cell.stage1 else None,
+            "weights_from": cell.weights_source.key if cell.weights_source else None,
             "branch": f"{cell.branch_source.key}@{cell.branch_epoch}" if cell.branch_source else None,
             "mode": state, "wall_seconds": round(seconds, 3),
             "train_seconds_all_sessions": round(sum(float(r.get("seconds", 0.0)) for r in cell.run.read_metrics()), 3),

@@ -10,8 +10,10 @@ Each entry is the mean over the finished seeds and the *sample* standard deviati
 (numpy `ddof=1`); with one seed only the value is shown. A group that is empty (null in
 eval.json, e.g. `few` on CIFAR-10-LT at ratio 100) is '-', a (method, ratio) with no
 finished cell 'pending', a method whose finished cells have no best-on-validation
-numbers (post-hoc methods) 'n/a'; `[k/n]` after the top-1 entry marks k of n seeds
-finished. `results.md` and `results.csv` are written atomically into the grid's folder;
+numbers (post-hoc methods) 'n/a', a ratio the method does not run at (its own
+`imbalance_ratios`) 'not run'; `[k/n]` after the top-1 entry marks k of n seeds finished.
+Where a method states `published` numbers, each ratio gets a 'paper' column beside its top-1
+and the table is followed by each method's `published_source`. `results.md` and `results.csv` are written atomically into the grid's folder;
 the CSV has the full-precision mean and std of every entry.
 """
 
@@ -46,6 +48,8 @@ class Entry:
     seeds: list[int]  # finished seeds whose files have this table's numbers
     finished: int  # finished cells (eval.json present), with or without this table's numbers
     values: dict[str, list]  # metric -> one value (or None for an empty group) per seed in `seeds`
+    planned: bool = True  # False: the method does not run at this ratio
+    published: float | None = None  # the paper's top-1 at this ratio (grid `published`)
 
     def mean(self, metric: str) -> float | None:
         vals = [v for v in self.values[metric] if v is not None]
@@ -92,12 +96,17 @@ def collect(grid: Grid) -> list[Entry]:
                         seeds.append(seed)
                         for metric, value in _values(m, metrics).items():
                             values[metric].append(value)
+                    planned = spec.ratios is None or ratio in spec.ratios
+                    published = spec.published.get(ratio) if row == spec.name else None
                     entries.append(Entry(table=table, row=row, method=spec.name, ratio=ratio,
-                                         seeds_total=len(grid.seeds), seeds=seeds, finished=finished, values=values))
+                                         seeds_total=len(grid.seeds), seeds=seeds, finished=finished, values=values,
+                                         planned=planned, published=published))
     return entries
 
 
 def _cell_text(e: Entry, metric: str) -> str:
+    if not e.planned:
+        return "not run"
     if e.finished == 0:
         return "pending"
     if not e.seeds:
@@ -132,7 +141,9 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
              f"sample standard deviation (ddof = 1) over seeds {seeds} ({', '.join(grid.seed_keys)}); one seed: "
              f"its value. Every number is read from the cells' {RunDir.EVAL} (and {RunDir.EVAL_LOGIT_ADJUSTED} for "
              "the '+ post-hoc LA' rows). '-': empty shot group; 'pending': no finished cell; 'n/a': no "
-             "best-on-validation numbers (post-hoc methods); [k/n]: k of n seeds finished.", ""]
+             "best-on-validation numbers (post-hoc methods); 'not run': a ratio the method does not run at; "
+             "[k/n]: k of n seeds finished.", ""]
+    papers = any(spec.published for spec in grid.methods)
     for table, title in TABLES:
         rows = [e for e in entries if e.table == table]
         if table == "best_val" and not any(e.seeds for e in rows):
@@ -140,16 +151,22 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
         lines += [f"## {title}", ""]
         header = ["method"]
         for ratio in grid.ratios:
-            header += [f"ratio {ratio:g} top-1", *metrics[1:]]
+            header += [f"ratio {ratio:g} top-1", *(["paper"] if papers else []), *metrics[1:]]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|---|" + "---:|" * (len(header) - 1))
         for row in dict.fromkeys(e.row for e in rows):
             cells = [row]
             for ratio in grid.ratios:
                 e = next(x for x in rows if x.row == row and x.ratio == ratio)
-                cells += [_cell_text(e, m) for m in metrics]
+                texts = [_cell_text(e, m) for m in metrics]
+                if papers:
+                    texts.insert(1, "" if e.published is None else f"{e.published:.2f}")
+                cells += texts
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if papers:
+            lines += ["Paper: the published top-1 of the method at that ratio, from " + "; ".join(
+                f"{spec.name}: {spec.published_source}" for spec in grid.methods if spec.published) + ".", ""]
     lines += ["## Cells", "", "| method | config | stage 1 / branch | epochs | finished | wall time (bench.json) |",
               "|---|---|---|---:|---:|---:|"]
     for spec in grid.methods:
@@ -158,7 +175,8 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
         cfg = cells[0].cfg
         epochs = "post-hoc" if is_posthoc(cfg.method.name) else str(cfg.train.epochs)
         over = f" ({', '.join(spec.overrides)})" if spec.overrides else ""
-        start = spec.stage1 or (f"{spec.branch_from} @ epoch {spec.branch_epoch}" if spec.branch_from else "-")
+        start = spec.stage1 or (f"{spec.branch_from} @ epoch {spec.branch_epoch}" if spec.branch_from else
+                                f"weights of {spec.weights_from}" if spec.weights_from else "-")
         lines.append(f"| {spec.name} | `{spec.config}`{over} | {start} | {epochs} | "
                      f"{done}/{len(cells)} | {_wall(grid, spec.name)} |")
     lines.append("")
@@ -171,16 +189,17 @@ def csv_text(entries: list[Entry]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["table", "method", "imbalance_ratio", "seeds_finished", "seeds_total", "seeds",
-                     *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]])
+                     *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], "published_top1"])
     for e in entries:
-        if e.table == "best_val" and not e.seeds:
+        if (e.table == "best_val" and not e.seeds) or not e.planned:
             continue
         stats = []
         for m in metrics:
             mean, std = e.mean(m), e.std(m)
             stats += ["" if mean is None else repr(mean), "" if std is None else repr(std)]
         writer.writerow([e.table, e.row, f"{e.ratio:g}", len(e.seeds), e.seeds_total,
-                         ";".join(str(s) for s in e.seeds), *stats])
+                         ";".join(str(s) for s in e.seeds), *stats,
+                         "" if e.published is None else repr(e.published)])
     return buffer.getvalue()
 
 

@@ -57,7 +57,7 @@ import torch
 
 from ..errors import ConfigError, DataError, did_you_mean
 from ..eval.metrics import compute_metrics
-from .classifier import ClusterAidedClassifier, LinearClassifier, train_classifier
+from .classifier import ClusterAidedClassifier, LinearClassifier, Snapshots, train_classifier
 from .flow import GaussianMixtureFlow
 from .losses import BalancednessLoss, PairSampler, likelihood_weights, purity_loss, weighted_nll
 
@@ -381,7 +381,7 @@ class _Stage:
     threshold: float
     prior_table: np.ndarray          # (K, C) P(y | h) over all training samples
     model: torch.nn.Module           # cluster-aided classifier
-    snapshots: list
+    snapshots: Snapshots
 
 
 class DLSACascade:
@@ -397,7 +397,7 @@ class DLSACascade:
     def __init__(self, cfg: DLSAConfig, num_classes: int):
         self.cfg, self.num_classes = cfg, num_classes
         self.stages: list[_Stage] = []
-        self.regular: list[tuple[torch.nn.Module, list]] = []
+        self.regular: list[tuple[torch.nn.Module, Snapshots]] = []
         self.info: list[dict] = []
         self.epochs: list[int] = []
 
@@ -408,7 +408,8 @@ class DLSACascade:
         sel = torch.as_tensor(np.where(mask)[0], device=features.device)
         cfg = self.cfg
         return train_classifier(model.to(features.device), features[sel], target[sel], prior_counts=counts,
-                                cluster_prior=None if prior is None else prior[sel], epochs=cfg.cls_epochs,
+                                cluster_prior=None if prior is None else (prior[0], prior[1][sel]),
+                                epochs=cfg.cls_epochs,
                                 batch_size=cfg.cls_batch, lr=cfg.cls_lr, eval_every=cfg.eval_every, seed=seed)
 
     def fit(self, features: torch.Tensor, labels: np.ndarray) -> DLSACascade:
@@ -429,7 +430,8 @@ class DLSACascade:
             threshold = likelihood_threshold(ll[idx], cfg.filter_share)
             chosen = remaining & (ll >= threshold)
             table = cluster_prior_table(assigned, labels, K, C)
-            prior = torch.as_tensor(table[assigned], device=features.device)
+            prior = (torch.as_tensor(table, device=features.device),  # rows looked up per batch
+                     torch.as_tensor(assigned, dtype=torch.long, device=features.device))
             t1 = time.perf_counter()
             model = ClusterAidedClassifier(D, C)
             snaps = self._classifier(model, features, target, chosen, np.bincount(labels[chosen], minlength=C),
@@ -447,7 +449,7 @@ class DLSACascade:
                               "classifier_seconds": time.perf_counter() - t1})
             if not remaining.any():
                 raise DataError(f"no training samples remain after filter {d + 1}; use a smaller --depth")
-        self.epochs = [e for e, _ in snaps]
+        self.epochs = snaps.epochs
         return self
 
     @torch.no_grad()
@@ -480,7 +482,7 @@ class DLSACascade:
                 model.load_state_dict(snapshots[j][1])
                 prior = None
                 if table is not None:
-                    prior = torch.as_tensor(table[clusters[d]], device=features.device)[mask]
+                    prior = torch.as_tensor(table[clusters[d][mask.cpu().numpy()]], device=features.device)
                 logits[mask] = model(features[mask], prior)
             out.append(logits.cpu().numpy())
         return routes, out
@@ -563,7 +565,7 @@ def run_dlsa(feature_set, cfg: DLSAConfig | None = None, *, many_threshold: int 
                              epochs=cfg.cls_epochs, batch_size=cfg.cls_batch, lr=cfg.cls_lr, eval_every=cfg.eval_every,
                              seed=int(np.random.SeedSequence([cfg.seed, 3]).generate_state(1)[0]))
     alone_seconds, alone_cpu = time.perf_counter() - t0, time.process_time() - c0
-    epochs = [e for e, _ in snaps]
+    epochs = snaps.epochs
     alone_test = _predict_alone(alone, snaps, x_test)
     alone_val = _predict_alone(alone, snaps, x_val) if has_val else None
 

@@ -14,11 +14,15 @@ code keeps the epoch with the best *test* accuracy; here snapshots are taken eve
 `eval_every` epochs and the caller selects on the validation split (never on test).
 
 Shapes: features (N, D), cluster_prior (N, C), labels (N,) int64 -> logits (N, C).
+`train_classifier` takes the prior as (table (K, C), cluster (N,)) and looks up each batch's
+rows only, so the (N, C) prior of all samples is never built (ImageNet-LT: 115,846 x 1,000;
+iNaturalist 2018: 437,513 x 8,142, 14 GB).
 """
 
 from __future__ import annotations
 
-import copy
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,29 +66,72 @@ def reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
                 module.bias.uniform_(-bound, bound, generator=generator)
 
 
+class Snapshots:
+    """Copies of a classifier's weights at chosen epochs, as a list of (epoch, state_dict).
+
+    A state up to `spill_bytes` stays in memory; a larger one (the C x C prior layer of the
+    cluster-aided classifier: 265 MB at iNaturalist's 8,142 classes, 30 snapshots per filter
+    with the defaults) is written to a temporary folder and read back when it is used, so
+    memory holds one such state at a time. The folder goes with the object.
+    """
+
+    def __init__(self, *, spill_bytes: int = 64 << 20):
+        self.spill_bytes = spill_bytes
+        self._items: list[tuple[int, dict | Path]] = []
+        self._folder: tempfile.TemporaryDirectory | None = None
+
+    def append(self, epoch: int, state: dict) -> None:
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        if size <= self.spill_bytes:
+            self._items.append((epoch, {k: v.detach().clone() for k, v in state.items()}))
+            return
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="longtail-dlsa-")
+        path = Path(self._folder.name) / f"snapshot{len(self._items)}.pt"
+        torch.save(state, path)
+        self._items.append((epoch, path))
+
+    @property
+    def epochs(self) -> list[int]:
+        return [e for e, _ in self._items]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, j: int) -> tuple[int, dict]:
+        epoch, state = self._items[j]
+        if isinstance(state, Path):
+            state = torch.load(state, weights_only=True)
+        return epoch, state
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+
 def train_classifier(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, *,
-                     prior_counts, cluster_prior: torch.Tensor | None = None, epochs: int = 150,
+                     prior_counts, cluster_prior: tuple[torch.Tensor, torch.Tensor] | None = None, epochs: int = 150,
                      batch_size: int = 128, lr: float = 1e-2, momentum: float = 0.0,
-                     eval_every: int = 5, seed: int = 0) -> list[tuple[int, dict]]:
+                     eval_every: int = 5, seed: int = 0) -> Snapshots:
     """Train with Balanced Softmax (prior `prior_counts` (C,)); snapshots every `eval_every`
-    epochs and at the last epoch: [(epoch, state_dict copy), ...]. Deterministic in `seed`."""
+    epochs and at the last epoch: `Snapshots`, [(epoch, state_dict copy), ...]. Deterministic in `seed`.
+    `cluster_prior`: (P(y|h) table (K, C), cluster of each sample (N,) int64) or None."""
     gen = torch.Generator().manual_seed(int(seed))
     reset_parameters(model, gen)
     criterion = BalancedSoftmax(class_counts=np.asarray(prior_counts, dtype=np.float64)).to(features.device)
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    snapshots: list[tuple[int, dict]] = []
+    snapshots = Snapshots()
     n = features.shape[0]
     model.train()
     for epoch in range(1, epochs + 1):
         order = torch.randperm(n, generator=gen).to(features.device)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            prior = None if cluster_prior is None else cluster_prior[idx]
+            prior = None if cluster_prior is None else cluster_prior[0][cluster_prior[1][idx]]
             loss = criterion(model(features[idx], prior), labels[idx])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
         if epoch % eval_every == 0 or epoch == epochs:
-            snapshots.append((epoch, copy.deepcopy(model.state_dict())))
+            snapshots.append(epoch, model.state_dict())
     model.eval()
     return snapshots

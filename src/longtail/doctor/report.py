@@ -27,7 +27,7 @@ from ..io import atomic_write_json
 from ..log import bar_enabled
 from ..rundir import RunDir
 from ..similarity.projection import class_prototypes
-from .confusable import describe_pairs, first_per_tail, rank_pairs, sample_per_class
+from .confusable import confusable_pairs, describe_pairs, sample_per_class
 from .inventory import ImageFile, config_files, folder_inventory, train_counts
 from .plot import plot_class_counts
 from .scan import scan_arrays, scan_files
@@ -81,12 +81,11 @@ def confusable_report(predictor, *, counts, class_names, groups, files=None, dat
         keep = sample_per_class(np.array([f.label for f in train]), C, max_per_class)
         batches = _file_batches(predictor, [train[i] for i in keep], batch_size, progress)
     prototypes, used = class_prototypes(batches, C)
-    head, tail, sim = rank_pairs(prototypes, counts, min_ratio=min_ratio)
-    firsts = first_per_tail(tail)
+    ranked = confusable_pairs(prototypes, counts, min_ratio=min_ratio, top=top)
     return {"run": str(predictor.run_dir), "checkpoint": str(predictor.checkpoint), "min_ratio": min_ratio,
-            "images_used": used.tolist(), "num_pairs": int(len(head)),
-            "pairs": describe_pairs(head[:top], tail[:top], sim[:top], counts, class_names, groups),
-            "at_risk": describe_pairs(head[firsts], tail[firsts], sim[firsts], counts, class_names, groups)}
+            "images_used": used.tolist(), "num_pairs": int(ranked["num_pairs"]),
+            "pairs": describe_pairs(*ranked["top"], counts, class_names, groups),
+            "at_risk": describe_pairs(*ranked["first"], counts, class_names, groups)}
 
 
 def _file_labels(files: list[ImageFile], split: str) -> np.ndarray:

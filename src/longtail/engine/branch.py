@@ -12,7 +12,9 @@ with train.deterministic; tests/test_branch.py checks it).
 That equivalence is only claimed where it holds, so a branch is refused unless
 
 - the two configs are equal except in the sections / keys of `FREE_KEYS` (loss, method,
-  reweight, eval, train.epochs and keys that do not change the numbers), where a different
+  reweight, eval, train.epochs and keys that do not change the numbers) and in the LR
+  schedule keys (`SCHEDULE_KEYS`) where both schedules give the same LR for every epoch
+  before E (IB lowers the LR at its switch epoch), where a different
   train.epochs is allowed only when nothing before the branch depends on it (the step and
   constant LR schedules; not the cosine schedule or the progressive sampler), and
 - E is at most the number of leading epochs in which *both* configs train as plain CE
@@ -34,10 +36,24 @@ import torch
 from ..config import SESSION_KEYS, RunConfig, config_from_dict, diff_configs
 from ..errors import CheckpointError, ConfigError
 from ..io import safe_torch_load
+from ..optim.schedule import learning_rate
 from ..rundir import RunDir
 
 # keys that may differ between a branch and its source (dotted prefixes)
 FREE_KEYS = ("loss", "method", "reweight", "eval", "train.epochs", "train.save_epochs", *SESSION_KEYS)
+
+
+# LR schedule keys that may differ where they give the same LR for every epoch before the branch
+SCHEDULE_KEYS = ("train.lr_schedule", "train.warmup_epochs", "train.milestones", "train.lr_decay", "train.min_lr")
+
+
+def same_lr_prefix(cfg: RunConfig, source_cfg: RunConfig, epoch: int) -> bool:
+    """Whether both configs' LR schedules agree on every 0-idx epoch < `epoch`."""
+    def lr(c: RunConfig, e: int) -> float:
+        t = c.train
+        return learning_rate(e, base_lr=t.lr, epochs=t.epochs, schedule=t.lr_schedule, warmup_epochs=t.warmup_epochs,
+                             milestones=t.milestones, decay=t.lr_decay, min_lr=t.min_lr)
+    return all(lr(cfg, e) == lr(source_cfg, e) for e in range(epoch))
 
 
 def source_checkpoint(source: str | Path) -> Path:
@@ -55,6 +71,8 @@ def check_branch(cfg: RunConfig, source_cfg: RunConfig, epoch: int, *, plain_epo
     """Refuse a branch whose result would differ from training `cfg` from scratch."""
     bound = [k for k in diff_configs(cfg, source_cfg)
              if not any(k == f or k.startswith(f + ".") for f in FREE_KEYS)]
+    if any(k in SCHEDULE_KEYS for k in bound) and same_lr_prefix(cfg, source_cfg, epoch):
+        bound = [k for k in bound if k not in SCHEDULE_KEYS]  # e.g. IB's LR drop at its switch epoch
     if bound:
         raise ConfigError(f"cannot branch from {source}: the configs differ in {', '.join(bound)} "
                           f"(only {', '.join(FREE_KEYS)} may differ)")

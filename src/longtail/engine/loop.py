@@ -237,6 +237,7 @@ class Trainer:
             self.callbacks.call("on_train_start", context)
             for epoch in range(self.start_epoch, t.epochs):
                 row = self.train_epoch(epoch, bar)
+                self.method.on_epoch_end(epoch, self.model, self.device)
                 if self.dist.enabled:
                     row["ranks_identical"] = self.ranks_identical()
                     if not row["ranks_identical"]:
@@ -298,6 +299,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self.method.after_step(self.model)
             if self._sync_loss_statistics is not None:
                 self._sync_loss_statistics()  # e.g. seesaw counts: sum the ranks' increments
             loss_sum += value * len(global_pos)

@@ -38,6 +38,7 @@ class BalancedSoftmax(Loss):
     """
 
     rebalancing = True
+    logit_prior = "uniform"  # z + log n trains z toward the balanced posterior: a stated prior p_t adds log p_t
     # CE exactly when every class count is equal: a property of the data, not of a parameter
     # (tests/test_losses.py::test_more_neutral_settings)
     neutral_params = None

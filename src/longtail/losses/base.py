@@ -41,10 +41,25 @@ class Loss(nn.Module):
     * `neutral_params`: keyword arguments that make the loss exactly `F.cross_entropy`, or None
       where no parameter setting does, with the reason in a comment. Deliberately no default
       here: every registered loss must say it in its own class body (tests/test_losses.py).
+    * `logit_prior`: the label distribution the trained raw logits are calibrated to, which
+      post-hoc adjustment toward a stated prior p_t starts from (`logit_adjust.source_prior`):
+      'train' (default: logits + log p_t - log pi_train) or 'uniform' (LADE's post-compensation:
+      logits + log p_t; a uniform target leaves the logits as they are).
     """
 
     rebalancing = False
+    logit_prior = "train"
     neutral_params: dict | None  # no default: each registered loss states its own
+
+    @classmethod
+    def calibrated_prior(cls, class_counts, params: dict) -> np.ndarray:
+        """pi (C,) float64 that a run's raw logits are calibrated to, built with `params`: the
+        training prior n / sum(n), or uniform where `logit_prior = 'uniform'`. Post-hoc adjustment
+        toward a stated prior starts from it (`logit_adjust.source_prior`)."""
+        n = np.asarray(class_counts, dtype=np.float64)
+        if cls.logit_prior == "uniform":
+            return np.full(n.shape, 1.0 / n.size)
+        return n / n.sum()
 
     def __init__(self, *, class_counts):
         super().__init__()

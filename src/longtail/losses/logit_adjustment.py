@@ -35,6 +35,14 @@ class LogitAdjustedLoss(Loss):
     rebalancing = True
     neutral_params = {"tau": 0.0}
 
+    @classmethod
+    def calibrated_prior(cls, class_counts, params: dict) -> np.ndarray:
+        """z + tau log pi trains z toward pi^(1 - tau) (normalised): uniform at tau = 1, the
+        training prior at tau = 0."""
+        n = np.asarray(class_counts, dtype=np.float64)
+        p = np.power(n / n.sum(), 1.0 - float(params.get("tau", 1.0)))
+        return p / p.sum()
+
     def __init__(self, *, class_counts, tau: float = 1.0):
         super().__init__(class_counts=class_counts)
         self.tau = number("tau", tau, low=0)

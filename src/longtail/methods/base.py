@@ -13,6 +13,8 @@ and implement `fit_posthoc` instead of gradient steps.
 | `set_train_mode(model)` | at each epoch start | `model.train()` |
 | `on_epoch_start(epoch, loss)` | at each epoch start | RW / DRW class weights; the loss's own `on_epoch_start` |
 | `training_step(model, forward, images, target, loss, generator) -> StepResult` | each step | the loss on the logits (mixup when `train.mixup_alpha > 0`) |
+| `after_step(model)` | after each optimiser step, on every process | the `constraint` section's projection when `every: step` |
+| `on_epoch_end(epoch, model, device)` | after each epoch's steps, before validation, on every process | the `constraint` section's projection when `every: epoch` (a method that learns from the validation split, e.g. CDB-W-CE, evaluates here) |
 | `fit_posthoc(model, device) -> dict` | post-hoc methods, instead of steps | - |
 | `evaluate(model, split, **kw) -> (metrics, arrays)` | validation and test evaluation | class metrics of the logits, {logits, labels} |
 | `state_dict()` / `load_state_dict(state)` | every checkpoint; resume; rebuilding a run's network | nothing |
@@ -45,7 +47,8 @@ from ..data.samplers import Sampler, build_sampler
 from ..losses import Loss, build_loss, effective_number_weights, inverse_frequency_weights
 from ..models import Classifier, build_model, load_weights
 from ..optim import ParamGroup
-from ..registry import METHODS
+from ..optim.constraints import MaxNorm, build_constraint
+from ..registry import LOSSES, METHODS
 
 
 @dataclass
@@ -109,6 +112,7 @@ class Method:
         self.cfg, self.data = cfg, data
         self.services = Services()
         self.weights_from_checkpoint = False  # rebuilding a run: every weight comes from its checkpoint
+        self.constraint: MaxNorm | None = None  # the config's `constraint`, set by build()
 
     # -- building (once per run)
     def build(self, services: Services | None = None) -> Recipe:
@@ -117,7 +121,13 @@ class Method:
         self.services = services or Services()
         model = _checked(self.cfg, "model", self.build_model)
         if not self.trains:
+            if self.cfg.constraint.name != "none":
+                raise ConfigError(f"constraint '{self.cfg.constraint.name}' needs a method that trains; "
+                                  f"'{self.cfg.method.name}' is post-hoc")
             return Recipe(method=self, model=model)
+        # radii from the weights training starts from (a resumed run rebuilds the same model first)
+        c = self.cfg.constraint
+        self.constraint = _checked(self.cfg, "constraint", lambda: build_constraint(c.name, c.params, model))
         loss = _checked(self.cfg, "loss", self.build_loss)
         sampler = _checked(self.cfg, "sampler", self.build_sampler)
         return Recipe(method=self, model=model, loss=loss, sampler=sampler, param_groups=self.param_groups(model))
@@ -131,7 +141,13 @@ class Method:
         return model
 
     def build_loss(self) -> Loss:
-        return build_loss(self.cfg.loss.name, self.cfg.loss.params, class_counts=self.data.class_counts)
+        """The configured loss. A loss whose schedule spans the run (class attribute
+        `follows_train_epochs`, e.g. cyclical focal) gets `epochs = train.epochs` unless
+        loss.params sets it."""
+        params = dict(self.cfg.loss.params or {})
+        if getattr(LOSSES.get(self.cfg.loss.name), "follows_train_epochs", False):
+            params.setdefault("epochs", self.cfg.train.epochs)
+        return build_loss(self.cfg.loss.name, params, class_counts=self.data.class_counts)
 
     def build_sampler(self) -> Sampler:
         s = self.cfg.sampler
@@ -172,6 +188,22 @@ class Method:
             return StepResult(lam * loss(logits, target) + (1.0 - lam) * loss(logits, target_b), logits, target)
         logits = self.logits(model, forward, images, target)
         return StepResult(loss(logits, target), logits, target)
+
+    def after_step(self, model: Classifier) -> None:
+        """Called after every optimiser step on every process (the same weights everywhere): projects
+        onto the configured constraint (`constraint`, e.g. MaxNorm with `every: step`). A method that
+        overrides this calls super().after_step(model)."""
+        if self.constraint is not None and self.constraint.every == "step":
+            self.constraint.project(model)
+
+    def on_epoch_end(self, epoch: int, model: Classifier, device) -> None:
+        """Called after 0-idx `epoch`'s steps, before validation and the checkpoint, on every
+        process: state computed here is saved with that epoch (resume-exact) and must come out
+        the same on every rank (evaluate on all ranks, never on rank 0 alone). Projects onto the
+        configured constraint with `every: epoch` (MaxNorm's official placement); a method that
+        overrides this calls super().on_epoch_end(epoch, model, device)."""
+        if self.constraint is not None and self.constraint.every == "epoch":
+            self.constraint.project(model)
 
     # -- evaluation
     def evaluate(self, model: Classifier, split, *, mean, std, batch_size: int, device, channels_last: bool,

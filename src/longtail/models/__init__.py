@@ -8,7 +8,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..registry import HEADS, MODELS
-from . import cifar_resnet, imagenet_resnet, small_cnn  # noqa: F401  (registration)
+from . import causal_norm, cifar_resnet, imagenet_resnet, small_cnn  # noqa: F401  (registration)
 from .base import Classifier
 from .heads import NormedLinear, build_head
 

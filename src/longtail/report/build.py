@@ -56,6 +56,14 @@ def _figure_confusion(confusion, train_counts, class_names) -> dict:
     return {"confusion": (P.T @ cm @ P).toarray(), "train_counts": counts.tolist(), "class_names": names}
 
 
+def _binned_note(num_classes: int) -> str:
+    """Caption text of the per-class figures above rundir.INLINE_MAX_CLASSES classes (figures.binned)."""
+    if not figures.many_classes(num_classes):
+        return ""
+    return (f"; classes head to tail in {min(figures.CLASS_BINS, num_classes)} equal bins: each point the bin's mean, "
+            "the band its 25-75 % range (one point per class cannot be read at this many classes)")
+
+
 def _run_section(rec: RunRecord, index: int) -> tuple[str, int]:
     ev = rec.eval
     out = [f'<section id="run-{index}"><h2>{escape(rec.label)}</h2>', key_value_table(config_rows(rec))]
@@ -78,7 +86,8 @@ def _run_section(rec: RunRecord, index: int) -> tuple[str, int]:
     series = [(label, m["per_class"]) for label, m in rows]
     add(figures.accuracy_vs_frequency(series=series, train_counts=rec.train_counts, class_names=rec.class_names),
         f"Per-class test accuracy against the class's training count, {C} classes ({RunDir.EVAL} per_class)"
-        f"{'; each point is named by its class (of the first series)' if C <= figures.MAX_CLASS_LABELS else ''}.",
+        f"{'; each point is named by its class (of the first series)' if C <= figures.MAX_CLASS_LABELS else ''}"
+        f"{_binned_note(C)}.",
         "per-class accuracy against class frequency", "accuracy_vs_frequency")
     add(figures.group_bars(rows=rows),
         f"Overall top-1 and mean per-class accuracy of the many / medium / few groups ({RunDir.EVAL}).",
@@ -102,7 +111,7 @@ def _run_section(rec: RunRecord, index: int) -> tuple[str, int]:
         ratio = "-" if wn["max_over_min"] is None else f"{wn['max_over_min']:.3g}"
         add(figures.weight_norms(series=series, train_counts=rec.train_counts, class_names=rec.class_names),
             f"L2 norm of each class's classifier weight, head to tail (from {RunDir.FEATURES}/last.npz): variance "
-            f"{wn['variance']:.4g}, max / min {ratio}{tau_text} (docs/analysis.md).",
+            f"{wn['variance']:.4g}, max / min {ratio}{tau_text} (docs/analysis.md){_binned_note(C)}.",
             "classifier weight norms, head to tail", "weight_norms")
     if rec.metrics:
         add(figures.training_curves(metrics=rec.metrics),
@@ -139,7 +148,7 @@ def _comparison(records: list[RunRecord]) -> tuple[str, int]:
         out.append(figure_html(
             figures.accuracy_vs_frequency(series=series, train_counts=first.train_counts,
                                           class_names=first.class_names),
-            caption="Last epoch: per-class test accuracy against training count, every run.",
+            caption=f"Last epoch: per-class test accuracy against training count, every run{_binned_note(len(first.train_counts))}.",
             alt="per-class accuracy of every run", name="compare_accuracy_vs_frequency"))
         shown += 1
     else:

@@ -18,6 +18,34 @@ from ..doctor.plot import GROUP_COLOURS
 RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                "#bcbd22", "#17becf")
 MAX_CLASS_LABELS = 40  # above this, axes show class ranks instead of names
+CLASS_BINS = 50  # above rundir.INLINE_MAX_CLASSES classes, per-class curves are binned into this many
+
+
+def binned(order: np.ndarray, count: int = CLASS_BINS) -> list[np.ndarray]:
+    """`order` (classes head to tail) cut into `count` consecutive bins of (near) equal size."""
+    return [b for b in np.array_split(np.asarray(order), min(count, len(order))) if len(b)]
+
+
+def many_classes(num_classes: int) -> bool:
+    """Per-class curves are summarised by bins above rundir.INLINE_MAX_CLASSES classes (eval.json's
+    threshold): one point per class cannot be read there."""
+    from ..rundir import INLINE_MAX_CLASSES
+
+    return num_classes > INLINE_MAX_CLASSES
+
+
+def _bin_summary(values: np.ndarray, bins: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(kept bin positions, mean, 25th, 75th percentile) of the defined (finite) values per bin."""
+    keep, mean, low, high = [], [], [], []
+    for k, b in enumerate(bins):
+        v = values[b]
+        v = v[np.isfinite(v)]
+        if len(v):
+            keep.append(k)
+            mean.append(v.mean())
+            low.append(np.percentile(v, 25))
+            high.append(np.percentile(v, 75))
+    return np.asarray(keep, dtype=np.int64), np.asarray(mean), np.asarray(low), np.asarray(high)
 
 
 def new_figure(width: float, height: float):
@@ -106,10 +134,19 @@ def accuracy_vs_frequency(*, series: list[tuple[str, list]], train_counts, class
     C = len(counts)
     fig = new_figure(7.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
+    bins = binned(order) if many_classes(C) else None
     for k, (label, per_class) in enumerate(series):
+        colour = RUN_COLOURS[k % len(RUN_COLOURS)]
+        if bins is not None:  # mean and interquartile band of each bin of classes, head to tail
+            acc = np.array([np.nan if v is None else v for v in per_class], dtype=float)
+            keep, mean, low, high = _bin_summary(acc, bins)
+            xs = np.array([np.median(counts[bins[j]]) for j in keep])
+            ax.plot(xs, mean, marker="o", markersize=3, linewidth=1.0, color=colour,
+                    label=label if len(xs) else f"{label} (no class with test images)")
+            ax.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
+            continue
         xs = [counts[i] for i in order if per_class[i] is not None]
         ys = [per_class[i] for i in order if per_class[i] is not None]
-        colour = RUN_COLOURS[k % len(RUN_COLOURS)]
         ax.plot(xs, ys, marker="o", markersize=4 if C <= 100 else 2, linewidth=0.8, alpha=0.85, color=colour,
                 label=label if xs else f"{label} (no class with test images)")
     if counts.min() > 0 and counts.max() > counts.min():
@@ -124,8 +161,13 @@ def accuracy_vs_frequency(*, series: list[tuple[str, list]], train_counts, class
     if C <= MAX_CLASS_LABELS and series:
         _label_points(ax, [(class_names[i], counts[i], series[0][1][i]) for i in order
                            if series[0][1][i] is not None])
-    ax.set_xlabel("training images of the class")
-    ax.set_ylabel("test accuracy of the class (%)")
+    if bins is not None:
+        ax.set_xlabel(f"training images (median of each of {len(bins)} bins of ~{C // len(bins)} classes, "
+                      "head to tail)")
+        ax.set_ylabel("test accuracy (%): bin mean, 25-75 % band")
+    else:
+        ax.set_xlabel("training images of the class")
+        ax.set_ylabel("test accuracy of the class (%)")
     ax.grid(True, alpha=0.3)
     if len(series) > 1 or (series and series[0][0]):
         ax.legend(fontsize=8, frameon=False, loc="best")
@@ -330,10 +372,20 @@ def weight_norms(*, series: list[tuple[str, list]], train_counts, class_names, t
     C = len(order)
     fig = new_figure(min(14.0, max(6.5, 0.2 * C + 3.0)), 4.0)
     ax = fig.add_subplot(1, 1, 1)
+    bins = binned(order) if many_classes(C) else None
     for k, (label, norms) in enumerate(series):
+        colour = RUN_COLOURS[k % len(RUN_COLOURS)]
+        if bins is not None:  # mean and interquartile band of each bin of classes, head to tail
+            keep, mean, low, high = _bin_summary(np.asarray(norms, dtype=float), bins)
+            xs = np.array([b.mean() for b in np.array_split(np.arange(C), len(bins))])[keep]
+            ax.plot(xs, mean, linewidth=1, color=colour, label=label)
+            ax.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
+            continue
         ax.plot(np.arange(C), np.asarray(norms, dtype=float)[order], marker="o" if C <= 100 else None,
-                markersize=4, linewidth=1, color=RUN_COLOURS[k % len(RUN_COLOURS)], label=label)
+                markersize=4, linewidth=1, color=colour, label=label)
     _class_ticks(ax, "x", order, class_names, rotate=_crowded(class_names, C))
+    if bins is not None:
+        ax.set_xlabel(f"class rank, head to tail ({len(bins)} bins of ~{C // len(bins)} classes: mean, 25-75 % band)")
     if C <= MAX_CLASS_LABELS:
         ax.set_xlabel("class, head to tail (training count descending)")
     ax.set_ylabel("||w_c||_2 of the classifier")

@@ -12,7 +12,13 @@ DIR/features/ instead of RUN_DIR/features/ (a fresh cache already in RUN_DIR/fea
 read, not rewritten).
 
     similarity.json   settings, projection, order, windows, weights, margins, CB weights,
-                      similarity matrix, confusable pairs
+                      similarity matrix, confusable pairs; above rundir.INLINE_MAX_CLASSES
+                      classes only the settings, the confusable pairs and `"arrays"`:
+    similarity_arrays.npz   (above INLINE_MAX_CLASSES classes, compressed) class_names,
+                      class_counts, projection, order, swr_weights, swm_margins, cb_weights,
+                      window_members (C, W) int32 (-1 pads a truncated window) and
+                      window_similarity (C, W) float32, sim(i, c) of each window pair: the
+                      C x C similarity matrix is never built (only the window pairs enter Eq. 3)
     classes.csv       one row per class, in projection order
     confusable.csv / confusable.json   the head-to-tail table
     weights.png       SWR vs class-balanced weights per class, head to tail
@@ -29,9 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..rundir import CHECKPOINT_CHOICES, RunDir
+from ..rundir import CHECKPOINT_CHOICES, INLINE_MAX_CLASSES, RunDir
 
 DEFAULT_WINDOW, DEFAULT_BETA, DEFAULT_EDGE = 15, 1.0, "shift"
+ARRAYS = "similarity_arrays.npz"  # above INLINE_MAX_CLASSES classes, beside similarity.json
 
 
 def _is_inside(path: Path, folder: Path) -> bool:
@@ -83,8 +90,9 @@ def analyse_run(run_dir: str | Path, *, out: str | Path | None = None, checkpoin
     from .confusion import compare_errors, confusion_counts, head_to_tail_errors
     from .plot import plot_weights
     from .projection import default_perplexity, prototypes_from_features, tsne_projection
-    from .windows import (SIMILARITIES, cosine_similarity_from_prototypes, projection_similarity, swm_margins,
-                          swr_weights, window_mask, window_members)
+    from .windows import (SIMILARITIES, cosine_similarity_from_prototypes, cosine_similarity_of,
+                          projection_similarity, projection_similarity_of, swm_margins, swm_margins_banded,
+                          swr_weights, swr_weights_banded, window_mask, window_members, window_table)
 
     run = RunDir(run_dir).require()
     run_dir = run.path
@@ -127,16 +135,25 @@ def analyse_run(run_dir: str | Path, *, out: str | Path | None = None, checkpoin
     projection = tsne_projection(protos, seed=seed, perplexity=perplexity)
     tsne_seconds = time.time() - tic
     order = np.argsort(projection, kind="stable")
-    mask = window_mask(order, window, edge)
     members = window_members(order, window, edge)
-    sim = (cosine_similarity_from_prototypes(protos) if similarity == "cosine"
-           else projection_similarity(torch.from_numpy(projection)))
-    weights = swr_weights(counts, mask).numpy()
-    margins = swm_margins(sim, mask, beta).numpy()
+    many = C > INLINE_MAX_CLASSES
+    if many:  # banded: C x W window pairs, never a C x C matrix
+        table, valid = window_table(order, window, edge)
+        sim_of = cosine_similarity_of(protos) if similarity == "cosine" else projection_similarity_of(projection)
+        weights = swr_weights_banded(counts, table, valid)
+        margins = swm_margins_banded(sim_of, table, valid, beta)
+        window_sim = np.where(valid, sim_of(np.arange(C)[:, None], table), np.nan).astype(np.float32)
+    else:
+        mask = window_mask(order, window, edge)
+        sim = (cosine_similarity_from_prototypes(protos) if similarity == "cosine"
+               else projection_similarity(torch.from_numpy(projection)))
+        weights = swr_weights(counts, mask).numpy()
+        margins = swm_margins(sim, mask, beta).numpy()
     cb = effective_number_weights(counts, cb_beta).double().numpy()
 
     test = fs["test"]
     cm = confusion_counts(test["logits"], test["labels"], C)
+    diagonal, support = np.asarray(cm.diagonal()), np.asarray(cm.sum(axis=1)).ravel()
     rows = head_to_tail_errors(cm, counts, names, tail_fraction=tail_fraction, min_ratio=min_ratio, top=top)
     compare_names = []
     for other in compare:
@@ -151,7 +168,7 @@ def analyse_run(run_dir: str | Path, *, out: str | Path | None = None, checkpoin
                 "window": " ".join(names[i] for i in members[c]),
                 "swr_weight": round(float(weights[c]), 6), "swm_margin": round(float(margins[c]), 6),
                 "cb_weight": round(float(cb[c]), 6),
-                "test_accuracy": round(100.0 * cm[c, c] / max(int(cm[c].sum()), 1), 4)}
+                "test_accuracy": round(100.0 * diagonal[c] / max(int(support[c]), 1), 4)}
                for c in order.tolist()]
     result = {
         "run": str(run_dir), "checkpoint": checkpoint, "epoch": fs.epoch,
@@ -163,10 +180,16 @@ def analyse_run(run_dir: str | Path, *, out: str | Path | None = None, checkpoin
         "projection": [float(v) for v in projection], "order": [names[i] for i in order],
         "windows": {names[c]: [names[i] for i in members[c]] for c in range(C)},
         "swr_weights": [float(v) for v in weights], "swm_margins": [float(v) for v in margins],
-        "cb_weights": [float(v) for v in cb], "similarity": sim.double().numpy().round(6).tolist(),
+        "cb_weights": [float(v) for v in cb],
+        "similarity": None if many else sim.double().numpy().round(6).tolist(),
         "confusable": rows, "compared_with": [str(c) for c in compare],
         "seconds": {"features": round(feature_seconds, 2), "tsne": round(tsne_seconds, 3)},
     }
+    if many:  # the per-class lists go to the npz; similarity.json keeps what a reader scans
+        result = _small_result(result)
+        _write_arrays(out / ARRAYS, names=names, counts=counts, projection=projection, order=order,
+                      weights=weights, margins=margins, cb=cb,
+                      table=np.where(valid, table, -1), window_sim=window_sim)
     atomic_write_text(out / "classes.csv", _csv(classes))
     atomic_write_text(out / "confusable.csv", _csv(rows))
     atomic_write_json(out / "confusable.json", rows)
@@ -175,6 +198,31 @@ def analyse_run(run_dir: str | Path, *, out: str | Path | None = None, checkpoin
     atomic_write_json(out / "similarity.json", result)
     result["_classes"], result["_compare_names"], result["out"] = classes, compare_names, str(out)
     return result
+
+
+PER_CLASS_KEYS = ("class_names", "class_counts", "projection", "order", "windows", "swr_weights", "swm_margins",
+                  "cb_weights", "similarity")
+
+
+def _small_result(result: dict) -> dict:
+    """similarity.json above INLINE_MAX_CLASSES classes: the per-class keys replaced by `arrays`."""
+    small = {k: v for k, v in result.items() if k not in PER_CLASS_KEYS}
+    small["num_classes"] = len(result["class_names"])
+    small["arrays"] = ARRAYS
+    return small
+
+
+def _write_arrays(path: Path, *, names, counts, projection, order, weights, margins, cb, table, window_sim) -> None:
+    """similarity_arrays.npz (module docstring), compressed, written atomically."""
+    from ..io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, class_names=np.asarray(names, dtype=str), class_counts=np.asarray(counts, np.int64),
+                        projection=np.asarray(projection, np.float64), order=np.asarray(order, np.int32),
+                        swr_weights=np.asarray(weights, np.float64), swm_margins=np.asarray(margins, np.float64),
+                        cb_weights=np.asarray(cb, np.float64), window_members=np.asarray(table, np.int32),
+                        window_similarity=window_sim)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def format_classes(classes: list[dict]) -> str:
@@ -199,12 +247,16 @@ def _cmd_similarity(args) -> int:
     s = result["settings"]
     print(f"{result['run']} ({result['checkpoint']}, epoch {result['epoch']}): t-SNE order, windows of "
           f"W={s['effective_window']} ({s['edge']}), beta {s['beta']:g}, similarity {s['similarity']}")
-    print(format_classes(result["_classes"]))
+    shown = result["_classes"][:INLINE_MAX_CLASSES]
+    print(format_classes(shown))
+    if len(result["_classes"]) > len(shown):
+        print(f"  ... {len(result['_classes']) - len(shown)} more classes in classes.csv")
     print("\nconfusable head-to-tail pairs (test set):")
     print(format_table(result["confusable"], compare=result["_compare_names"]))
     sec = result["seconds"]
+    arrays = f"{ARRAYS}, " if "arrays" in result else ""
     print(f"\nfeatures {sec['features']:.1f}s, t-SNE {sec['tsne']:.2f}s; wrote {result['out']}/similarity.json, "
-          "classes.csv, confusable.csv, confusable.json, weights.png")
+          f"{arrays}classes.csv, confusable.csv, confusable.json, weights.png")
     return 0
 
 

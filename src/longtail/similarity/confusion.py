@@ -23,12 +23,25 @@ import numpy as np
 from ..errors import ConfigError
 
 
-def confusion_counts(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, C) int64: rows true class, columns predicted class (scikit-learn)."""
+def confusion_counts(logits: np.ndarray, labels: np.ndarray, num_classes: int):
+    """(C, C) int64: rows true class, columns predicted class (scikit-learn); above
+    rundir.INLINE_MAX_CLASSES a scipy.sparse csr_matrix (never the dense C x C array)."""
     from sklearn.metrics import confusion_matrix
 
+    from ..eval.metrics import sparse_confusion
+    from ..rundir import INLINE_MAX_CLASSES
+
     preds = np.asarray(logits).argmax(axis=1)
+    if num_classes > INLINE_MAX_CLASSES:
+        return sparse_confusion(labels, preds, num_classes)
     return confusion_matrix(np.asarray(labels), preds, labels=np.arange(num_classes)).astype(np.int64)
+
+
+def _csr(confusion):
+    """The confusion as a csr_matrix (dense arrays and sparse matrices alike)."""
+    from scipy import sparse
+
+    return sparse.csr_matrix(confusion)
 
 
 def tail_classes(class_counts, tail_fraction: float = 0.5) -> np.ndarray:
@@ -47,32 +60,35 @@ def head_to_tail_errors(confusion: np.ndarray, class_counts, class_names: list[s
         raise ConfigError(f"min_ratio must be >= 1, got {min_ratio}")
     if top < 1:
         raise ConfigError(f"top must be >= 1, got {top}")
-    cm = np.asarray(confusion)
+    cm = _csr(confusion)  # a tail's row: only its non-zero cells are visited
     n = np.asarray(class_counts)
     rows = []
     for t in tail_classes(n, tail_fraction).tolist():
-        support = int(cm[t].sum())
+        start, end = cm.indptr[t], cm.indptr[t + 1]
+        cols, vals = cm.indices[start:end], cm.data[start:end]
+        support = int(vals.sum())
         if support == 0:
             continue
-        heads = [h for h in range(len(n)) if h != t and n[h] >= min_ratio * n[t] and cm[t, h] > 0]
-        heads.sort(key=lambda h: (-cm[t, h], h))
+        cell = {int(h): int(v) for h, v in zip(cols, vals, strict=True) if v > 0}
+        heads = [h for h in sorted(cell) if h != t and n[h] >= min_ratio * n[t]]
+        heads.sort(key=lambda h: (-cell[h], h))
         for h in heads[:top]:
             rows.append({"tail": class_names[t], "tail_index": t, "tail_count": int(n[t]),
                          "head": class_names[h], "head_index": h, "head_count": int(n[h]),
-                         "test_images": support, "predicted_as": int(cm[t, h]),
-                         "error": round(100.0 * cm[t, h] / support, 4)})
+                         "test_images": support, "predicted_as": cell[h],
+                         "error": round(100.0 * cell[h] / support, 4)})
     return rows
 
 
 def compare_errors(rows: list[dict], confusion: np.ndarray, name: str) -> list[dict]:
     """Copies of `rows` with `error_<name>` (the same pair's error under another confusion
     matrix) and `change_<name>` (that minus `error`)."""
-    cm = np.asarray(confusion)
+    cm = _csr(confusion)
     out = []
     for r in rows:
         t, h = r["tail_index"], r["head_index"]
         support = int(cm[t].sum())
-        err = round(100.0 * cm[t, h] / support, 4) if support else None
+        err = round(100.0 * int(cm[t, h]) / support, 4) if support else None
         out.append({**r, f"error_{name}": err,
                     f"change_{name}": None if err is None else round(err - r["error"], 4)})
     return out

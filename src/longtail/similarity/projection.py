@@ -12,6 +12,10 @@ of 50 is far too large for a few dozen points in 1-D: on synthetic prototypes (1
 5 clusters, 32-D) each class's nearest prototype ended up next to it in the order for 30 %
 of classes with 'auto', 70 % with the PCA initialisation alone and 100 % with this rate
 (docs/swrm.md). The result is deterministic for a given input, seed and scikit-learn version.
+Above TSNE_EXACT_MAX_CLASSES (1,000) classes the exact method (C x C affinities, O(C^2) per
+iteration) gives way to scikit-learn's Barnes-Hut approximation (sparse nearest-neighbour
+affinities; 1-D is within its n_components < 4), so iNaturalist's 8,142 classes take seconds,
+not hours (docs/evaluation.md, "Many classes").
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ def prototypes_from_features(features: np.ndarray, labels: np.ndarray, num_class
     return protos
 
 
+TSNE_EXACT_MAX_CLASSES = 1000  # above: method="barnes_hut"
+
+
 def default_perplexity(num_classes: int) -> float:
     return float(min(30.0, max(1.0, (num_classes - 1) / 3.0)))
 
@@ -50,7 +57,8 @@ def tsne_projection(prototypes: np.ndarray, *, seed: int = 0, perplexity: float 
     perp = default_perplexity(C) if perplexity is None else float(perplexity)
     if not 0 < perp < C:
         raise ConfigError(f"perplexity must be in (0, {C}) for {C} classes, got {perplexity}")
-    tsne = TSNE(n_components=1, perplexity=perp, init="pca", method="exact", random_state=int(seed),
+    method = "exact" if C <= TSNE_EXACT_MAX_CLASSES else "barnes_hut"
+    tsne = TSNE(n_components=1, perplexity=perp, init="pca", method=method, random_state=int(seed),
                 learning_rate=max(C / 12.0, 1.0))
     return tsne.fit_transform(protos)[:, 0].astype(np.float64)
 

@@ -137,6 +137,63 @@ def swm_margins(similarity: torch.Tensor, mask: torch.Tensor, beta: float) -> to
     return torch.logsumexp(terms, dim=1) - torch.log(size)
 
 
+def window_table(order, window: int, edge: str = "shift") -> tuple[np.ndarray, np.ndarray]:
+    """(members (C, W') int64, valid (C, W') bool): row c lists class c's window in order (as
+    `window_members`), padded with c itself where `valid` is False; W' the largest window.
+    The banded form of `window_mask` for many classes: C x W' instead of C x C."""
+    order = np.asarray(order, dtype=np.int64)
+    C = len(order)
+    lo, hi = window_bounds(C, window, edge)
+    width = int((hi - lo).max()) if C else 0
+    pos = lo[:, None] + np.arange(width)[None, :]  # (C, W') positions, by position of the owner
+    valid_by_pos = pos < hi[:, None]
+    by_pos = np.where(valid_by_pos, order[np.minimum(pos, C - 1)], order[:, None])
+    members = np.empty_like(by_pos)
+    valid = np.empty_like(valid_by_pos)
+    members[order], valid[order] = by_pos, valid_by_pos
+    return members, valid
+
+
+def swr_weights_banded(class_counts, members: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Eq. 2 from `window_table` (C x W' memory); float64 (C,), equal to `swr_weights` up to
+    the order of summation."""
+    n = _counts(class_counts).numpy()
+    local = np.where(valid, n[members], 0.0).sum(1) / n / valid.sum(1)
+    return np.log1p(n.max() / n * local)
+
+
+def swm_margins_banded(similarity_of, members: np.ndarray, valid: np.ndarray, beta: float) -> np.ndarray:
+    """Eq. 3 from `window_table`: `similarity_of(c (C, 1), i (C, W'))` gives sim(i, c) of the
+    window pairs only; float64 (C,), equal to `swm_margins` up to rounding."""
+    owner = np.arange(len(members))[:, None]
+    neg_log = -float(beta) * np.log(np.asarray(similarity_of(owner, members), dtype=np.float64))
+    terms = torch.from_numpy(np.where(valid, neg_log, -np.inf))
+    return (torch.logsumexp(terms, dim=1) - torch.log(torch.from_numpy(valid.sum(1).astype(np.float64)))).numpy()
+
+
+def projection_similarity_of(projection):
+    """sim(i, c) of `projection_similarity` for index arrays (c, i), without the C x C matrix."""
+    p = np.asarray(projection, dtype=np.float64)
+    span = p.max() - p.min() if len(p) else 0.0
+    scaled = (p - p.min()) / span if span > 0 else np.zeros_like(p)
+    return lambda c, i: np.exp(-np.abs(scaled[i] - scaled[c]))
+
+
+def cosine_similarity_of(prototypes):
+    """sim(i, c) of `cosine_similarity_from_prototypes` for index arrays (c, i), without the
+    C x C matrix."""
+    protos = np.asarray(prototypes, dtype=np.float64)
+    if not np.isfinite(protos).all():
+        raise ConfigError("every class needs a finite prototype (a class without training images has none)")
+    norm = np.linalg.norm(protos, axis=1, keepdims=True)
+    unit = protos / np.where(norm > 0, norm, 1.0)
+
+    def of(c, i):
+        cos = np.clip(np.einsum("cwd,cwd->cw", unit[np.broadcast_to(c, i.shape)], unit[i]), -1.0, 1.0)
+        return np.exp(np.where(i == c, 1.0, cos) - 1.0)
+    return of
+
+
 def weights_and_margins(projection, class_counts, *, window: int, beta: float, edge: str = "shift",
                         similarity=None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(w (C,) Eq. 2, m (C,) Eq. 3, order (C,)) from a projection (C,).
