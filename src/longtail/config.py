@@ -94,6 +94,11 @@ class ReweightConfig:
 class AugmentConfig:
     crop_padding: int = 4  # random crop with zero padding (0: off)
     flip: bool = True
+    policy: str = "none"  # none | autoaugment (CIFAR-10 policy) | randaugment (docs/training.md, strong augmentation)
+    randaugment_n: int = 2  # policy randaugment: ops per image
+    randaugment_m: float = 10.0  # policy randaugment: magnitude in [0, 10]
+    randaugment_mstd: float = 0.0  # policy randaugment: > 0: magnitude + N(0, mstd) per op (timm's mstd)
+    cutout: int = 0  # side of one zeroed square per image (0: off; PaCo / ProCo CIFAR: 16)
 
 
 @dataclass
@@ -120,6 +125,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward pass (docs/speed.md)
     sync_bn: bool = False  # distributed runs: SyncBatchNorm across processes
     mixup_alpha: float = 0.0  # > 0: mixup batches with lam ~ Beta(alpha, alpha) (MiSLAS stage 1: 1.0)
+    cutmix_alpha: float = 0.0  # > 0: CutMix with lam ~ Beta(alpha, alpha) (official CIFAR: 1.0); not with mixup
+    cutmix_prob: float = 0.5  # with cutmix_alpha > 0: share of batches mixed (official CIFAR: 0.5)
     save_epochs: list = field(default_factory=list)  # also keep checkpoints/epoch<E>.pt after these epochs (branch points)
     tensorboard: bool = False  # RUN/tensorboard/ event files (pip install -e '.[tensorboard]'; docs/training.md)
     callbacks: list = field(default_factory=list)  # "package.module:Class" training callbacks (longtail.callbacks)
@@ -277,6 +284,15 @@ def _check_values(cfg: RunConfig) -> None:
     need(t.num_threads is None or t.num_threads >= 1, f"config key 'train.num_threads' must be >= 1, got {t.num_threads}")
     need(t.precision in PRECISIONS, f"config key 'train.precision' must be one of {', '.join(PRECISIONS)}, got '{t.precision}'{did_you_mean(t.precision, PRECISIONS)}")
     need(t.augment.crop_padding >= 0, f"config key 'train.augment.crop_padding' must be >= 0, got {t.augment.crop_padding}")
+    policies = ("none", "autoaugment", "randaugment")
+    need(t.augment.policy in policies, f"config key 'train.augment.policy' must be one of {', '.join(policies)}, got '{t.augment.policy}'{did_you_mean(t.augment.policy, policies)}")
+    need(t.augment.randaugment_n >= 1, f"config key 'train.augment.randaugment_n' must be >= 1, got {t.augment.randaugment_n}")
+    need(0 <= t.augment.randaugment_m <= 10, f"config key 'train.augment.randaugment_m' must be in [0, 10], got {t.augment.randaugment_m}")
+    need(t.augment.randaugment_mstd >= 0, f"config key 'train.augment.randaugment_mstd' must be >= 0, got {t.augment.randaugment_mstd}")
+    need(t.augment.cutout >= 0, f"config key 'train.augment.cutout' must be >= 0 (0: off), got {t.augment.cutout}")
+    need(math.isfinite(t.cutmix_alpha) and t.cutmix_alpha >= 0, f"config key 'train.cutmix_alpha' must be >= 0, got {t.cutmix_alpha}")
+    need(0 < t.cutmix_prob <= 1, f"config key 'train.cutmix_prob' must be in (0, 1], got {t.cutmix_prob}")
+    need(not (t.cutmix_alpha > 0 and t.mixup_alpha > 0), f"config keys 'train.cutmix_alpha' and 'train.mixup_alpha' are mutually exclusive: set one of them to 0")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps",
          f"config key 'train.device' must be cpu, cuda, cuda:N, mps or auto, got '{t.device}'")
     schemes = ("none", "effective_number", "inverse_frequency")

@@ -3,13 +3,16 @@
 Equivalent, image for image, to torchvision's RandomCrop(size, padding=p, fill=0),
 RandomHorizontalFlip(0.5), ToTensor and Normalize(mean, std) as used by LDAM-DRW, but
 applied to a whole uint8 batch at once with offsets and flips drawn from an explicit
-`torch.Generator`.
+`torch.Generator`. Optional strong augmentation (AutoAugment, RandAugment, Cutout) after the
+flip: data/strong_augment.py.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .strong_augment import POLICIES, autoaugment_cifar10, cutout, rand_augment
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator, shard: tuple | None = None
@@ -43,12 +46,29 @@ def random_flip(images: torch.Tensor, generator: torch.Generator, shard: tuple |
 
 
 class BatchAugment:
-    """Train-time (crop, flip, normalise) or test-time (normalise) batch transform."""
+    """Train-time (crop, flip, [AutoAugment | RandAugment], [Cutout], normalise) or test-time
+    (normalise) batch transform; the order of PaCo's CIFAR pipeline (RandomCrop, flip,
+    CIFAR10Policy, ToTensor, Cutout, Normalize). policy 'none' and cutout 0 draw nothing more
+    than crop / flip: bitwise the results of before (data/strong_augment.py)."""
 
     def __init__(self, *, mean, std, crop_padding: int = 0, flip: bool = False, device="cpu",
-                 channels_last: bool = False):
+                 channels_last: bool = False, policy: str = "none", randaugment_n: int = 2,
+                 randaugment_m: float = 10.0, randaugment_mstd: float = 0.0, cutout: int = 0):
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if randaugment_n < 1:
+            raise ValueError(f"randaugment_n must be >= 1, got {randaugment_n}")
+        if not 0 <= randaugment_m <= 10:
+            raise ValueError(f"randaugment_m must be in [0, 10], got {randaugment_m}")
+        if not randaugment_mstd >= 0:
+            raise ValueError(f"randaugment_mstd must be >= 0, got {randaugment_mstd}")
+        if cutout < 0:
+            raise ValueError(f"cutout must be >= 0, got {cutout}")
+        self.policy = policy
+        self.randaugment = dict(num_ops=randaugment_n, magnitude=randaugment_m, magnitude_std=randaugment_mstd)
+        self.cutout = cutout
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
         self.crop_padding = crop_padding
@@ -63,6 +83,19 @@ class BatchAugment:
             x = random_crop(x, self.crop_padding, generator, shard)
             if self.flip:
                 x = random_flip(x, generator, shard)
+            if self.policy == "autoaugment":
+                x = autoaugment_cifar10(x, generator, shard)
+            elif self.policy == "randaugment":
+                x = rand_augment(x, generator, shard, **self.randaugment)
+            x = cutout(x, self.cutout, generator, shard)
         x = x.float().div_(255.0)
         x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
         return x.contiguous(memory_format=self.memory_format)
+
+    def two_views(self, images: torch.Tensor, generator: torch.Generator, shard: tuple | None = None,
+                  second: "BatchAugment | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two independently augmented views of the same uint8 (B, H, W, C) batch, for
+        contrastive methods: this pipeline, then `second` (default: this one again), drawing
+        one after the other from `generator` (so resume / sharding stay exact as for one view)."""
+        first = self(images, generator, shard)
+        return first, (second or self)(images, generator, shard)

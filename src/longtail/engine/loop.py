@@ -153,8 +153,11 @@ class Trainer:
         self.loss_fn = recipe.loss.to(self.device)
         self.sampler = recipe.sampler
         self.optimizer = make_optimizer(cfg, recipe.param_groups, self.model)
-        self.augment = BatchAugment(mean=data.mean, std=data.std, crop_padding=t.augment.crop_padding,
-                                    flip=t.augment.flip, device=self.device, channels_last=t.channels_last)
+        a = t.augment
+        self.augment = BatchAugment(mean=data.mean, std=data.std, crop_padding=a.crop_padding, flip=a.flip,
+                                    device=self.device, channels_last=t.channels_last, policy=a.policy,
+                                    randaugment_n=a.randaugment_n, randaugment_m=a.randaugment_m,
+                                    randaugment_mstd=a.randaugment_mstd, cutout=a.cutout)
         self.start_epoch = 0
         self.best = {"epoch": None, "top1": -math.inf}
         self._last_is_sound = True  # False after resuming from prev.pt: last.pt is not kept as prev.pt then

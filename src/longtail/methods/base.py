@@ -12,7 +12,7 @@ and implement `fit_posthoc` instead of gradient steps.
 | `build(services) -> Recipe` | once per run: train, eval and `longtail.load` | the config's model / loss / sampler, one parameter group |
 | `set_train_mode(model)` | at each epoch start | `model.train()` |
 | `on_epoch_start(epoch, loss)` | at each epoch start | RW / DRW class weights; the loss's own `on_epoch_start` |
-| `training_step(model, forward, images, target, loss, generator) -> StepResult` | each step | the loss on the logits (mixup when `train.mixup_alpha > 0`) |
+| `training_step(model, forward, images, target, loss, generator) -> StepResult` | each step | the loss on the logits (mixup when `train.mixup_alpha > 0`, CutMix when `train.cutmix_alpha > 0`) |
 | `after_step(model)` | after each optimiser step, on every process | the `constraint` section's projection when `every: step` |
 | `on_epoch_end(epoch, model, device)` | after each epoch's steps, before validation, on every process | the `constraint` section's projection when `every: epoch` (a method that learns from the validation split, e.g. CDB-W-CE, evaluates here) |
 | `fit_posthoc(model, device) -> dict` | post-hoc methods, instead of steps | - |
@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.mixup import mixup_batch
+from ..data.mixup import cutmix_batch, mixup_batch
 from ..errors import ConfigError
 from ..eval.metrics import compute_metrics
 from ..eval.predict import predict
@@ -180,10 +180,18 @@ class Method:
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss: Loss,
                       generator: torch.Generator) -> StepResult:
         """The loss of one batch. With train.mixup_alpha > 0 the batch is mixed (Zhang et al.
-        2018, as MiSLAS stage 1): loss = lam * L(z, y_a) + (1 - lam) * L(z, y_b)."""
-        alpha = self.cfg.train.mixup_alpha
+        2018, as MiSLAS stage 1): loss = lam * L(z, y_a) + (1 - lam) * L(z, y_b); with
+        train.cutmix_alpha > 0 a train.cutmix_prob share of the batches is CutMixed, the same
+        loss with lam the kept pixel fraction."""
+        t = self.cfg.train
+        alpha = t.mixup_alpha
         if alpha > 0:
             images, target_b, lam = mixup_batch(images, target, alpha=alpha, generator=generator)
+            logits = self.logits(model, forward, images, target)
+            return StepResult(lam * loss(logits, target) + (1.0 - lam) * loss(logits, target_b), logits, target)
+        # CutMix (Yun et al. 2019) on a cutmix_prob share of the batches: the official train.py
+        if t.cutmix_alpha > 0 and float(torch.rand(1, generator=generator)) < t.cutmix_prob:
+            images, target_b, lam = cutmix_batch(images, target, alpha=t.cutmix_alpha, generator=generator)
             logits = self.logits(model, forward, images, target)
             return StepResult(lam * loss(logits, target) + (1.0 - lam) * loss(logits, target_b), logits, target)
         logits = self.logits(model, forward, images, target)
