@@ -30,6 +30,7 @@ from ..errors import CheckpointError, ConfigError, LongtailError
 from ..io import atomic_torch_save, safe_torch_load
 from ..log import bar_enabled
 from ..methods import Recipe, build_method, build_recipe
+from ..methods.base import TrainBatches
 from ..optim import ParamGroup, build_optimizer, learning_rate, no_decay_split, set_learning_rate
 from ..rundir import RunDir
 from . import branch
@@ -170,6 +171,8 @@ class Trainer:
         # on a GPU the training images live on the device when they take under a quarter of its free memory
         self._resident = (resident_split(data.train, self.device, torch.cuda.mem_get_info(self.device)[0] // 4)
                           if self.device.type == "cuda" else None)
+        self.batches = TrainBatches(fetch=self.train_batch)  # a method's extra batches (BBN) read as the loop's
+        self.method.batches = self.batches
         if self.dist.enabled:
             if t.batch_size % self.dist.world_size:
                 raise ConfigError(f"train.batch_size ({t.batch_size}) is the global batch and must be divisible "
@@ -266,14 +269,14 @@ class Trainer:
         return {"epochs": t.epochs, "best_val_epoch": self.best["epoch"], "seconds": time.time() - started}
 
     def train_epoch(self, epoch: int, bar) -> dict:
-        t, data, device = self.cfg.train, self.data, self.device
+        t, device = self.cfg.train, self.device
         lr = learning_rate(epoch, base_lr=t.lr, epochs=t.epochs, schedule=t.lr_schedule,
                            warmup_epochs=t.warmup_epochs, milestones=t.milestones, decay=t.lr_decay, min_lr=t.min_lr)
         set_learning_rate(self.optimizer, lr)
         self.method.on_epoch_start(epoch, self.loss_fn)
         self.method.set_train_mode(self.model)
         order = self.sampler.indices(epoch)
-        rank, world = self.dist.rank, self.dist.world_size
+        world = self.dist.world_size
         gen = torch.Generator().manual_seed(_epoch_seed(t.seed, epoch))
         tic = time.time()
         loss_sum, seen, last_finite = 0.0, 0, None
@@ -281,15 +284,8 @@ class Trainer:
         bar.set_description(f"epoch {epoch + 1}/{t.epochs}")
         for step, start in enumerate(range(0, len(order), t.batch_size)):
             global_pos = order[start:start + t.batch_size]
-            pos = split_batch(global_pos, rank, world, order)
-            shard = (rank, world, max(len(global_pos), world))
-            if self._resident is not None:
-                rows = torch.from_numpy(np.ascontiguousarray(pos)).to(device)
-                raw, target = self._resident[0][rows], self._resident[1][rows]
-            else:
-                raw = torch.from_numpy(data.train.batch(pos)).to(device)
-                target = torch.from_numpy(data.train.labels[pos]).to(device)
-            images = self.augment(raw, gen, shard)
+            images, target = self.train_batch(global_pos, gen, order)
+            self.batches.epoch, self.batches.step, self.batches.global_size = epoch, step, len(global_pos)
             step_out = self.method.training_step(self.model, self.forward, images, target, self.loss_fn, gen)
             loss = step_out.loss
             value = float(distributed.all_reduce_sum(loss.detach().clone().reshape(1))) / world
@@ -314,6 +310,23 @@ class Trainer:
         seconds = time.time() - tic
         return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),  # 1-based: epochs done
                 "train_top1": 100.0 * correct / max(seen, 1), "seconds": seconds, "images_per_s": seen / seconds}
+
+    def train_batch(self, global_pos: np.ndarray, generator: torch.Generator, order: np.ndarray | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(augmented images, target) on the device: this rank's share of the global batch at training
+        positions `global_pos` (a last batch smaller than the number of processes is filled up from
+        `order`, by default the batch itself), crops and flips drawn from `generator` for the whole
+        global batch. Also a method's extra batches (`TrainBatches.fetch`)."""
+        rank, world = self.dist.rank, self.dist.world_size
+        pos = split_batch(global_pos, rank, world, np.resize(global_pos, world) if order is None else order)
+        shard = (rank, world, max(len(global_pos), world))
+        if self._resident is not None:
+            rows = torch.from_numpy(np.ascontiguousarray(pos)).to(self.device)
+            raw, target = self._resident[0][rows], self._resident[1][rows]
+        else:
+            raw = torch.from_numpy(self.data.train.batch(pos)).to(self.device)
+            target = torch.from_numpy(self.data.train.labels[pos]).to(self.device)
+        return self.augment(raw, generator, shard), target
 
     def ranks_identical(self) -> bool:
         """All ranks hold bitwise the same parameters (compared through a float64 fingerprint)."""

@@ -24,6 +24,10 @@ Class attributes: `trains` (False: post-hoc), `stage` (2: the method continues t
 run named by `method.params.stage1`), `pretext` (the task a pre-training run's head
 predicts instead of classes, e.g. 'rotation'; None for classifiers).
 
+`Method.batches` (a `TrainBatches`, set by the Trainer) is the loop's batch reader: a method that
+needs extra training batches in a step (BBN's re-balancing batch) reads and augments them the
+loop's way, with the loop's current epoch, step and global batch size.
+
 A run's network rebuilds from its own folder (`rebuild_model`): the method is built with
 the run's `DataInfo` (no images), its saved state loaded first (a stage-2 method keeps the
 stage-1 config there), and `weights_from_checkpoint` set, so no stage-1 file or initial
@@ -74,6 +78,25 @@ class Services:
 
 
 @dataclass
+class TrainBatches:
+    """The loop's batch reader, handed to the method by the Trainer (`Method.batches`), for a
+    method that draws extra training batches (BBN's re-balancing batch).
+
+    `fetch(global_positions, generator) -> (images, target)`: this process's share of the
+    global batch at those training positions, read (the device-resident copy on a GPU) and
+    augmented with the loop's own BatchAugment, its random draws taken from `generator` for the
+    whole global batch (as the loop's batches), so every rank count gives the same batch.
+    `epoch`, `step` (0-idx) and `global_size` (the step's batch size over all processes) describe
+    the step the loop is in; it updates them before each `training_step`.
+    """
+
+    fetch: Callable[[np.ndarray, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    epoch: int = 0
+    step: int = 0
+    global_size: int = 0
+
+
+@dataclass
 class Recipe:
     """A method's components for one run, built once."""
 
@@ -113,6 +136,7 @@ class Method:
         self.services = Services()
         self.weights_from_checkpoint = False  # rebuilding a run: every weight comes from its checkpoint
         self.constraint: MaxNorm | None = None  # the config's `constraint`, set by build()
+        self.batches: TrainBatches | None = None  # the loop's batch reader, set by the Trainer
 
     # -- building (once per run)
     def build(self, services: Services | None = None) -> Recipe:

@@ -5,9 +5,27 @@ Depth 6n+2 with BasicBlocks x[n, n, n] and widths 16/32/64; option-A shortcuts
 the stride or width changes; kaiming_normal_ on every Conv2d and Linear weight.
 ResNet-32 (n = 5) has 464,154 parameters with a 10-class linear head.
 Parameter names match the official code (conv1, bn1, layer1..3, linear).
+
+`bbn=True` gives BBN's bilateral-branch network (Zhou et al., CVPR 2020; official
+megvii-research/BBN `lib/backbone/resnet_cifar.py` `BBN_ResNet_Cifar`, commit
+7992e908842f5934f0d1ee3f430d796621e81975): the first n-1 blocks of layer3 are shared, and each
+branch has its own copy of the last block (`cb_block`: conventional, `rb_block`: re-balancing;
+64 -> 64 channels, stride 1 for n >= 2; for n = 1 it is the 32 -> 64 stride-2 block). The
+feature map is the concatenation of the two branches' maps (128 channels), so the head is
+Linear(128, C), and a plain forward (eval: `longtail eval / predict / export`) is BBN's test
+pass, `cat(f_c, f_r)` (official `valid_model`: alpha = 0.5 with the factor 2 of its training
+mix). `bilateral(alpha)` switches the next forwards to the training pass of methods/bbn.py:
+a batch of 2B images is the conventional batch followed by the re-balancing batch, each goes
+through the shared layers in its own pass (its own BatchNorm batch statistics, as the
+official's two `model(...)` calls), and the map is 2 * cat(alpha * f_c, (1 - alpha) * f_r)
+(`bbn_mix`). As in the official `Network`, the head keeps PyTorch's default Linear
+initialisation (the kaiming init covers the backbone only). ResNet-32 with BBN has 538,778
+parameters with a 10-class head (ResNet-32: 464,154).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +63,13 @@ class BasicBlockA(nn.Module):
 class CifarResNet(Classifier):
     head_name = "linear"
 
-    def __init__(self, *, depth: int = 32, num_classes: int = 10, in_channels: int = 3, head: str = "linear"):
+    def __init__(self, *, depth: int = 32, num_classes: int = 10, in_channels: int = 3, head: str = "linear",
+                 bbn: bool = False):
         super().__init__()
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        if not isinstance(bbn, bool):
+            raise ValueError(f"bbn must be true or false, got {bbn!r}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -59,23 +80,61 @@ class CifarResNet(Classifier):
                 blocks.append(BasicBlockA(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
             layers.append(nn.Sequential(*blocks))
+        self.bbn = bbn
+        self._bilateral_alpha: float | None = None
+        last = layers[2][-1]
+        if bbn:  # BBN: the last block of layer3 becomes two branch copies
+            layers[2] = nn.Sequential(*list(layers[2])[:-1])
         self.layer1, self.layer2, self.layer3 = layers
-        self.num_features = 64
-        self.linear = build_head(head, in_features=64, num_classes=num_classes)
+        if bbn:
+            self.cb_block = last
+            self.rb_block = BasicBlockA(last.conv1.in_channels, 64, last.conv1.stride[0])
+        self.num_features = 128 if bbn else 64
+        self.linear = build_head(head, in_features=self.num_features, num_classes=num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
+        if bbn and isinstance(self.linear, nn.Linear):
+            self.linear.reset_parameters()  # official BBN: the classifier keeps torch's default init
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+    def _trunk(self, images: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(images)))
         return self.layer3(self.layer2(self.layer1(out)))
 
+    @contextmanager
+    def bilateral(self, alpha: float):
+        """BBN's training pass for the forwards inside the block: images (2B, ...) = the
+        conventional batch then the re-balancing batch; the map is
+        2 * cat(alpha * cb_block(trunk(first B)), (1 - alpha) * rb_block(trunk(last B)))."""
+        if not self.bbn:
+            raise RuntimeError("bilateral() needs the BBN network (model.params.bbn: true)")
+        self._bilateral_alpha = float(alpha)
+        try:
+            yield self
+        finally:
+            self._bilateral_alpha = None
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.bbn:
+            return self._trunk(images)
+        alpha = self._bilateral_alpha
+        if alpha is None:  # BBN's test pass: both branches on the same images, equal weights
+            out = self._trunk(images)
+            return torch.cat((self.cb_block(out), self.rb_block(out)), dim=1)
+        if images.shape[0] % 2:
+            raise ValueError(f"a bilateral batch holds two batches of equal size, got {images.shape[0]} images")
+        half = images.shape[0] // 2
+        f_c = self.cb_block(self._trunk(images[:half]))
+        f_r = self.rb_block(self._trunk(images[half:]))
+        return 2.0 * torch.cat((alpha * f_c, (1.0 - alpha) * f_r), dim=1)
+
 
 def _register(depth: int) -> None:
-    def build(*, num_classes: int, in_channels: int = 3, head: str = "linear") -> CifarResNet:
-        return CifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels, head=head)
+    def build(*, num_classes: int, in_channels: int = 3, head: str = "linear", bbn: bool = False) -> CifarResNet:
+        return CifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels, head=head, bbn=bbn)
 
-    build.__doc__ = f"CIFAR ResNet-{depth} (LDAM-DRW, option-A shortcuts, widths 16/32/64)."
+    build.__doc__ = (f"CIFAR ResNet-{depth} (LDAM-DRW, option-A shortcuts, widths 16/32/64); "
+                     "bbn: true gives BBN's two-branch last block.")
     MODELS.register(f"resnet{depth}")(build)
 
 
