@@ -60,6 +60,27 @@ def tiny_config(**over) -> dict:
     return cfg
 
 
+def tiny_recipe(**over):
+    """(cfg, data, recipe) of `tiny_config(**over)` on `tiny_arrays()`, the recipe built after
+    seeding the global RNG with 0 (as `train_run` seeds before building)."""
+    from longtail.config import config_from_dict
+    from longtail.data.build import build_data
+    from longtail.methods import build_recipe
+
+    cfg = config_from_dict(tiny_config(**over))
+    data = build_data(cfg.data, arrays=tiny_arrays())
+    torch.manual_seed(0)
+    return cfg, data, build_recipe(cfg, data)
+
+
+def split_forward(model):
+    """The loop's forward contract for a bare model: images -> (pooled features (B, D), logits (B, C))."""
+    def forward(images):
+        pooled = model.forward_head(model.forward_features(images), pre_logits=True)
+        return pooled, model.head(pooled)
+    return forward
+
+
 def full_and_resumed(cfg: dict, root: Path, monkeypatch, *, stop_after_epoch: int, arrays: dict,
                      evaluate: bool = True) -> tuple[Path, Path, dict]:
     """Train `cfg` uninterrupted into root/full and, into root/cut, stop right after the

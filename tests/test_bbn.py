@@ -12,12 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import full_and_resumed, tiny_arrays, tiny_config
+from conftest import full_and_resumed, split_forward, tiny_arrays, tiny_config, tiny_recipe
 from longtail.config import config_from_dict
 from longtail.data.build import build_data
 from longtail.errors import ConfigError
 from longtail.io import safe_torch_load
-from longtail.methods import build_recipe
 from longtail.methods.base import TrainBatches
 from longtail.methods.bbn import BilateralSampler, bbn_alpha, official_div_epochs, step_seed
 from longtail.models import build_model
@@ -27,17 +26,10 @@ BBN_MODEL = {"model.name": "resnet20", "model.params": {"bbn": True}}
 
 
 def _recipe(**over):
-    cfg = config_from_dict(tiny_config(**{"method.name": "bbn", **BBN_MODEL, **over}))
-    data = build_data(cfg.data, arrays=tiny_arrays())
-    torch.manual_seed(0)
-    return cfg, data, build_recipe(cfg, data)
+    return tiny_recipe(**{"method.name": "bbn", **BBN_MODEL, **over})
 
 
-def _forward(model):
-    def forward(images):
-        pooled = model.forward_head(model.forward_features(images), pre_logits=True)
-        return pooled, model.head(pooled)
-    return forward
+_forward = split_forward
 
 
 def test_network_shares_all_but_the_last_block():

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import full_and_resumed, tiny_arrays, tiny_config
+from conftest import full_and_resumed, split_forward, tiny_arrays, tiny_config, tiny_recipe
 from longtail.config import config_from_dict
-from longtail.data.build import build_data
 from longtail.data.mixup import mixup_batch
 from longtail.errors import ConfigError
 from longtail.io import safe_torch_load
@@ -78,17 +77,10 @@ def test_per_sample_loss_by_groups_equals_the_per_sample_formula():
 
 
 def _recipe(**over):
-    cfg = config_from_dict(tiny_config(**{"method.name": "remix", **over}))
-    data = build_data(cfg.data, arrays=tiny_arrays())
-    torch.manual_seed(0)
-    return cfg, data, build_recipe(cfg, data)
+    return tiny_recipe(**{"method.name": "remix", **over})
 
 
-def _forward(model):
-    def forward(images):
-        pooled = model.forward_head(model.forward_features(images), pre_logits=True)
-        return pooled, model.head(pooled)
-    return forward
+_forward = split_forward
 
 
 IMAGES = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
