@@ -73,6 +73,13 @@ def tiny_recipe(**over):
     return cfg, data, build_recipe(cfg, data)
 
 
+def last_checkpoints(full: Path, cut: Path) -> tuple[dict, dict]:
+    """The last.pt of an uninterrupted run and of its resumed twin (`full_and_resumed`)."""
+    from longtail.io import safe_torch_load
+
+    return safe_torch_load(full / "checkpoints" / "last.pt"), safe_torch_load(cut / "checkpoints" / "last.pt")
+
+
 def split_forward(model):
     """The loop's forward contract for a bare model: images -> (pooled features (B, D), logits (B, C))."""
     def forward(images):

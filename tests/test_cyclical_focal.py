@@ -9,11 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import full_and_resumed, tiny_arrays, tiny_config
+from conftest import full_and_resumed, last_checkpoints, tiny_arrays, tiny_config
 from longtail.config import config_from_dict
 from longtail.data.build import build_data
 from longtail.errors import ConfigError
-from longtail.io import safe_torch_load
 from longtail.losses import build_loss
 from longtail.losses.cyclical_focal import CyclicalFocalLoss, cyclical_xi
 from longtail.methods import build_recipe
@@ -101,8 +100,7 @@ def test_trains_and_resumes_exactly(tmp_path, monkeypatch):
                          "train.milestones": [2]})
     full, cut, _ = full_and_resumed(cfg, tmp_path, monkeypatch, stop_after_epoch=1, arrays=tiny_arrays(),
                                     evaluate=False)
-    a = safe_torch_load(full / "checkpoints/last.pt")
-    b = safe_torch_load(cut / "checkpoints/last.pt")
+    a, b = last_checkpoints(full, cut)
     assert a["epoch"] == b["epoch"] == 3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import full_and_resumed, tiny_arrays, tiny_config
+from conftest import full_and_resumed, last_checkpoints, tiny_arrays, tiny_config
 from longtail.config import config_from_dict
 from longtail.data.build import build_data
 from longtail.errors import ConfigError
@@ -136,8 +136,7 @@ def test_trains_and_resumes_exactly(name, tmp_path, monkeypatch):
     cfg = tiny_config(**{"method.name": name, "method.params": {"start_epoch": 1}, "train.milestones": [1]})
     full, cut, _ = full_and_resumed(cfg, tmp_path, monkeypatch, stop_after_epoch=0, arrays=tiny_arrays(),
                                     evaluate=False)
-    a = safe_torch_load(full / "checkpoints/last.pt")
-    b = safe_torch_load(cut / "checkpoints/last.pt")
+    a, b = last_checkpoints(full, cut)
     assert a["epoch"] == b["epoch"] == 2
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.isfinite(v).all() for v in a["model"].values() if v.is_floating_point())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .strong_augment import POLICIES, autoaugment_cifar10, cutout, rand_augment
+from .strong_augment import POLICIES, autoaugment_cifar10, check_randaugment, cutout, rand_augment
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator, shard: tuple | None = None
@@ -58,12 +58,8 @@ class BatchAugment:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-        if randaugment_n < 1:
-            raise ValueError(f"randaugment_n must be >= 1, got {randaugment_n}")
-        if not 0 <= randaugment_m <= 10:
-            raise ValueError(f"randaugment_m must be in [0, 10], got {randaugment_m}")
-        if not randaugment_mstd >= 0:
-            raise ValueError(f"randaugment_mstd must be >= 0, got {randaugment_mstd}")
+        check_randaugment(randaugment_n, randaugment_m, randaugment_mstd,
+                          names=("randaugment_n", "randaugment_m", "randaugment_mstd"))
         if cutout < 0:
             raise ValueError(f"cutout must be >= 0, got {cutout}")
         self.policy = policy

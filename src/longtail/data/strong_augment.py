@@ -30,7 +30,6 @@ rotate has no random sign (always counter-clockwise); kept.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -360,6 +359,17 @@ def _randaugment_argument(name: str, magnitude: torch.Tensor, sign: torch.Tensor
     return level
 
 
+def check_randaugment(num_ops, magnitude, magnitude_std, *, names=("num_ops", "magnitude", "magnitude_std")) -> None:
+    """ValueError naming the parameter (under `names`) unless num_ops >= 1, 0 <= magnitude <= 10 and
+    magnitude_std >= 0."""
+    if num_ops < 1:
+        raise ValueError(f"{names[0]} must be >= 1, got {num_ops}")
+    if not 0 <= magnitude <= 10:
+        raise ValueError(f"{names[1]} must be in [0, 10], got {magnitude}")
+    if not magnitude_std >= 0:
+        raise ValueError(f"{names[2]} must be >= 0, got {magnitude_std}")
+
+
 def rand_augment(images: torch.Tensor, generator: torch.Generator, shard: tuple | None = None, *,
                  num_ops: int = 2, magnitude: float = 10.0, magnitude_std: float = 0.0) -> torch.Tensor:
     """RandAugment per image: `num_ops` ops uniform with replacement from the 15 of
@@ -367,12 +377,7 @@ def rand_augment(images: torch.Tensor, generator: torch.Generator, shard: tuple 
     `magnitude` (0..10), or clip(magnitude + magnitude_std N(0, 1), 0, 10) per op when
     magnitude_std > 0. Draws per layer for the global batch: op (B,), uniform (B,), sign (B,),
     normal (B,)."""
-    if num_ops < 1:
-        raise ValueError(f"num_ops must be >= 1, got {num_ops}")
-    if not 0 <= magnitude <= 10:
-        raise ValueError(f"magnitude must be in [0, 10], got {magnitude}")
-    if not magnitude_std >= 0:
-        raise ValueError(f"magnitude_std must be >= 0, got {magnitude_std}")
+    check_randaugment(num_ops, magnitude, magnitude_std)
     B, _, H, W = images.shape
     shard = shard or (0, 1, B)
     total = shard[2]
