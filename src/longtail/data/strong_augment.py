@@ -30,7 +30,6 @@ rotate has no random sign (always counter-clockwise); kept.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
