@@ -17,7 +17,8 @@ process so that peak memory is per pipeline:
   default   longtail's `Trainer.train_epoch` at the default config (batched augmentation on
             the training device, channels_last).
   fastest   the same with the fastest options (--fastest; default per device below).
-  nchw, bf16, compile, nondet   single-option variants of `default` (with --pipelines all).
+  nchw, bf16, compile, nondet, lazyloss   single-option variants of `default` (with --pipelines
+            all); lazyloss reads the loss every 50 steps (train.loss_check_every), not every step.
   ddp2      `default` in 2 data-parallel processes (gloo), one thread each (CPU only).
 
 Reported per pipeline: images/s (wall), images per CPU-second (process + DataLoader
@@ -76,6 +77,7 @@ VARIANTS = {
     "bf16": ["train.precision=bf16"],
     "compile": ["train.compile=true"],
     "nondet": ["train.deterministic=false"],
+    "lazyloss": ["train.loss_check_every=50"],
 }
 # Data-parallel variants, CPU only: the default pipeline in W processes joined by a gloo
 # process group (as `torchrun --nproc_per_node W` would), one torch thread each; each process

@@ -1,6 +1,7 @@
 """Tiny end-to-end CPU runs: loss values, resume == uninterrupted, run-folder contents, failures."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -114,3 +115,44 @@ def test_eval_rewrites_without_training(tmp_path):
     (tmp_path / "run" / "eval.json").unlink()
     again = evaluate_run(tmp_path / "run", arrays=tiny_arrays())
     assert again["top1"] == first["top1"] and again["confusion"] == first["confusion"]
+
+
+def test_reading_the_loss_every_n_steps_changes_no_number(tmp_path):
+    """train.loss_check_every=N reads the losses in one host sync per N steps (a GPU loop without a
+    sync per step): the same parameters and the same logged losses as reading every step."""
+    from longtail.io import safe_torch_load
+
+    arrays = tiny_arrays()
+    runs = {}
+    for n in (1, 3, 100):
+        runs[n] = tmp_path / f"every{n}"
+        train_run(config_from_dict(tiny_config(**{"train.loss_check_every": n})), runs[n], arrays=arrays)
+    first = safe_torch_load(runs[1] / "checkpoints/last.pt")
+    metrics = (runs[1] / "metrics.jsonl").read_text().splitlines()
+    for n in (3, 100):
+        other = safe_torch_load(runs[n] / "checkpoints/last.pt")
+        assert all(torch.equal(first["model"][k], other["model"][k]) for k in first["model"])
+        for a, b in zip(metrics, (runs[n] / "metrics.jsonl").read_text().splitlines()):
+            a, b = json.loads(a), json.loads(b)
+            assert a["train_loss"] == b["train_loss"] and a["train_top1"] == b["train_top1"]
+
+
+def test_non_finite_loss_names_the_first_bad_step_when_read_every_n(tmp_path):
+    """Read every 4 steps, the stop names the same first bad step and last finite loss as read every step."""
+    messages = []
+    for every in (1, 4):
+        cfg = config_from_dict(tiny_config(**{"train.lr": 1e30, "train.warmup_epochs": 0,
+                                              "train.loss_check_every": every}))
+        with pytest.raises(TrainingError) as err:
+            train_run(cfg, tmp_path / f"every{every}", arrays=tiny_arrays())
+        messages.append(str(err.value))
+    assert re.search(r"non-finite loss \(\S+\) at epoch 1, step \d+; last finite loss \d", messages[0])
+    assert messages[1] == messages[0]
+
+
+def test_loss_check_every_is_validated_and_a_session_key():
+    from longtail.config import SESSION_KEYS
+
+    with pytest.raises(ConfigError, match="config key 'train.loss_check_every' must be >= 1, got 0"):
+        config_from_dict(tiny_config(**{"train.loss_check_every": 0}))
+    assert "train.loss_check_every" in SESSION_KEYS

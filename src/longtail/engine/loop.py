@@ -281,6 +281,27 @@ class Trainer:
         tic = time.time()
         loss_sum, seen, last_finite = 0.0, 0, None
         correct = torch.zeros((), dtype=torch.int64, device=device)  # summed on the device: no sync per step
+        pending: list[tuple[int, int, torch.Tensor]] = []  # (step, batch size, loss) not yet read
+
+        def read_losses() -> None:
+            """Read the pending steps' losses (mean over processes) in one host sync, in step order:
+            the non-finite-loss stop names the first bad step and the last finite loss before it."""
+            nonlocal loss_sum, last_finite
+            if not pending:
+                return
+            values = distributed.all_reduce_sum(torch.cat([p[2] for p in pending])).tolist()
+            for (at, size, _), value in zip(pending, values):
+                value /= world
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"non-finite loss ({value}) at epoch {epoch + 1}, step {at + 1}; last finite loss "
+                        f"{'none' if last_finite is None else f'{last_finite:.6g}'} - lower train.lr or check the data"
+                    )
+                last_finite = value
+                loss_sum += value * size
+            pending.clear()
+            bar.set_postfix(loss=f"{last_finite:.3f}", img_s=f"{seen / max(time.time() - tic, 1e-9):.0f}", refresh=False)
+
         bar.set_description(f"epoch {epoch + 1}/{t.epochs}")
         for step, start in enumerate(range(0, len(order), t.batch_size)):
             global_pos = order[start:start + t.batch_size]
@@ -288,24 +309,19 @@ class Trainer:
             self.batches.epoch, self.batches.step, self.batches.global_size = epoch, step, len(global_pos)
             step_out = self.method.training_step(self.model, self.forward, images, target, self.loss_fn, gen)
             loss = step_out.loss
-            value = float(distributed.all_reduce_sum(loss.detach().clone().reshape(1))) / world
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1}; last finite loss "
-                    f"{'none' if last_finite is None else f'{last_finite:.6g}'} - lower train.lr or check the data"
-                )
-            last_finite = value
+            pending.append((step, len(global_pos), loss.detach().reshape(1)))
+            if len(pending) >= t.loss_check_every:  # every step by default: before the step's update
+                read_losses()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.method.after_step(self.model)
             if self._sync_loss_statistics is not None:
                 self._sync_loss_statistics()  # e.g. seesaw counts: sum the ranks' increments
-            loss_sum += value * len(global_pos)
             correct += (step_out.logits.detach().argmax(1) == step_out.target).sum()
             seen += len(global_pos)
             bar.update(len(global_pos))
-            bar.set_postfix(loss=f"{value:.3f}", img_s=f"{seen / max(time.time() - tic, 1e-9):.0f}", refresh=False)
+        read_losses()  # the epoch's last steps
         correct = int(distributed.all_reduce_sum(correct.to(torch.float64).reshape(1)))
         seconds = time.time() - tic
         return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),  # 1-based: epochs done
