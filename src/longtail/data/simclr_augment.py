@@ -85,20 +85,29 @@ def resized_crop_boxes(height: int, width: int, generator: torch.Generator, shar
     return torch.stack([top, left, h_t, w_t], 1).to(torch.int64)
 
 
+def _taps(start: torch.Tensor, size: torch.Tensor, out: int, device):
+    """Bilinear taps of `out` output pixels over [start, start + size): source centres (x + .5)
+    size / out - .5, clamped into the box (PIL crops first, so the box's edge pixels repeat)."""
+    c = start[:, None] + (torch.arange(out, dtype=torch.float64) + 0.5)[None] * size[:, None] / out - 0.5
+    last = (start + size - 1)[:, None]
+    c = torch.minimum(torch.maximum(c, start[:, None]), last)
+    c0 = torch.floor(c)
+    c1 = torch.minimum(c0 + 1, last)
+    return c0.long().to(device), c1.long().to(device), (c - c0).to(device=device, dtype=torch.float32)
+
+
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """Crop each (C, H, W) image to its box (top, left, h, w) and resize it back to (H, W) with
-    bilinear interpolation (half-pixel centres, edges repeated); float32 (B, C, H, W) out."""
+    bilinear interpolation (half-pixel centres, the box's edge pixels repeated); float32 out."""
     B, C, H, W = images.shape
     b = boxes.to(torch.float64)
-    top, left, h, w = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
-    theta = torch.zeros(B, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = w / W
-    theta[:, 0, 2] = (2 * left + w) / W - 1
-    theta[:, 1, 1] = h / H
-    theta[:, 1, 2] = (2 * top + h) / H - 1
-    grid = F.affine_grid(theta, [B, C, H, W], align_corners=False).to(device=images.device, dtype=torch.float32)
-    return F.grid_sample(images.to(torch.float32), grid, mode="bilinear", padding_mode="border",
-                         align_corners=False)
+    y0, y1, wy = _taps(b[:, 0], b[:, 2], H, images.device)
+    x0, x1, wx = _taps(b[:, 1], b[:, 3], W, images.device)
+    x = images.to(torch.float32)
+    rows = lambda i: x.gather(2, i[:, None, :, None].expand(B, C, H, W))  # noqa: E731
+    x = rows(y0) * (1 - wy)[:, None, :, None] + rows(y1) * wy[:, None, :, None]
+    cols = lambda i: x.gather(3, i[:, None, None, :].expand(B, C, H, W))  # noqa: E731
+    return cols(x0) * (1 - wx)[:, None, None, :] + cols(x1) * wx[:, None, None, :]
 
 
 # ----------------------------------------------------------------------------- colour (float, 0..255)
