@@ -6,7 +6,8 @@
 
 Times BatchAugment (uint8 (B, 32, 32, 3) on the device -> normalised float (B, 3, 32, 32)) for
 crop/flip (the default), + Cutout 16, + AutoAugment (CIFAR-10 policy) + Cutout 16 (the PaCo /
-ProCo CIFAR pipeline), RandAugment n=2 m=10, and two views of AutoAugment + Cutout, each over
+ProCo CIFAR pipeline), RandAugment n=2 m=10, the SimCLR view (RandomResizedCrop, flip,
+ColorJitter p 0.8, grayscale p 0.2; BCL's contrastive views), SimCLR + RandAugment, and two views of AutoAugment + Cutout, each over
 `--steps` batches after 5 warm-up batches, one fresh generator per pipeline. Prints images/s
 and microseconds per image with the CPU model (longtail.dist.cpu_model()). `--data cifar`
 reads the first CIFAR-10 (JPEG) training images (--root) (real histograms); `random`
@@ -32,6 +33,8 @@ PIPELINES = {
     "crop/flip + cutout 16": {"cutout": 16},
     "crop/flip + autoaugment + cutout 16": {"policy": "autoaugment", "cutout": 16},
     "crop/flip + randaugment n2 m10": {"policy": "randaugment", "randaugment_n": 2, "randaugment_m": 10},
+    "simclr (resized crop, flip, jitter p0.8, gray p0.2)": {"simclr": True},
+    "simclr + randaugment n2 m10": {"simclr": True, "policy": "randaugment"},
 }
 
 

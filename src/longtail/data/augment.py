@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .simclr_augment import check_jitter, simclr_view
 from .strong_augment import POLICIES, autoaugment_cifar10, check_randaugment, cutout, rand_augment
+
+VIEWS = ("regular", "simclr", "simclr_randaugment", "randaugment")
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator, shard: tuple | None = None
@@ -53,7 +56,9 @@ class BatchAugment:
 
     def __init__(self, *, mean, std, crop_padding: int = 0, flip: bool = False, device="cpu",
                  channels_last: bool = False, policy: str = "none", randaugment_n: int = 2,
-                 randaugment_m: float = 10.0, randaugment_mstd: float = 0.0, cutout: int = 0):
+                 randaugment_m: float = 10.0, randaugment_mstd: float = 0.0, cutout: int = 0,
+                 simclr: bool = False, resized_crop_scale=(0.08, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1),
+                 jitter_p: float = 0.8, grayscale_p: float = 0.2):
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         if policy not in POLICIES:
@@ -62,6 +67,10 @@ class BatchAugment:
                           names=("randaugment_n", "randaugment_m", "randaugment_mstd"))
         if cutout < 0:
             raise ValueError(f"cutout must be >= 0, got {cutout}")
+        check_jitter(tuple(color_jitter), jitter_p, grayscale_p, tuple(resized_crop_scale))
+        self.simclr = bool(simclr)
+        self.simclr_params = dict(scale=tuple(resized_crop_scale), jitter=tuple(color_jitter), jitter_p=jitter_p,
+                                  grayscale_p=grayscale_p)
         self.policy = policy
         self.randaugment = dict(num_ops=randaugment_n, magnitude=randaugment_m, magnitude_std=randaugment_mstd)
         self.cutout = cutout
@@ -76,9 +85,12 @@ class BatchAugment:
         """uint8 (B, H, W, C) on the device -> float (B, C, H, W)."""
         x = images.permute(0, 3, 1, 2)
         if generator is not None:
-            x = random_crop(x, self.crop_padding, generator, shard)
-            if self.flip:
-                x = random_flip(x, generator, shard)
+            if self.simclr:  # RandomResizedCrop, flip, colour jitter, grayscale (uint8 out)
+                x = simclr_view(x, generator, shard, flip=self.flip, **self.simclr_params)
+            else:
+                x = random_crop(x, self.crop_padding, generator, shard)
+                if self.flip:
+                    x = random_flip(x, generator, shard)
             if self.policy == "autoaugment":
                 x = autoaugment_cifar10(x, generator, shard)
             elif self.policy == "randaugment":
@@ -87,6 +99,20 @@ class BatchAugment:
         x = x.float().div_(255.0)
         x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
         return x.contiguous(memory_format=self.memory_format)
+
+    def view(self, name: str) -> "BatchAugment":
+        """The named view pipeline (`VIEWS`) built on this one's normalisation, device, memory format,
+        crop padding and RandAugment parameters; 'regular' is this pipeline itself."""
+        if name == "regular":
+            return self
+        if name not in VIEWS:
+            raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {name!r}")
+        kw = dict(mean=self.mean.tolist(), std=self.std.tolist(), device=self.mean.device, flip=True,
+                  channels_last=self.memory_format == torch.channels_last, randaugment_n=self.randaugment["num_ops"],
+                  randaugment_m=self.randaugment["magnitude"], randaugment_mstd=self.randaugment["magnitude_std"])
+        if name == "randaugment":
+            return BatchAugment(crop_padding=self.crop_padding, policy="randaugment", **kw)
+        return BatchAugment(simclr=True, policy="randaugment" if name == "simclr_randaugment" else "none", **kw)
 
     def two_views(self, images: torch.Tensor, generator: torch.Generator, shard: tuple | None = None,
                   second: "BatchAugment | None" = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -171,7 +171,9 @@ class Trainer:
         # on a GPU the training images live on the device when they take under a quarter of its free memory
         self._resident = (resident_split(data.train, self.device, torch.cuda.mem_get_info(self.device)[0] // 4)
                           if self.device.type == "cuda" else None)
-        self.batches = TrainBatches(fetch=self.train_batch)  # a method's extra batches (BBN) read as the loop's
+        # a method's extra views of each batch (Method.views: BCL's SimCLR views), drawn after the main view
+        self.views = [self.augment.view(name) for name in self.method.views]
+        self.batches = TrainBatches(fetch=self.train_batch, fetch_views=self.train_views)  # a method's extra batches
         self.method.batches = self.batches
         if self.dist.enabled:
             if t.batch_size % self.dist.world_size:
@@ -305,7 +307,10 @@ class Trainer:
         bar.set_description(f"epoch {epoch + 1}/{t.epochs}")
         for step, start in enumerate(range(0, len(order), t.batch_size)):
             global_pos = order[start:start + t.batch_size]
-            images, target = self.train_batch(global_pos, gen, order)
+            if self.views:  # the step's extra views, for the method (TrainBatches.views)
+                images, target, self.batches.views = self.train_views(global_pos, gen, order)
+            else:
+                images, target = self.train_batch(global_pos, gen, order)
             self.batches.epoch, self.batches.step, self.batches.global_size = epoch, step, len(global_pos)
             step_out = self.method.training_step(self.model, self.forward, images, target, self.loss_fn, gen)
             loss = step_out.loss
@@ -333,6 +338,20 @@ class Trainer:
         positions `global_pos` (a last batch smaller than the number of processes is filled up from
         `order`, by default the batch itself), crops and flips drawn from `generator` for the whole
         global batch. Also a method's extra batches (`TrainBatches.fetch`)."""
+        raw, target, shard = self._read(global_pos, order)
+        return self.augment(raw, generator, shard), target
+
+    def train_views(self, global_pos: np.ndarray, generator: torch.Generator, order: np.ndarray | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(main view, target, extra views): `train_batch`'s images, then one view per name of
+        `Method.views` of the same raw uint8 batch, each drawing from `generator` after the one
+        before (for the whole global batch, as the main view). Also `TrainBatches.fetch_views`."""
+        raw, target, shard = self._read(global_pos, order)
+        images = self.augment(raw, generator, shard)
+        return images, target, tuple(view(raw, generator, shard) for view in self.views)
+
+    def _read(self, global_pos: np.ndarray, order: np.ndarray | None):
+        """(raw uint8 (B, H, W, C), target, shard) of this rank's share of the global batch."""
         rank, world = self.dist.rank, self.dist.world_size
         pos = split_batch(global_pos, rank, world, np.resize(global_pos, world) if order is None else order)
         shard = (rank, world, max(len(global_pos), world))
@@ -342,7 +361,7 @@ class Trainer:
         else:
             raw = torch.from_numpy(self.data.train.batch(pos)).to(self.device)
             target = torch.from_numpy(self.data.train.labels[pos]).to(self.device)
-        return self.augment(raw, generator, shard), target
+        return raw, target, shard
 
     def ranks_identical(self) -> bool:
         """All ranks hold bitwise the same parameters (compared through a float64 fingerprint)."""

@@ -19,10 +19,21 @@ and implement `fit_posthoc` instead of gradient steps.
 | `evaluate(model, split, **kw) -> (metrics, arrays)` | validation and test evaluation | class metrics of the logits, {logits, labels} |
 | `state_dict()` / `load_state_dict(state)` | every checkpoint; resume; rebuilding a run's network | nothing |
 | `plain_ce_epochs()` | branching off a plain-CE run | 0 |
+| `views` (attribute) / `batches.views` | each step, before `training_step` | `()`: no extra views |
 
 Class attributes: `trains` (False: post-hoc), `stage` (2: the method continues the stage-1
 run named by `method.params.stage1`), `pretext` (the task a pre-training run's head
-predicts instead of classes, e.g. 'rotation'; None for classifiers).
+predicts instead of classes, e.g. 'rotation'; None for classifiers), `views` (the extra view
+pipelines of each batch the method needs, names of data.augment.VIEWS; an instance may set its
+own from method.params, as BCL's `views`).
+
+Extra views (contrastive methods: BCL; later PaCo, ProCo, KCL, GLMC): with `views` non-empty the
+loop makes, from the same raw uint8 batch as the main view (`images`), one augmented view per
+name (`BatchAugment.view`: 'regular', 'simclr', 'simclr_randaugment', 'randaugment'), drawing
+from the step's generator after the main view, in order, for the whole global batch (resume and
+sharding stay exact, on the device-resident path too), and puts them in `self.batches.views`
+before `training_step`. `views = ()` (every plain method) draws nothing more: bitwise the
+steps of before.
 
 `Method.batches` (a `TrainBatches`, set by the Trainer) is the loop's batch reader: a method that
 needs extra training batches in a step (BBN's re-balancing batch) reads and augments them the
@@ -88,9 +99,14 @@ class TrainBatches:
     whole global batch (as the loop's batches), so every rank count gives the same batch.
     `epoch`, `step` (0-idx) and `global_size` (the step's batch size over all processes) describe
     the step the loop is in; it updates them before each `training_step`.
+    `views`: the step's extra views (B, C, H, W), one per name of `Method.views`, of the same images
+    as the step's main view; `fetch_views(global_positions, generator) -> (images, target, views)`
+    reads an extra batch with them.
     """
 
     fetch: Callable[[np.ndarray, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    fetch_views: Callable | None = None
+    views: tuple = ()
     epoch: int = 0
     step: int = 0
     global_size: int = 0
@@ -130,6 +146,7 @@ class Method:
     stage = 1
     pretext: str | None = None
     rebalancing = False  # True: its classifier already aims at balanced classes (inference.py)
+    views: tuple[str, ...] = ()  # extra view pipelines per batch (data.augment.VIEWS), in batches.views
 
     def __init__(self, *, cfg, data):
         self.cfg, self.data = cfg, data
