@@ -27,6 +27,7 @@ logits, the official ``final_out``), so ``forward`` = eval / predict / export = 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,7 @@ class ExpertHeads(nn.ModuleList):
     def __init__(self, heads: list[nn.Module], *, scale: float = 1.0):
         super().__init__(heads)
         self.scale = float(scale)
+        self.stacked = False  # True inside ExpertNetwork.per_expert(): forward gives (B, E, C)
 
     def per_expert(self, features: torch.Tensor) -> torch.Tensor:
         """features: (E, B, D) or the concatenation (B, E*D) -> logits (E, B, C)."""
@@ -96,7 +98,8 @@ class ExpertHeads(nn.ModuleList):
         return torch.stack([head(f) * self.scale for head, f in zip(self, features)])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.per_expert(features).mean(dim=0)
+        logits = self.per_expert(features)
+        return logits.transpose(0, 1) if self.stacked else logits.mean(dim=0)
 
 
 class ExpertNetwork:
@@ -110,6 +113,18 @@ class ExpertNetwork:
 
     def expert_branch(self, shared: torch.Tensor, index: int) -> torch.Tensor:
         raise NotImplementedError
+
+    @contextmanager
+    def per_expert(self):
+        """Inside the block the head returns every expert's logits, (B, E, C), instead of their mean:
+        a method's training pass goes through the loop's (DDP-wrapped) forward this way."""
+        if not self.num_experts:
+            raise RuntimeError("this network has no experts (model.params.experts is not set)")
+        self.head.stacked = True
+        try:
+            yield self
+        finally:
+            self.head.stacked = False
 
     def shared_features(self, images: torch.Tensor) -> torch.Tensor:
         """The map after the stem and the shared stages (what every expert reads)."""
