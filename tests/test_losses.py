@@ -674,7 +674,7 @@ def test_every_loss_has_a_config():
     from longtail.config import load_config
 
     used = {load_config(p).loss.name for p in CONFIGS}
-    assert used == set(LOSSES.names()) - {"ce"}
+    assert used == set(LOSSES.names()) - {"ce", "ride"}  # ride: method ride's loss, its configs in test_ride.py
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

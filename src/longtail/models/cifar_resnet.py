@@ -21,6 +21,12 @@ official's two `model(...)` calls), and the map is 2 * cat(alpha * f_c, (1 - alp
 (`bbn_mix`). As in the official `Network`, the head keeps PyTorch's default Linear
 initialisation (the kaiming init covers the backbone only). ResNet-32 with BBN has 538,778
 parameters with a 10-class head (ResNet-32: 464,154).
+
+`experts={num, shared_stages, widths, scale}` gives RIDE's multi-expert network (models/experts.py;
+official `ride_resnet_cifar.py` `ResNet_s`): the stem and the first `shared_stages` stages are shared,
+each expert has its own copies of the later stages (`layer2s.<e>`, `layer3s.<e>`, widths e.g. 24/48
+for `widths: ride`) and its own head (`linears.<e>`). Option-A shortcuts pad (planes - in_planes) // 2
+channels on each side (the official RIDE form; equal to planes // 4 for the plain widths).
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ from torch import nn
 
 from ..registry import MODELS
 from .base import Classifier
+from .experts import ExpertHeads, ExpertNetwork, parse_experts
 from .heads import build_head
 
 
 class _ShortcutA(nn.Module):
-    def __init__(self, planes: int):
+    def __init__(self, in_planes: int, planes: int):
         super().__init__()
-        self.pad = planes // 4
+        self.pad = (planes - in_planes) // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
@@ -52,7 +59,7 @@ class BasicBlockA(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = _ShortcutA(planes) if stride != 1 or in_planes != planes else nn.Identity()
+        self.shortcut = _ShortcutA(in_planes, planes) if stride != 1 or in_planes != planes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -60,19 +67,26 @@ class BasicBlockA(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(Classifier):
+class CifarResNet(ExpertNetwork, Classifier):
     head_name = "linear"
 
     def __init__(self, *, depth: int = 32, num_classes: int = 10, in_channels: int = 3, head: str = "linear",
-                 bbn: bool = False):
+                 bbn: bool = False, experts: dict | None = None):
         super().__init__()
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         if not isinstance(bbn, bool):
             raise ValueError(f"bbn must be true or false, got {bbn!r}")
+        spec = parse_experts(experts, plain_widths=(16, 32, 64))
+        if spec is not None and bbn:
+            raise ValueError("bbn and experts are two different networks: set one of them")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
+        self.num_experts = 0
+        if spec is not None:
+            self._build_experts(spec, n, head, num_classes)
+            return
         layers, in_planes = [], 16
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
@@ -97,6 +111,52 @@ class CifarResNet(Classifier):
         if bbn and isinstance(self.linear, nn.Linear):
             self.linear.reset_parameters()  # official BBN: the classifier keeps torch's default init
 
+    @staticmethod
+    def _stage(in_planes: int, planes: int, stride: int, n: int) -> nn.Sequential:
+        return nn.Sequential(*[BasicBlockA(in_planes if i == 0 else planes, planes, stride if i == 0 else 1)
+                               for i in range(n)])
+
+    def _build_experts(self, spec, n: int, head: str, num_classes: int) -> None:
+        # registration order = the plain network's (stem, layer1.., expert stages, heads), so with
+        # E = 1 and full widths the kaiming init draws the same numbers as the plain network
+        plain = ((16, 1), (32, 2), (64, 2))
+        in_planes = 16
+        for k in range(spec.shared_stages):
+            planes, stride = plain[k]
+            setattr(self, f"layer{k + 1}", self._stage(in_planes, planes, stride, n))
+            in_planes = planes
+        for j, planes in enumerate(spec.widths):
+            k = spec.shared_stages + j
+            if planes < in_planes or (planes - in_planes) % 2:
+                raise ValueError(f"experts.widths: stage {k + 1} of a CIFAR ResNet needs a width >= {in_planes} "
+                                 f"that differs from it by an even number (option-A shortcut), got {planes}")
+            setattr(self, f"layer{k + 1}s", nn.ModuleList(
+                self._stage(in_planes, planes, plain[k][1], n) for _ in range(spec.num)))
+            in_planes = planes
+        self.head_name = "linears"
+        self.num_experts = spec.num
+        self.expert_spec = spec
+        self.bbn = False
+        self._bilateral_alpha = None
+        self.num_features = in_planes * spec.num
+        self.linears = ExpertHeads([build_head(head, in_features=in_planes, num_classes=num_classes)
+                                    for _ in range(spec.num)], scale=spec.scale)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def _shared(self, images: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(images)))
+        for k in range(self.expert_spec.shared_stages):
+            out = getattr(self, f"layer{k + 1}")(out)
+        return out
+
+    def expert_branch(self, shared: torch.Tensor, index: int) -> torch.Tensor:
+        out = shared
+        for k in range(self.expert_spec.shared_stages, 3):
+            out = getattr(self, f"layer{k + 1}s")[index](out)
+        return out
+
     def _trunk(self, images: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(images)))
         return self.layer3(self.layer2(self.layer1(out)))
@@ -115,6 +175,8 @@ class CifarResNet(Classifier):
             self._bilateral_alpha = None
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.num_experts:
+            return torch.cat(self.expert_maps(images), dim=1)
         if not self.bbn:
             return self._trunk(images)
         alpha = self._bilateral_alpha
@@ -130,11 +192,14 @@ class CifarResNet(Classifier):
 
 
 def _register(depth: int) -> None:
-    def build(*, num_classes: int, in_channels: int = 3, head: str = "linear", bbn: bool = False) -> CifarResNet:
-        return CifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels, head=head, bbn=bbn)
+    def build(*, num_classes: int, in_channels: int = 3, head: str = "linear", bbn: bool = False,
+              experts: dict | None = None) -> CifarResNet:
+        return CifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels, head=head, bbn=bbn,
+                           experts=experts)
 
     build.__doc__ = (f"CIFAR ResNet-{depth} (LDAM-DRW, option-A shortcuts, widths 16/32/64); "
-                     "bbn: true gives BBN's two-branch last block.")
+                     "bbn: true gives BBN's two-branch last block; experts: {num, shared_stages, widths, "
+                     "scale} RIDE's multi-expert split.")
     MODELS.register(f"resnet{depth}")(build)
 
 
