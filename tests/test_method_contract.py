@@ -39,6 +39,7 @@ SETUP = {
     "dro_lt": {"method.params": {"stage1": "STAGE1"}}, "dro_lt_classifier": {"method.params": {"stage1": "STAGE1"}},
     "weight_balancing": {"method.params": {"stage1": "STAGE1"}, "loss.name": "cb_softmax_bce", "constraint": {"name": "max_norm"}},
     "bbn": {"model.name": "resnet20", "model.params": {"bbn": True}},  # BBN's two-branch network
+    "m2m": {"method.params": {"classifier": "STAGE1", "start_epoch": 0}},  # g: the CE stage-1 run; generating
 }
 
 
