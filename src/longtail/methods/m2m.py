@@ -171,6 +171,8 @@ class M2m(Method):
         oversample: class-balanced over-sampling from `start_epoch` (official default True).
     """
 
+    rebalancing = True  # class-balanced over-sampling + minority translations (inference.py)
+
     def __init__(self, *, cfg, data, classifier: str = "", start_epoch: int | None = None, beta: float = 0.999,
                  lam: float = 0.5, gamma: float = 0.9, step_size: float = 0.1, attack_iters: int = 10,
                  random_start: bool = True, oversample: bool = True):
