@@ -41,6 +41,7 @@ SETUP = {
     "bbn": {"model.name": "resnet20", "model.params": {"bbn": True}},  # BBN's two-branch network
     "ride": {"model.name": "resnet20", "model.head": "cosine", "loss.name": "ride",  # RIDE's expert network
              "model.params": {"experts": {"num": 2, "shared_stages": 1, "widths": "ride", "scale": 30.0}}},
+    "m2m": {"method.params": {"classifier": "STAGE1", "start_epoch": 0}},  # g: the CE stage-1 run; generating
 }
 
 

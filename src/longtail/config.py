@@ -321,7 +321,8 @@ def _check_values(cfg: RunConfig) -> None:
 # relative to the current folder. A validated RunConfig holds them absolute, so a run
 # folder's config.yaml works from any folder (docs/training.md, "Paths in a config").
 PATH_KEYS = ("data.root", "data.cache_dir", "data.train_list", "data.val_list", "data.test_list",
-             "model.weights", "method.params.stage1", "method.params.similarity_run")
+             "model.weights", "method.params.stage1", "method.params.similarity_run",
+             "method.params.classifier")
 
 
 def _absolute(value: Any, base: str | Path) -> Any:
