@@ -140,8 +140,8 @@ class MetaSAug(ISDA):
     def build_loss(self):
         loss = super().build_loss()
         if callable(getattr(loss, "sync_statistics", None)):
-            raise ValueError(f"loss '{self.cfg.loss.name}' counts statistics at every call; MetaSAug calls its "
-                             f"loss twice per step (inner and final): choose a loss without per-call statistics")
+            raise ValueError("it counts statistics at every call; MetaSAug calls its loss twice per step (inner "
+                             "and final): choose a loss without per-call statistics")
         return loss
 
     def on_epoch_start(self, epoch: int, loss) -> None:
