@@ -42,6 +42,7 @@ SETUP = {
     "ride": {"model.name": "resnet20", "model.head": "cosine", "loss.name": "ride",  # RIDE's expert network
              "model.params": {"experts": {"num": 2, "shared_stages": 1, "widths": "ride", "scale": 30.0}}},
     "m2m": {"method.params": {"classifier": "STAGE1", "start_epoch": 0}},  # g: the CE stage-1 run; generating
+    "metasaug": {"data.val_per_class": 2, "method.params": {"start_epoch": 0}},  # meta set; the meta step itself
 }
 
 

@@ -67,14 +67,16 @@ class CovarianceEstimator:
 
 
 def isda_logits(logits: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, cov: torch.Tensor,
-                lam: float) -> torch.Tensor:
+                lam: float, *, detach_cov: bool = True) -> torch.Tensor:
     """z + lam/2 * (w_j - w_y)^T Sigma_y (w_j - w_y).
 
     Args:
         logits: (B, C). weight: (C, D). target: (B,). cov: (C, D, D) or diagonal (C, D).
+        detach_cov: ISDA's reading (no gradient into Sigma); MetaSAug's meta step passes False
+            to differentiate the loss with respect to the covariance.
     """
     diff = weight.unsqueeze(0) - weight[target].unsqueeze(1)  # (B, C, D)
-    sigma = cov[target].detach()
+    sigma = cov[target].detach() if detach_cov else cov[target]
     if sigma.dim() == 2:  # diagonal
         quad = (diff * diff * sigma.unsqueeze(1)).sum(-1)
     else:
@@ -95,13 +97,22 @@ class LazyCovariance:
     def update(self, samples: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         """Add samples (N, D) with labels (N,); return the covariances (num_classes, D, D) or
         (num_classes, D) in the samples' dtype."""
-        if self.estimator is None:
-            self.estimator = CovarianceEstimator(num_classes, samples.shape[1], diagonal=self.diagonal)
-            if self._pending_state is not None:
-                self.estimator.load_state_dict(self._pending_state)
-            self.estimator.to(samples.device)
+        self._ensure(num_classes, samples.shape[1], samples.device)
         self.estimator.update(all_gather_cat(samples.detach()), all_gather_cat(labels))
         return self.estimator.cov.to(samples.dtype)
+
+    def current(self, num_classes: int, num_features: int, device) -> torch.Tensor:
+        """The covariances as they are, before this batch's update (zeros before the first
+        update): (num_classes, D, D) or (num_classes, D), float32."""
+        self._ensure(num_classes, num_features, device)
+        return self.estimator.cov
+
+    def _ensure(self, num_classes: int, num_features: int, device) -> None:
+        if self.estimator is None:
+            self.estimator = CovarianceEstimator(num_classes, num_features, diagonal=self.diagonal)
+            if self._pending_state is not None:
+                self.estimator.load_state_dict(self._pending_state)
+            self.estimator.to(device)
 
     def state_dict(self) -> dict:
         return {} if self.estimator is None else self.estimator.state_dict()
@@ -127,7 +138,7 @@ class ISDA(Method):
     def build_model(self) -> Classifier:
         model = super().build_model()
         if not isinstance(model.head, torch.nn.Linear):
-            raise ConfigError("method 'isda' needs a linear head (model.head: linear)")
+            raise ConfigError(f"method '{self.cfg.method.name}' needs a linear head (model.head: linear)")
         return model
 
     def on_epoch_start(self, epoch: int, loss) -> None:
