@@ -39,7 +39,7 @@ SETUP = {
     "dro_lt": {"method.params": {"stage1": "STAGE1"}}, "dro_lt_classifier": {"method.params": {"stage1": "STAGE1"}},
     "weight_balancing": {"method.params": {"stage1": "STAGE1"}, "loss.name": "cb_softmax_bce", "constraint": {"name": "max_norm"}},
     "bbn": {"model.name": "resnet20", "model.params": {"bbn": True}},  # BBN's two-branch network
-    "cmo": {"train.cutmix_alpha": 1.0, "method.params": {"start_data_aug": -1}},  # CutMix pastes its batch
+    "cmo": {"train.cutmix_alpha": 1.0, "method.params": {"start_data_aug": -1, "end_data_aug": 0}},  # CutMix pastes its batch
     "rsg": {"model.name": "resnet20", "model.params": {"rsg": True, "rsg_centers": 3, "rsg_dim": 8},
             "method.params": {"head_ratio": 0.5, "epoch_thresh": -1}},  # RSG's module on a CIFAR ResNet
 }
