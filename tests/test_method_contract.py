@@ -43,6 +43,9 @@ SETUP = {
              "model.params": {"experts": {"num": 2, "shared_stages": 1, "widths": "ride", "scale": 30.0}}},
     "m2m": {"method.params": {"classifier": "STAGE1", "start_epoch": 0}},  # g: the CE stage-1 run; generating
     "metasaug": {"data.val_per_class": 2, "method.params": {"start_epoch": 0}},  # meta set; the meta step itself
+    "cmo": {"train.cutmix_alpha": 1.0, "method.params": {"start_data_aug": -1, "end_data_aug": 0}},  # CutMix pastes its batch
+    "rsg": {"model.name": "resnet20", "model.params": {"rsg": True, "rsg_centers": 3, "rsg_dim": 8},
+            "method.params": {"head_ratio": 0.5, "epoch_thresh": -1}},  # RSG's module on a CIFAR ResNet
 }
 
 

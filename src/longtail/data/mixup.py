@@ -23,15 +23,19 @@ def mixup_batch(images: torch.Tensor, target: torch.Tensor, *, alpha: float, gen
     return lam * images + (1.0 - lam) * images[perm], target[perm], lam
 
 
-def cutmix_batch(images: torch.Tensor, target: torch.Tensor, *, alpha: float, generator: torch.Generator):
+def cutmix_batch(images: torch.Tensor, target: torch.Tensor, *, alpha: float, generator: torch.Generator,
+                 partner: tuple[torch.Tensor, torch.Tensor] | None = None):
     """CutMix as the official train.py: lam ~ Beta(alpha, alpha), partners from a random
-    permutation, a box of side int(size * sqrt(1 - lam)) per dimension centred uniformly
+    permutation (or the given `partner` batch), a box of side int(size * sqrt(1 - lam)) per dimension centred uniformly
     (clipped), pasted from the partner into every image; lam is then recomputed as
     1 - box area / image area (the official "adjust lambda to exactly match pixel ratio").
 
     The whether-to-apply draw (train.cutmix_prob) is the caller's (Method.training_step).
     Args:
         images: (B, C, H, W) float. target: (B,) int64.
+        partner: (images (B, C, H, W), target (B,)) of a second batch whose box is pasted into
+            image i from its own image i, instead of a permutation of this batch (CMO's minority
+            batch onto the majority batch as background); no permutation is drawn then.
     Returns:
         (mixed images, target[perm], lam as a float: the fraction of pixels kept from each image)
     """
@@ -39,7 +43,14 @@ def cutmix_batch(images: torch.Tensor, target: torch.Tensor, *, alpha: float, ge
         raise ValueError(f"alpha must be > 0, got {alpha}")
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
-    perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    if partner is None:
+        perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
+        source, source_target = images[perm], target[perm]
+    else:
+        source, source_target = partner
+        if source.shape != images.shape or source_target.shape != target.shape:
+            raise ValueError(f"the partner batch must match the batch's shape {tuple(images.shape)}, got "
+                             f"{tuple(source.shape)}")
     size2, size3 = images.shape[2], images.shape[3]  # the official W = size[2], H = size[3]
     cut_rat = float(np.sqrt(1.0 - lam))
     cut2, cut3 = int(size2 * cut_rat), int(size3 * cut_rat)
@@ -48,6 +59,6 @@ def cutmix_batch(images: torch.Tensor, target: torch.Tensor, *, alpha: float, ge
     lo2, hi2 = min(max(c2 - cut2 // 2, 0), size2), min(max(c2 + cut2 // 2, 0), size2)
     lo3, hi3 = min(max(c3 - cut3 // 2, 0), size3), min(max(c3 + cut3 // 2, 0), size3)
     mixed = images.clone()
-    mixed[:, :, lo2:hi2, lo3:hi3] = images[perm, :, lo2:hi2, lo3:hi3]
+    mixed[:, :, lo2:hi2, lo3:hi3] = source[:, :, lo2:hi2, lo3:hi3]
     lam = 1.0 - (hi2 - lo2) * (hi3 - lo3) / (size2 * size3)
-    return mixed, target[perm], lam
+    return mixed, source_target, lam

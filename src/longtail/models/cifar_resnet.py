@@ -27,6 +27,14 @@ official `ride_resnet_cifar.py` `ResNet_s`): the stem and the first `shared_stag
 each expert has its own copies of the later stages (`layer2s.<e>`, `layer3s.<e>`, widths e.g. 24/48
 for `widths: ride`) and its own head (`linears.<e>`). Option-A shortcuts pad (planes - in_planes) // 2
 channels on each side (the official RIDE form; equal to planes // 4 for the plain widths).
+`rsg=True` adds RSG's training-only module (Wang et al., CVPR 2021; models/rsg.py, official
+Jianf-Wang/RSG `models/resnet_cifar.py`, commit 3c5074511455428d81af89e1621493dcdb5db6ce) on the
+layer2 maps (32 channels), with `rsg_centers` centres per class (official 15) and a contrastive
+module of width `rsg_dim` (official 256). A plain forward (eval, predict, export) never calls it;
+`rsg_pass(hook)` makes the forwards inside the block pass the layer2 maps through `hook(maps) ->
+maps` (methods/rsg.py: RSG's training pass, which may append generated samples). The backbone's
+initialisation is unchanged (the module is built after it, with its own init). ResNet-32 + RSG
+with 10 classes: 464,154 + 626,232 parameters (training only).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from ..registry import MODELS
 from .base import Classifier
 from .experts import ExpertHeads, ExpertNetwork, parse_experts
 from .heads import build_head
+from .rsg import RSGModule
 
 
 class _ShortcutA(nn.Module):
@@ -72,6 +81,7 @@ class CifarResNet(ExpertNetwork, Classifier):
 
     def __init__(self, *, depth: int = 32, num_classes: int = 10, in_channels: int = 3, head: str = "linear",
                  bbn: bool = False, experts: dict | None = None):
+                 bbn: bool = False, rsg: bool = False, rsg_centers: int = 15, rsg_dim: int = 256):
         super().__init__()
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
@@ -80,6 +90,10 @@ class CifarResNet(ExpertNetwork, Classifier):
         spec = parse_experts(experts, plain_widths=(16, 32, 64))
         if spec is not None and bbn:
             raise ValueError("bbn and experts are two different networks: set one of them")
+        if not isinstance(rsg, bool):
+            raise ValueError(f"rsg must be true or false, got {rsg!r}")
+        if rsg and bbn:
+            raise ValueError("rsg and bbn cannot be combined (one training pass each)")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -110,6 +124,9 @@ class CifarResNet(ExpertNetwork, Classifier):
                 nn.init.kaiming_normal_(m.weight)
         if bbn and isinstance(self.linear, nn.Linear):
             self.linear.reset_parameters()  # official BBN: the classifier keeps torch's default init
+        self._rsg_hook = None
+        self.rsg = (RSGModule(channels=32, num_classes=num_classes, n_center=rsg_centers, contrastive_dim=rsg_dim)
+                    if rsg else None)  # built last: the backbone's initialisation is the plain network's
 
     @staticmethod
     def _stage(in_planes: int, planes: int, stride: int, n: int) -> nn.Sequential:
@@ -158,8 +175,22 @@ class CifarResNet(ExpertNetwork, Classifier):
         return out
 
     def _trunk(self, images: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(images)))
-        return self.layer3(self.layer2(self.layer1(out)))
+        out = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(images)))))
+        if self._rsg_hook is not None:
+            out = self._rsg_hook(out)
+        return self.layer3(out)
+
+    @contextmanager
+    def rsg_pass(self, hook):
+        """RSG's training pass for the forwards inside the block: the layer2 maps (B, 32, h, w)
+        become `hook(maps)` (B + G rows: RSG appends its generated samples) before layer3."""
+        if self.rsg is None:
+            raise RuntimeError("rsg_pass() needs the RSG module (model.params.rsg: true)")
+        self._rsg_hook = hook
+        try:
+            yield self
+        finally:
+            self._rsg_hook = None
 
     @contextmanager
     def bilateral(self, alpha: float):
@@ -200,6 +231,14 @@ def _register(depth: int) -> None:
     build.__doc__ = (f"CIFAR ResNet-{depth} (LDAM-DRW, option-A shortcuts, widths 16/32/64); "
                      "bbn: true gives BBN's two-branch last block; experts: {num, shared_stages, widths, "
                      "scale} RIDE's multi-expert split.")
+    def build(*, num_classes: int, in_channels: int = 3, head: str = "linear", bbn: bool = False, rsg: bool = False,
+              rsg_centers: int = 15, rsg_dim: int = 256) -> CifarResNet:
+        return CifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels, head=head, bbn=bbn, rsg=rsg,
+                           rsg_centers=rsg_centers, rsg_dim=rsg_dim)
+
+    build.__doc__ = (f"CIFAR ResNet-{depth} (LDAM-DRW, option-A shortcuts, widths 16/32/64); "
+                     "bbn: true gives BBN's two-branch last block; rsg: true adds RSG's training-only module "
+                     "after layer2 (rsg_centers, rsg_dim).")
     MODELS.register(f"resnet{depth}")(build)
 
 
