@@ -113,7 +113,17 @@ def test_fslwf_episode_uses_base_classes_only(stage1):
     model = recipe.model
     m.set_train_mode(model)
     out = m.training_step(model, split_forward(model), images, target, recipe.loss, torch.Generator().manual_seed(0))
-    assert out.logits.shape == (12, 3) and out.target.shape == (12,)  # class-3 images left out
+    assert out.logits.shape == (16, 4) and torch.equal(out.target, target)  # accuracy: the full classifier
+    kept, fake, _, _ = m.sample_episode(torch.Generator().manual_seed(0))
+    feats = model.forward_head(model.forward_features(images), pre_logits=True)
+    ex = m._read_plain(positions, "cpu")  # the same episode: same generator seed, no loop reader
+    w = model.fc.generate(model.forward_head(model.forward_features(ex), pre_logits=True), torch.ones(3, 1),
+                          torch.from_numpy(kept))
+    index = {int(c): i for i, c in enumerate(list(kept) + list(fake))}
+    rows = target != 3  # class-3 (real novel) images are not in the episode
+    episode_logits = model.fc.scores(feats[rows], torch.cat((model.fc.weight_base[torch.from_numpy(kept)], w)))
+    episode_target = torch.tensor([index[int(t)] for t in target[rows]])
+    assert torch.allclose(out.loss, F.cross_entropy(episode_logits, episode_target), atol=1e-6)
     out.loss.backward()
     assert model.fc.keys.grad is not None and model.fc.weight_base.grad is not None
 

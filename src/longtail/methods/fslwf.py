@@ -28,6 +28,8 @@ Places-LT table use FSLwF as a long-tail baseline):
 - the episode's test examples are the loop's batch restricted to base classes (a reading: the
   official samples 3 x n_novel test images uniformly over the base classes and 6 per fake novel
   class, separately from the exemplars; here a batch image may also be an exemplar);
+- the loop's training accuracy is the full classifier's (base weights and the novel weights generated
+  after the previous epoch, zero before the first) on the whole batch, not the episode's;
 - after every epoch (so for validation, test and the checkpoint) the real novel classes' weights
   are generated from all their un-augmented training images, attending over all base classes.
 Left out: the official ImageNet evaluation's novel prior (`softmax_with_novel_prior`, prior_m 0.8)
@@ -143,7 +145,7 @@ class FSLwF(_FromStage1):
         else:
             ex_images = self._read_plain(positions, images.device)
         with torch.no_grad():
-            pooled, _ = forward(torch.cat((images, ex_images.to(images.dtype))))
+            pooled, full_logits = forward(torch.cat((images, ex_images.to(images.dtype))))
         test_feats, ex_feats = pooled[:len(images)].float(), pooled[len(images):].float()
         device = test_feats.device
         index = torch.full((self.data.num_classes,), -1, dtype=torch.long, device=device)
@@ -157,7 +159,8 @@ class FSLwF(_FromStage1):
         logits = head.scores(test_feats[keep], weights)
         episode_target = episode_target[keep]
         value = F.cross_entropy(logits, episode_target) if len(episode_target) else head.scale_cls.sum() * 0.0
-        return StepResult(value, logits, episode_target)
+        # training accuracy: the full classifier (base weights, the last generated novel weights) on the batch
+        return StepResult(value, full_logits[:len(images)].float(), target)
 
     @torch.no_grad()
     def generate_novel(self, model: Classifier, device) -> None:
