@@ -46,6 +46,8 @@ SETUP = {
     "cmo": {"train.cutmix_alpha": 1.0, "method.params": {"start_data_aug": -1, "end_data_aug": 0}},  # CutMix pastes its batch
     "rsg": {"model.name": "resnet20", "model.params": {"rsg": True, "rsg_centers": 3, "rsg_dim": 8},
             "method.params": {"head_ratio": 0.5, "epoch_thresh": -1}},  # RSG's module on a CIFAR ResNet
+    "oltr": {"method.params": {"stage1": "STAGE1"}, "sampler.name": "class_aware"},
+    "fslwf": {"method.params": {"stage1": "STAGE1"}},
 }
 
 
