@@ -80,8 +80,8 @@ class CifarResNet(ExpertNetwork, Classifier):
     head_name = "linear"
 
     def __init__(self, *, depth: int = 32, num_classes: int = 10, in_channels: int = 3, head: str = "linear",
-                 bbn: bool = False, experts: dict | None = None):
-                 bbn: bool = False, rsg: bool = False, rsg_centers: int = 15, rsg_dim: int = 256):
+                 bbn: bool = False, experts: dict | None = None, rsg: bool = False, rsg_centers: int = 15,
+                 rsg_dim: int = 256):
         super().__init__()
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
@@ -94,10 +94,13 @@ class CifarResNet(ExpertNetwork, Classifier):
             raise ValueError(f"rsg must be true or false, got {rsg!r}")
         if rsg and bbn:
             raise ValueError("rsg and bbn cannot be combined (one training pass each)")
+        if rsg and spec is not None:
+            raise ValueError("rsg and experts cannot be combined (RSG's module sits on the one layer2 of a plain net)")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.num_experts = 0
+        self._rsg_hook, self.rsg = None, None
         if spec is not None:
             self._build_experts(spec, n, head, num_classes)
             return
@@ -224,21 +227,14 @@ class CifarResNet(ExpertNetwork, Classifier):
 
 def _register(depth: int) -> None:
     def build(*, num_classes: int, in_channels: int = 3, head: str = "linear", bbn: bool = False,
-              experts: dict | None = None) -> CifarResNet:
+              experts: dict | None = None, rsg: bool = False, rsg_centers: int = 15, rsg_dim: int = 256) -> CifarResNet:
         return CifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels, head=head, bbn=bbn,
-                           experts=experts)
+                           experts=experts, rsg=rsg, rsg_centers=rsg_centers, rsg_dim=rsg_dim)
 
     build.__doc__ = (f"CIFAR ResNet-{depth} (LDAM-DRW, option-A shortcuts, widths 16/32/64); "
                      "bbn: true gives BBN's two-branch last block; experts: {num, shared_stages, widths, "
-                     "scale} RIDE's multi-expert split.")
-    def build(*, num_classes: int, in_channels: int = 3, head: str = "linear", bbn: bool = False, rsg: bool = False,
-              rsg_centers: int = 15, rsg_dim: int = 256) -> CifarResNet:
-        return CifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels, head=head, bbn=bbn, rsg=rsg,
-                           rsg_centers=rsg_centers, rsg_dim=rsg_dim)
-
-    build.__doc__ = (f"CIFAR ResNet-{depth} (LDAM-DRW, option-A shortcuts, widths 16/32/64); "
-                     "bbn: true gives BBN's two-branch last block; rsg: true adds RSG's training-only module "
-                     "after layer2 (rsg_centers, rsg_dim).")
+                     "scale} RIDE's multi-expert split; rsg: true adds RSG's training-only module after layer2 "
+                     "(rsg_centers, rsg_dim).")
     MODELS.register(f"resnet{depth}")(build)
 
 
