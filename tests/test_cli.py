@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -138,7 +139,7 @@ def digits_runs(tmp_path_factory):
 
 
 def test_every_eval_option_is_tested_here():
-    assert _eval_options() == {"--logit-adjust-tau"}  # a new option: add it to test_eval_options below
+    assert _eval_options() == {"--logit-adjust-tau", "--test-agnostic"}  # a new option: add it to a test below
 
 
 @pytest.mark.parametrize("name", ["plain", "val"])
@@ -170,6 +171,46 @@ def test_eval_options(digits_runs, name, capsys):
         assert main(["eval", str(run), "--logit-adjust-tau", bad]) == 2
         err = capsys.readouterr().err
         assert "tau must be a finite number >= 0" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["plain", "val"])
+def test_eval_test_agnostic(digits_runs, name, tmp_path, capsys):
+    """SADE's protocol on the stored logits: on the balanced digits test set, 'uniform' is the whole
+    test set (eval.json's top-1), and with the prior known it is the tau-1 logit adjustment."""
+    run = tmp_path / "run"
+    shutil.copytree(digits_runs[name], run)
+    assert main(["eval", str(run)]) == 0
+    assert main(["eval", str(run), "--logit-adjust-tau", "1"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    la = json.loads((run / "eval_logit_adjusted.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run), "--test-agnostic"]) == 0
+    out = capsys.readouterr().out
+    ta = json.loads((run / "eval_test_agnostic.json").read_text(), parse_constant=pytest.fail)
+    names = list(ta["distributions"])
+    assert names[0] == "forward50" and names[5] == "uniform" and names[-1] == "backward50" and len(names) == 11
+    uniform = ta["distributions"]["uniform"]
+    assert uniform["num_samples"] == ev["num_samples"] and uniform["top1"] == pytest.approx(ev["top1"])
+    assert uniform["prior_known"]["top1"] == pytest.approx(la["top1"])
+    assert ("best_val" in ta) == (name == "val") and f"wrote {run}/eval_test_agnostic.json" in out
+    if name == "val":
+        assert ta["best_val"]["distributions"]["uniform"]["top1"] == pytest.approx(ev["best_val"]["top1"])
+    forward = ta["distributions"]["forward50"]["test_counts"]
+    head = int(np.argmax(json.loads((run / "data.json").read_text())["class_counts"]))
+    assert forward[head] == 20 and min(forward) == 0  # int(20 / 50) = 0 images for the tail classes
+    assert main(["eval", str(run), "--test-agnostic", "forward10,uniform"]) == 0
+    assert list(json.loads((run / "eval_test_agnostic.json").read_text())["distributions"]) == ["forward10", "uniform"]
+    before = (run / "eval_test_agnostic.json").read_bytes()
+    capsys.readouterr()
+    for bad, message in [("sideways10", "unknown test distribution 'sideways10'"),
+                         ("forward0.5", "unknown test distribution 'forward0.5'"), (",", "no test distribution given")]:
+        assert main(["eval", str(run), "--test-agnostic", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert (run / "eval_test_agnostic.json").read_bytes() == before  # a refused call writes nothing
+    (run / "predictions.npz").unlink()
+    assert main(["eval", str(run), "--test-agnostic"]) == 2
+    assert "no predictions.npz" in capsys.readouterr().err
 
 
 def test_eval_logit_adjustment_after_best_val_checkpoint_is_gone(digits_runs, tmp_path, capsys):

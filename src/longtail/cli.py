@@ -85,10 +85,34 @@ def _cmd_eval(args) -> int:
     from .rundir import RunDir
     from .runs import evaluate_run
 
+    if args.test_agnostic is not None:
+        return _test_agnostic(args)
     result = evaluate_run(args.run_dir, logit_adjust_tau=args.logit_adjust_tau)
     _print_eval(result)
     if args.logit_adjust_tau is not None:
         print(f"(post-hoc logit adjustment, tau {args.logit_adjust_tau:g}: {RunDir.EVAL_LOGIT_ADJUSTED})")
+    return 0
+
+
+def _test_agnostic(args) -> int:
+    from .rundir import RunDir
+    from .runs import evaluate_test_agnostic
+
+    names = None if args.test_agnostic == "sade" else [n.strip() for n in args.test_agnostic.split(",") if n.strip()]
+    result = evaluate_test_agnostic(args.run_dir, names)
+
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    for title, section in [(f"last (epoch {result['epoch']})", result["distributions"]),
+                           *([(f"best-val (epoch {result['best_val']['epoch']})", result["best_val"]["distributions"])]
+                             if "best_val" in result else [])]:
+        print(f"{title}: top-1 on each test distribution (many / medium / few); prior known: adjusted to its prior")
+        print(f"  {'distribution':<12} {'images':>6} {'top1':>6} {'many':>6} {'medium':>6} {'few':>6} {'prior known':>11}")
+        for name, m in section.items():
+            print(f"  {name:<12} {m['num_samples']:>6} {f(m['top1']):>6} {f(m['many']):>6} {f(m['medium']):>6} "
+                  f"{f(m['few']):>6} {f(m['prior_known']['top1']):>11}")
+    print(f"wrote {result['run']}/{RunDir.EVAL_TEST_AGNOSTIC}")
     return 0
 
 
@@ -272,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--logit-adjust-tau", type=float, metavar="TAU",
                    help=f"also: post-hoc logit adjustment toward a uniform prior (from {RunDir.PREDICTIONS})")
+    e.add_argument("--test-agnostic", nargs="?", const="sade", metavar="DISTRIBUTIONS",
+                   help="score the stored test logits on shifted test sets (SADE's test-agnostic protocol): "
+                        "comma-separated forwardR / uniform / backwardR, default SADE's eleven (forward50 ... "
+                        f"backward50) -> {RunDir.EVAL_TEST_AGNOSTIC}")
     e.set_defaults(func=_cmd_eval, outputs=(("run_dir", "run"),))
 
     v = sub.add_parser("validate", help="check a config as train does (paths, data source, every component; "

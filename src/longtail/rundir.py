@@ -102,6 +102,7 @@ class RunDir:
     PREDICTIONS = "predictions.npz"
     EVAL = "eval.json"
     EVAL_LOGIT_ADJUSTED = "eval_logit_adjusted.json"
+    EVAL_TEST_AGNOSTIC = "eval_test_agnostic.json"
     EVAL_ARRAYS = {"eval.json": "eval_arrays.npz", "eval_logit_adjusted.json": "eval_logit_adjusted_arrays.npz"}
     FEATURES = "features"
     TENSORBOARD = "tensorboard"

@@ -313,6 +313,69 @@ def _posthoc_logit_adjustment(run: RunDir, cfg: RunConfig, tau: float) -> dict:
     return result
 
 
+def evaluate_test_agnostic(run_dir: str | Path, distributions=None, *, seed: int = 0) -> dict:
+    """SADE's test-agnostic protocol (eval/test_agnostic.py) on a run's stored test logits
+    (predictions.npz; no forward pass): for each named distribution (default SADE's eleven, forward50
+    ... uniform ... backward50) the class metrics on that subset of the test set, and the same with
+    the test prior known (an oracle: logits adjusted from the run's calibrated prior to the subset's
+    class frequencies, `adjust_logits` with tau 1, as LADE's post-compensation). Last epoch and
+    best-on-validation where stored. Written to eval_test_agnostic.json.
+    """
+    from .eval.test_agnostic import SADE_DISTRIBUTIONS, parse_distribution, shifted_indices, class_prior
+    from .logit_adjust import adjust_logits, source_prior
+
+    names = list(SADE_DISTRIBUTIONS if distributions is None else distributions)
+    if not names:
+        raise ConfigError("no test distribution given")
+    try:
+        parsed = {name: parse_distribution(name) for name in names}
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    with run.lock():
+        run.require_result(RunDir.PREDICTIONS)
+        info = run.read_data_info()
+        counts = np.asarray(info["class_counts"])
+        e = cfg.eval
+        kw = dict(many_threshold=e.many_threshold, few_threshold=e.few_threshold, rare_threshold=e.rare_threshold,
+                  ece_bins=e.ece_bins, class_names=info["class_names"])
+        what = "the test-agnostic evaluation"
+        preds = run.read_predictions()
+        labels = preds["labels"]
+        if run.read_logits(what=what, preds=preds).shape[1] != len(counts):
+            raise ConfigError(f"{run} does not predict its {len(counts)} classes (a pre-training run?): "
+                              "the test-agnostic evaluation needs a classification run")
+        pi = source_prior(cfg, counts)
+        keys = ["logits"] + (["best_val_logits"] if "best_val_logits" in preds else [])
+        try:
+            subsets = {n: shifted_indices(labels, counts, r, rev, seed=seed) for n, (r, rev) in parsed.items()}
+        except ValueError as err:
+            raise ConfigError(f"{run}: {err}") from None
+        result = {"run": str(run), "split": "test", "protocol": "test-agnostic (SADE)", "seed": seed,
+                  "epoch": run.checkpoint_epoch("last")}
+        for key in keys:
+            logits = run.read_logits(key, what=what, preds=preds)
+            table = {}
+            for name, idx in subsets.items():
+                z, y = logits[idx], labels[idx]
+                plain = compute_metrics(z, y, counts, **kw)
+                known = compute_metrics(adjust_logits(torch.from_numpy(np.ascontiguousarray(z)), pi_train=pi,
+                                                      pi_target=class_prior(y, len(counts))).numpy(), y, counts, **kw)
+                pick = ("top1", "many", "medium", "few", "mean_per_class")
+                table[name] = {"num_samples": int(len(idx)),
+                               "test_counts": np.bincount(y, minlength=len(counts)).tolist(),
+                               **{k: plain.get(k) for k in pick},
+                               "prior_known": {k: known.get(k) for k in pick}}
+            if key == "logits":
+                result["distributions"] = table
+            else:
+                result["best_val"] = {"epoch": run.checkpoint_epoch("best_val"), "selected_on": "validation top1",
+                                      "distributions": table}
+        run.write_json(RunDir.EVAL_TEST_AGNOSTIC, result)
+    return result
+
+
 def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, data: LTData | None = None,
                  arrays: dict | None = None, logit_adjust_tau: float | None = None) -> dict:
     """Write predictions.npz and eval.json for the last epoch (and best-on-validation).
