@@ -39,6 +39,8 @@ SETUP = {
     "dro_lt": {"method.params": {"stage1": "STAGE1"}}, "dro_lt_classifier": {"method.params": {"stage1": "STAGE1"}},
     "weight_balancing": {"method.params": {"stage1": "STAGE1"}, "loss.name": "cb_softmax_bce", "constraint": {"name": "max_norm"}},
     "bbn": {"model.name": "resnet20", "model.params": {"bbn": True}},  # BBN's two-branch network
+    "sade": {"model.name": "resnet20", "model.head": "cosine",  # three experts (models/experts.py)
+             "model.params": {"experts": {"num": 3, "widths": "ride", "scale": 30}}},
 }
 
 

@@ -19,10 +19,13 @@ and implement `fit_posthoc` instead of gradient steps.
 | `evaluate(model, split, **kw) -> (metrics, arrays)` | validation and test evaluation | class metrics of the logits, {logits, labels} |
 | `state_dict()` / `load_state_dict(state)` | every checkpoint; resume; rebuilding a run's network | nothing |
 | `plain_ce_epochs()` | branching off a plain-CE run | 0 |
+| `test_time_aggregation(model, split, subsets, ...) -> dict` | `longtail eval --test-agnostic`, methods with `aggregates_at_test_time` | - (the stored logits are scored as they are) |
 
 Class attributes: `trains` (False: post-hoc), `stage` (2: the method continues the stage-1
 run named by `method.params.stage1`), `pretext` (the task a pre-training run's head
-predicts instead of classes, e.g. 'rotation'; None for classifiers).
+predicts instead of classes, e.g. 'rotation'; None for classifiers), `aggregates_at_test_time`
+(True: the test-agnostic evaluation also asks the method to adapt to each unlabelled test
+set, SADE's self-supervised expert aggregation).
 
 `Method.batches` (a `TrainBatches`, set by the Trainer) is the loop's batch reader: a method that
 needs extra training batches in a step (BBN's re-balancing batch) reads and augments them the
@@ -130,6 +133,7 @@ class Method:
     stage = 1
     pretext: str | None = None
     rebalancing = False  # True: its classifier already aims at balanced classes (inference.py)
+    aggregates_at_test_time = False  # True: implements test_time_aggregation (runs.evaluate_test_agnostic)
 
     def __init__(self, *, cfg, data):
         self.cfg, self.data = cfg, data
@@ -245,6 +249,13 @@ class Method:
         out = predict(model, split, mean=mean, std=std, batch_size=batch_size, device=device,
                       channels_last=channels_last)
         return compute_metrics(out["logits"], out["labels"], self.data.class_counts, **metric_kw), out
+
+    def test_time_aggregation(self, model: Classifier, split, subsets: dict, *, mean, std, batch_size: int, device,
+                              channels_last: bool = False, seed: int = 0) -> dict:
+        """Adapt to each unlabelled test subset (`subsets`: name -> indices into `split`) and return
+        {name: {"logits": (n, C) adapted logits of its images, plus JSON-able details}}; only for
+        methods with `aggregates_at_test_time` (SADE). The labels of `split` are not to be read."""
+        raise NotImplementedError(f"{type(self).__name__} has no test-time aggregation")
 
     # -- branching (engine/branch.py)
     def plain_ce_epochs(self) -> float:
