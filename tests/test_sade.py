@@ -224,3 +224,18 @@ def test_bad_params_are_one_line_config_errors(over, message):
     with pytest.raises(ConfigError, match=message) as err:
         tiny_recipe(**_sade(**over))
     assert "\n" not in str(err.value)
+
+
+def test_calibrated_prior_of_the_expert_mean():
+    from longtail.methods.sade import SADE
+
+    counts = [8, 4, 2, 1]  # exponential: pi * pi_inv is constant, so (pi * pi_inv^2)^(1/3) ~ pi_inv^(1/3)
+    q = SADE.calibrated_prior(counts, {"tau": 2.0})
+    inv = np.array([1, 2, 4, 8.0]) ** (1 / 3)
+    assert q == pytest.approx(inv / inv.sum(), rel=1e-6) and q.sum() == pytest.approx(1.0)
+    pi = np.array(counts) / 15
+    assert SADE.calibrated_prior(counts, {"tau": 0.0}) == pytest.approx(pi ** (1 / 3) / (pi ** (1 / 3)).sum(), rel=1e-6)
+    from longtail.inference import rebalanced_training
+    from longtail.config import config_from_dict
+
+    assert "method sade" in rebalanced_training(config_from_dict(tiny_config(**_sade())))

@@ -29,6 +29,7 @@ from .engine.loop import check_optimizer, fit
 from .errors import ConfigError, LongtailError
 from .eval.metrics import compute_metrics
 from .methods import Recipe, Services, build_method, build_recipe
+from .methods.base import logits_prior
 from .registry import METHODS
 from .rundir import RunDir
 from .runlock import LOCK_NAME, RunLock
@@ -283,13 +284,13 @@ def fit_posthoc_run(cfg: RunConfig, data: LTData, out: Path, *, recipe: Recipe |
 
 
 def _posthoc_logit_adjustment(run: RunDir, cfg: RunConfig, tau: float) -> dict:
-    from .logit_adjust import adjust_logits, check_tau, source_prior
+    from .logit_adjust import adjust_logits, check_tau
 
     tau = check_tau(tau)
     run.require_result(RunDir.PREDICTIONS)
     info = run.read_data_info()
     counts = np.asarray(info["class_counts"])
-    pi = source_prior(cfg, counts)  # the training prior; uniform for LADE (already post-compensated)
+    pi = logits_prior(cfg, counts)  # the training prior; uniform for LADE (already post-compensated)
     uniform = np.full(len(counts), 1.0 / len(counts))
     e = cfg.eval
     kw = dict(many_threshold=e.many_threshold, few_threshold=e.few_threshold, rare_threshold=e.rare_threshold,
@@ -330,7 +331,7 @@ def evaluate_test_agnostic(run_dir: str | Path, distributions=None, *, seed: int
     skips it (the plain table only); `arrays`: the images of an in-memory (`arrays`) run.
     """
     from .eval.test_agnostic import SADE_DISTRIBUTIONS, parse_distribution, shifted_indices, class_prior
-    from .logit_adjust import adjust_logits, source_prior
+    from .logit_adjust import adjust_logits
 
     names = list(SADE_DISTRIBUTIONS if distributions is None else distributions)
     if not names:
@@ -354,7 +355,7 @@ def evaluate_test_agnostic(run_dir: str | Path, distributions=None, *, seed: int
         if run.read_logits(what=what, preds=preds).shape[1] != len(counts):
             raise ConfigError(f"{run} does not predict its {len(counts)} classes (a pre-training run?): "
                               "the test-agnostic evaluation needs a classification run")
-        pi = source_prior(cfg, counts)
+        pi = logits_prior(cfg, counts)
         keys = ["logits"] + (["best_val_logits"] if "best_val_logits" in preds else [])
         try:
             subsets = {n: shifted_indices(labels, counts, r, rev, seed=seed) for n, (r, rev) in parsed.items()}

@@ -280,6 +280,18 @@ class Method:
         pass
 
 
+def logits_prior(cfg, class_counts) -> np.ndarray:
+    """(C,) float64: the prior a run's logits are calibrated to, where post-hoc adjustment starts
+    from: its method's (`calibrated_prior(class_counts, method.params)`, SADE's expert mean) where
+    the method states one, else its loss's (`logit_adjust.source_prior`)."""
+    from ..logit_adjust import source_prior
+
+    stated = getattr(METHODS.get(cfg.method.name), "calibrated_prior", None) if cfg is not None else None
+    if stated is not None:
+        return np.asarray(stated(class_counts, dict(cfg.method.params or {})), dtype=np.float64)
+    return source_prior(cfg, class_counts)
+
+
 def build_method(cfg, data) -> Method:
     """The configured method (`method.name`, `method.params`) for `data` (LTData or DataInfo)."""
     return METHODS.build(cfg.method.name, cfg=cfg, data=data, **cfg.method.params)

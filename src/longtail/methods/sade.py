@@ -170,8 +170,19 @@ class SADE(Method):
             the test-time aggregation's SGD and stop rule (official test-time config).
     """
 
-    rebalancing = False  # its plain (expert-mean) prediction mixes forward, uniform and backward skills
+    rebalancing = True  # its plain (expert-mean) prediction is not calibrated to the training prior
     aggregates_at_test_time = True
+
+    @staticmethod
+    def calibrated_prior(class_counts, params: dict) -> np.ndarray:
+        """(C,) the prior the expert mean's logits are calibrated to, for post-hoc adjustment (the test-
+        agnostic oracle): expert e fits z_e + shift_e ~ log p(x|y) + log pi, so z_1 ~ .. + log pi,
+        z_2 ~ .., z_3 ~ .. + tau log pi_inv, and their mean carries (pi * pi_inv^tau)^(1/3), normalised."""
+        counts = torch.as_tensor(np.asarray(class_counts, dtype=np.float64))
+        pi = counts / counts.sum()
+        tau = float((params or {}).get("tau", 2.0))
+        log_q = (torch.log(pi + _EPS) + tau * torch.log(inverse_prior(pi) + _EPS)) / NUM_SKILLS
+        return torch.softmax(log_q, 0).numpy()
 
     def __init__(self, *, cfg, data, tau: float = 2.0, aggregation_epochs: int = 5, aggregation_lr: float = 0.1,
                  aggregation_momentum: float = 0.9, aggregation_weight_decay: float = 5e-4,
