@@ -139,7 +139,8 @@ def digits_runs(tmp_path_factory):
 
 
 def test_every_eval_option_is_tested_here():
-    assert _eval_options() == {"--logit-adjust-tau", "--test-agnostic"}  # a new option: add it to a test below
+    # a new option: add it to a test below (--no-aggregation: here and in tests/test_sade.py)
+    assert _eval_options() == {"--logit-adjust-tau", "--test-agnostic", "--no-aggregation"}
 
 
 @pytest.mark.parametrize("name", ["plain", "val"])
@@ -198,8 +199,11 @@ def test_eval_test_agnostic(digits_runs, name, tmp_path, capsys):
     forward = ta["distributions"]["forward50"]["test_counts"]
     head = int(np.argmax(json.loads((run / "data.json").read_text())["class_counts"]))
     assert forward[head] == 20 and min(forward) == 0  # int(20 / 50) = 0 images for the tail classes
+    assert main(["eval", str(run), "--test-agnostic", "forward10,uniform", "--no-aggregation"]) == 0
+    plain = json.loads((run / "eval_test_agnostic.json").read_text())  # no aggregation here: the same table
     assert main(["eval", str(run), "--test-agnostic", "forward10,uniform"]) == 0
-    assert list(json.loads((run / "eval_test_agnostic.json").read_text())["distributions"]) == ["forward10", "uniform"]
+    assert json.loads((run / "eval_test_agnostic.json").read_text()) == plain and "test_time_aggregation" not in plain
+    assert list(plain["distributions"]) == ["forward10", "uniform"]
     before = (run / "eval_test_agnostic.json").read_bytes()
     capsys.readouterr()
     for bad, message in [("sideways10", "unknown test distribution 'sideways10'"),

@@ -48,6 +48,8 @@ SETUP = {
             "method.params": {"head_ratio": 0.5, "epoch_thresh": -1}},  # RSG's module on a CIFAR ResNet
     "oltr": {"method.params": {"stage1": "STAGE1"}, "sampler.name": "class_aware"},
     "fslwf": {"method.params": {"stage1": "STAGE1"}},
+    "sade": {"model.name": "resnet20", "model.head": "cosine",  # three experts (models/experts.py)
+             "model.params": {"experts": {"num": 3, "widths": "ride", "scale": 30}}},
 }
 
 

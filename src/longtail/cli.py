@@ -87,6 +87,8 @@ def _cmd_eval(args) -> int:
 
     if args.test_agnostic is not None:
         return _test_agnostic(args)
+    if args.no_aggregation:
+        raise ConfigError("--no-aggregation goes with --test-agnostic")
     result = evaluate_run(args.run_dir, logit_adjust_tau=args.logit_adjust_tau)
     _print_eval(result)
     if args.logit_adjust_tau is not None:
@@ -99,7 +101,7 @@ def _test_agnostic(args) -> int:
     from .runs import evaluate_test_agnostic
 
     names = None if args.test_agnostic == "sade" else [n.strip() for n in args.test_agnostic.split(",") if n.strip()]
-    result = evaluate_test_agnostic(args.run_dir, names)
+    result = evaluate_test_agnostic(args.run_dir, names, aggregate=not args.no_aggregation)
 
     def f(v):
         return "-" if v is None else f"{v:.2f}"
@@ -108,10 +110,16 @@ def _test_agnostic(args) -> int:
                            *([(f"best-val (epoch {result['best_val']['epoch']})", result["best_val"]["distributions"])]
                              if "best_val" in result else [])]:
         print(f"{title}: top-1 on each test distribution (many / medium / few); prior known: adjusted to its prior")
-        print(f"  {'distribution':<12} {'images':>6} {'top1':>6} {'many':>6} {'medium':>6} {'few':>6} {'prior known':>11}")
+        agg = any("aggregated" in m for m in section.values())
+        print(f"  {'distribution':<12} {'images':>6} {'top1':>6} {'many':>6} {'medium':>6} {'few':>6} {'prior known':>11}"
+              + (f" {'aggregated':>10}  weights" if agg else ""))
         for name, m in section.items():
+            extra = ""
+            if "aggregated" in m:
+                a = m["aggregated"]
+                extra = f" {f(a['top1']):>10}  " + " / ".join(f"{w:.2f}" for w in a["weights"])
             print(f"  {name:<12} {m['num_samples']:>6} {f(m['top1']):>6} {f(m['many']):>6} {f(m['medium']):>6} "
-                  f"{f(m['few']):>6} {f(m['prior_known']['top1']):>11}")
+                  f"{f(m['few']):>6} {f(m['prior_known']['top1']):>11}" + extra)
     print(f"wrote {result['run']}/{RunDir.EVAL_TEST_AGNOSTIC}")
     return 0
 
@@ -299,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--test-agnostic", nargs="?", const="sade", metavar="DISTRIBUTIONS",
                    help="score the stored test logits on shifted test sets (SADE's test-agnostic protocol): "
                         "comma-separated forwardR / uniform / backwardR, default SADE's eleven (forward50 ... "
-                        f"backward50) -> {RunDir.EVAL_TEST_AGNOSTIC}")
+                        f"backward50) -> {RunDir.EVAL_TEST_AGNOSTIC}; a SADE run also learns its expert "
+                        "aggregation on each subset's unlabelled images")
+    e.add_argument("--no-aggregation", action="store_true",
+                   help="with --test-agnostic: skip a method's test-time aggregation (SADE), score the stored "
+                        "logits only")
     e.set_defaults(func=_cmd_eval, outputs=(("run_dir", "run"),))
 
     v = sub.add_parser("validate", help="check a config as train does (paths, data source, every component; "

@@ -27,9 +27,10 @@ import torch
 
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, DataError
-from .logit_adjust import NAMED_PRIORS, adjust_logits, check_tau, logit_prior_name, resolve_prior, source_prior
+from .logit_adjust import NAMED_PRIORS, adjust_logits, check_tau, logit_prior_name, resolve_prior
 from .data.build import DataInfo
 from .methods import build_method
+from .methods.base import logits_prior
 from .registry import LOSSES, METHODS
 from .rundir import RunDir
 from .runmodel import load_run_model
@@ -119,10 +120,11 @@ class Predictor:
     def target_shift(self, prior="auto") -> tuple[np.ndarray, np.ndarray]:
         """(pi_source, pi_target), both (C,) float64, for `prior` ('auto': `choose_prior`; the others:
         `logit_adjust`). pi_source is the training prior, or uniform for a run whose loss trains
-        logits calibrated to a uniform prior (LADE: `logit_adjust.source_prior`)."""
+        logits calibrated to a uniform prior (LADE: `logit_adjust.source_prior`), or the prior its method
+        states (SADE: `methods.base.logits_prior`)."""
         prior = self.choose_prior(prior)[0]
         pi_target = resolve_prior(prior, class_names=self.class_names, class_counts=self.class_counts)
-        return source_prior(self.config, self.class_counts), pi_target
+        return logits_prior(self.config, self.class_counts), pi_target
 
     def predict(self, images, *, k: int = 5, prior="auto", tau: float = 1.0, batch_size: int = 256) -> Prediction:
         """Top-k classes with probabilities per image, after post-hoc logit adjustment.

@@ -29,6 +29,8 @@ from .engine.loop import check_optimizer, fit
 from .errors import ConfigError, LongtailError
 from .eval.metrics import compute_metrics
 from .methods import Recipe, Services, build_method, build_recipe
+from .methods.base import logits_prior
+from .registry import METHODS
 from .rundir import RunDir
 from .runlock import LOCK_NAME, RunLock
 from .runmodel import load_run_model
@@ -282,13 +284,13 @@ def fit_posthoc_run(cfg: RunConfig, data: LTData, out: Path, *, recipe: Recipe |
 
 
 def _posthoc_logit_adjustment(run: RunDir, cfg: RunConfig, tau: float) -> dict:
-    from .logit_adjust import adjust_logits, check_tau, source_prior
+    from .logit_adjust import adjust_logits, check_tau
 
     tau = check_tau(tau)
     run.require_result(RunDir.PREDICTIONS)
     info = run.read_data_info()
     counts = np.asarray(info["class_counts"])
-    pi = source_prior(cfg, counts)  # the training prior; uniform for LADE (already post-compensated)
+    pi = logits_prior(cfg, counts)  # the training prior; uniform for LADE (already post-compensated)
     uniform = np.full(len(counts), 1.0 / len(counts))
     e = cfg.eval
     kw = dict(many_threshold=e.many_threshold, few_threshold=e.few_threshold, rare_threshold=e.rare_threshold,
@@ -313,16 +315,23 @@ def _posthoc_logit_adjustment(run: RunDir, cfg: RunConfig, tau: float) -> dict:
     return result
 
 
-def evaluate_test_agnostic(run_dir: str | Path, distributions=None, *, seed: int = 0) -> dict:
+def evaluate_test_agnostic(run_dir: str | Path, distributions=None, *, seed: int = 0, aggregate: bool = True,
+                           arrays: dict | None = None) -> dict:
     """SADE's test-agnostic protocol (eval/test_agnostic.py) on a run's stored test logits
     (predictions.npz; no forward pass): for each named distribution (default SADE's eleven, forward50
     ... uniform ... backward50) the class metrics on that subset of the test set, and the same with
     the test prior known (an oracle: logits adjusted from the run's calibrated prior to the subset's
     class frequencies, `adjust_logits` with tau 1, as LADE's post-compensation). Last epoch and
     best-on-validation where stored. Written to eval_test_agnostic.json.
+
+    A method with test-time aggregation (`Method.aggregates_at_test_time`, SADE) also adapts to each
+    subset's unlabelled images (`Method.test_time_aggregation`: the run's network and test images are
+    loaded), and each distribution gets an "aggregated" entry beside the plain one: the learned
+    details (SADE: the expert weights) and the same metrics of the adapted logits. `aggregate=False`
+    skips it (the plain table only); `arrays`: the images of an in-memory (`arrays`) run.
     """
     from .eval.test_agnostic import SADE_DISTRIBUTIONS, parse_distribution, shifted_indices, class_prior
-    from .logit_adjust import adjust_logits, source_prior
+    from .logit_adjust import adjust_logits
 
     names = list(SADE_DISTRIBUTIONS if distributions is None else distributions)
     if not names:
@@ -346,7 +355,7 @@ def evaluate_test_agnostic(run_dir: str | Path, distributions=None, *, seed: int
         if run.read_logits(what=what, preds=preds).shape[1] != len(counts):
             raise ConfigError(f"{run} does not predict its {len(counts)} classes (a pre-training run?): "
                               "the test-agnostic evaluation needs a classification run")
-        pi = source_prior(cfg, counts)
+        pi = logits_prior(cfg, counts)
         keys = ["logits"] + (["best_val_logits"] if "best_val_logits" in preds else [])
         try:
             subsets = {n: shifted_indices(labels, counts, r, rev, seed=seed) for n, (r, rev) in parsed.items()}
@@ -354,6 +363,12 @@ def evaluate_test_agnostic(run_dir: str | Path, distributions=None, *, seed: int
             raise ConfigError(f"{run}: {err}") from None
         result = {"run": str(run), "split": "test", "protocol": "test-agnostic (SADE)", "seed": seed,
                   "epoch": run.checkpoint_epoch("last")}
+        adapted = None
+        if aggregate and getattr(METHODS.get(cfg.method.name), "aggregates_at_test_time", False):
+            adapted = _test_time_adapter(run, cfg, labels, subsets, seed, arrays)
+            result["test_time_aggregation"] = {"method": cfg.method.name, "views": "train.augment",
+                                               "seed": seed, "unlabelled": True}
+        pick = ("top1", "many", "medium", "few", "mean_per_class")
         for key in keys:
             logits = run.read_logits(key, what=what, preds=preds)
             table = {}
@@ -362,11 +377,16 @@ def evaluate_test_agnostic(run_dir: str | Path, distributions=None, *, seed: int
                 plain = compute_metrics(z, y, counts, **kw)
                 known = compute_metrics(adjust_logits(torch.from_numpy(np.ascontiguousarray(z)), pi_train=pi,
                                                       pi_target=class_prior(y, len(counts))).numpy(), y, counts, **kw)
-                pick = ("top1", "many", "medium", "few", "mean_per_class")
                 table[name] = {"num_samples": int(len(idx)),
                                "test_counts": np.bincount(y, minlength=len(counts)).tolist(),
                                **{k: plain.get(k) for k in pick},
                                "prior_known": {k: known.get(k) for k in pick}}
+            if adapted is not None:
+                for name, idx in subsets.items():
+                    found = adapted(key)[name]
+                    z, y = found.pop("logits"), labels[idx]
+                    m = compute_metrics(z, y, counts, **kw)
+                    table[name]["aggregated"] = {**found, **{k: m.get(k) for k in pick}}
             if key == "logits":
                 result["distributions"] = table
             else:
@@ -374,6 +394,32 @@ def evaluate_test_agnostic(run_dir: str | Path, distributions=None, *, seed: int
                                       "distributions": table}
         run.write_json(RunDir.EVAL_TEST_AGNOSTIC, result)
     return result
+
+
+def _test_time_adapter(run: RunDir, cfg: RunConfig, labels: np.ndarray, subsets: dict, seed: int, arrays=None):
+    """`adapted(key) -> {name: {...}}`: the method's test-time aggregation on each subset for the
+    checkpoint of the stored logits `key` ('logits': last, 'best_val_logits': best_val), computed once
+    per key on the run's network and test images (the subsets index both)."""
+    data = build_data(cfg.data, arrays=arrays)
+    if not np.array_equal(np.asarray(data.test.labels), labels):
+        raise ConfigError(f"{run}: the data source's test set no longer matches predictions.npz; "
+                          "re-run `longtail eval` first")
+    device = resolve_device(cfg.train.device)
+    method = build_method(cfg, data)
+    done: dict[str, dict] = {}
+
+    def adapted(key: str) -> dict:
+        if key not in done:
+            which = "last" if key == "logits" else "best_val"
+            model = load_run_model(run, which=which, device=device, cfg=cfg, info=data.info,
+                                   action="test-time aggregation with")[0]
+            log.info("%s: test-time aggregation on %d test distribution(s), %s checkpoint", run, len(subsets), which)
+            done[key] = method.test_time_aggregation(model, data.test, subsets, mean=data.mean, std=data.std,
+                                                     batch_size=cfg.train.eval_batch_size, device=device,
+                                                     channels_last=cfg.train.channels_last, seed=seed)
+        return {name: dict(entry) for name, entry in done[key].items()}
+
+    return adapted
 
 
 def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, data: LTData | None = None,

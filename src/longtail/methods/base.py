@@ -20,12 +20,15 @@ and implement `fit_posthoc` instead of gradient steps.
 | `state_dict()` / `load_state_dict(state)` | every checkpoint; resume; rebuilding a run's network | nothing |
 | `plain_ce_epochs()` | branching off a plain-CE run | 0 |
 | `views` (attribute) / `batches.views` | each step, before `training_step` | `()`: no extra views |
+| `test_time_aggregation(model, split, subsets, ...) -> dict` | `longtail eval --test-agnostic`, methods with `aggregates_at_test_time` | - (the stored logits are scored as they are) |
 
 Class attributes: `trains` (False: post-hoc), `stage` (2: the method continues the stage-1
 run named by `method.params.stage1`), `pretext` (the task a pre-training run's head
 predicts instead of classes, e.g. 'rotation'; None for classifiers), `views` (the extra view
 pipelines of each batch the method needs, names of data.augment.VIEWS; an instance may set its
-own from method.params, as BCL's `views`).
+own from method.params, as BCL's `views`), `aggregates_at_test_time` (True: the test-agnostic
+evaluation also asks the method to adapt to each unlabelled test set, SADE's self-supervised
+expert aggregation).
 
 Extra views (contrastive methods: BCL; later PaCo, ProCo, KCL, GLMC): with `views` non-empty the
 loop makes, from the same raw uint8 batch as the main view (`images`), one augmented view per
@@ -147,6 +150,7 @@ class Method:
     pretext: str | None = None
     rebalancing = False  # True: its classifier already aims at balanced classes (inference.py)
     views: tuple[str, ...] = ()  # extra view pipelines per batch (data.augment.VIEWS), in batches.views
+    aggregates_at_test_time = False  # True: implements test_time_aggregation (runs.evaluate_test_agnostic)
 
     def __init__(self, *, cfg, data):
         self.cfg, self.data = cfg, data
@@ -263,6 +267,13 @@ class Method:
                       channels_last=channels_last)
         return compute_metrics(out["logits"], out["labels"], self.data.class_counts, **metric_kw), out
 
+    def test_time_aggregation(self, model: Classifier, split, subsets: dict, *, mean, std, batch_size: int, device,
+                              channels_last: bool = False, seed: int = 0) -> dict:
+        """Adapt to each unlabelled test subset (`subsets`: name -> indices into `split`) and return
+        {name: {"logits": (n, C) adapted logits of its images, plus JSON-able details}}; only for
+        methods with `aggregates_at_test_time` (SADE). The labels of `split` are not to be read."""
+        raise NotImplementedError(f"{type(self).__name__} has no test-time aggregation")
+
     # -- branching (engine/branch.py)
     def plain_ce_epochs(self) -> float:
         """Leading epochs in which this configuration trains exactly like the standard method
@@ -284,6 +295,18 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def logits_prior(cfg, class_counts) -> np.ndarray:
+    """(C,) float64: the prior a run's logits are calibrated to, where post-hoc adjustment starts
+    from: its method's (`calibrated_prior(class_counts, method.params)`, SADE's expert mean) where
+    the method states one, else its loss's (`logit_adjust.source_prior`)."""
+    from ..logit_adjust import source_prior
+
+    stated = getattr(METHODS.get(cfg.method.name), "calibrated_prior", None) if cfg is not None else None
+    if stated is not None:
+        return np.asarray(stated(class_counts, dict(cfg.method.params or {})), dtype=np.float64)
+    return source_prior(cfg, class_counts)
 
 
 def build_method(cfg, data) -> Method:
