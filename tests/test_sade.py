@@ -213,6 +213,7 @@ def test_test_agnostic_eval_reports_plain_and_aggregated(tmp_path, capsys):
     ({"method.params": {"aggregation_batch_size": 0}}, "aggregation_batch_size must be an integer >= 1"),
     ({"method.params": {"aggregation_momentum": 1.0}}, "aggregation_momentum must be a finite number >= 0 and < 1"),
     ({"method.params": {"experts": 3}}, "method .sade. has no parameter .experts."),
+    ({"method.params": {"test_views": "simclr"}}, "test_views must be 'crop_jitter' or 'train'"),
     ({"model.params": {}}, "needs three experts"),
     ({"model.params": {"experts": {"num": 2}}}, "needs three experts"),
     ({"loss.name": "focal"}, "replaces the configured loss"),

@@ -134,10 +134,29 @@ def test_simclr_view_deterministic_uint8_and_sharded():
     assert torch.equal(parts[0], a[0::2]) and torch.equal(parts[1], a[1::2])
 
 
+def test_crop_jitter_view_is_the_crop_then_jitter_and_grayscale():
+    """'crop_jitter' (SADE's test-time view): the regular crop / flip with the same draws, then
+    colour jitter and grayscale drawn after them, rounded to uint8 once."""
+    from longtail.data.augment import random_crop, random_flip
+
+    raw = torch.from_numpy(np.random.RandomState(3).randint(0, 256, (6, 8, 8, 3)).astype(np.uint8))
+    base = BatchAugment(mean=MEAN, std=STD, crop_padding=2, flip=True)
+    view = base.view("crop_jitter")
+    got = view(raw, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    shard = (0, 1, 6)
+    x = random_flip(random_crop(raw.permute(0, 3, 1, 2), 2, g, shard), g, shard)
+    x = sc.random_grayscale(sc.color_jitter(x.float(), g, shard), g, shard).round().clamp(0, 255).to(torch.uint8)
+    want = (x.float() / 255 - torch.tensor(MEAN).view(1, -1, 1, 1)) / torch.tensor(STD).view(1, -1, 1, 1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, base(raw, torch.Generator().manual_seed(5)))  # jitter / grayscale changed it
+
+
 def test_named_views_and_bad_parameters():
     base = BatchAugment(mean=MEAN, std=STD, crop_padding=2, flip=True, randaugment_n=1, randaugment_m=5)
     assert base.view("regular") is base
-    assert set(VIEWS) == {"regular", "simclr", "simclr_randaugment", "randaugment"}
+    assert set(VIEWS) == {"regular", "simclr", "simclr_randaugment", "randaugment", "crop_jitter"}
+    assert base.view("crop_jitter").crop_jitter and base.view("crop_jitter").crop_padding == 2
     assert base.view("simclr").simclr and base.view("simclr").policy == "none"
     assert base.view("simclr_randaugment").policy == "randaugment"
     assert base.view("randaugment").randaugment["num_ops"] == 1 and base.view("randaugment").crop_padding == 2

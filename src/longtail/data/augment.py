@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .simclr_augment import check_jitter, simclr_view
+from .simclr_augment import check_jitter, color_jitter as jitter_colors, random_grayscale, simclr_view
 from .strong_augment import POLICIES, autoaugment_cifar10, check_randaugment, cutout, rand_augment
 
-VIEWS = ("regular", "simclr", "simclr_randaugment", "randaugment")
+VIEWS = ("regular", "simclr", "simclr_randaugment", "randaugment", "crop_jitter")
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator, shard: tuple | None = None
@@ -58,7 +58,7 @@ class BatchAugment:
                  channels_last: bool = False, policy: str = "none", randaugment_n: int = 2,
                  randaugment_m: float = 10.0, randaugment_mstd: float = 0.0, cutout: int = 0,
                  simclr: bool = False, resized_crop_scale=(0.08, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1),
-                 jitter_p: float = 0.8, grayscale_p: float = 0.2):
+                 jitter_p: float = 0.8, grayscale_p: float = 0.2, crop_jitter: bool = False):
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         if policy not in POLICIES:
@@ -69,6 +69,7 @@ class BatchAugment:
             raise ValueError(f"cutout must be >= 0, got {cutout}")
         check_jitter(tuple(color_jitter), jitter_p, grayscale_p, tuple(resized_crop_scale))
         self.simclr = bool(simclr)
+        self.crop_jitter = bool(crop_jitter)  # padded crop + flip, then colour jitter and grayscale (SADE's test views)
         self.simclr_params = dict(scale=tuple(resized_crop_scale), jitter=tuple(color_jitter), jitter_p=jitter_p,
                                   grayscale_p=grayscale_p)
         self.policy = policy
@@ -91,6 +92,11 @@ class BatchAugment:
                 x = random_crop(x, self.crop_padding, generator, shard)
                 if self.flip:
                     x = random_flip(x, generator, shard)
+                if self.crop_jitter:  # RandomApply(ColorJitter, jitter_p), RandomGrayscale (uint8 out)
+                    shard_ = shard or (0, 1, x.shape[0])
+                    p = self.simclr_params
+                    x = jitter_colors(x.float(), generator, shard_, jitter=p["jitter"], p=p["jitter_p"])
+                    x = random_grayscale(x, generator, shard_, p["grayscale_p"]).round_().clamp_(0, 255).to(torch.uint8)
             if self.policy == "autoaugment":
                 x = autoaugment_cifar10(x, generator, shard)
             elif self.policy == "randaugment":
@@ -112,6 +118,8 @@ class BatchAugment:
                   randaugment_m=self.randaugment["magnitude"], randaugment_mstd=self.randaugment["magnitude_std"])
         if name == "randaugment":
             return BatchAugment(crop_padding=self.crop_padding, policy="randaugment", **kw)
+        if name == "crop_jitter":
+            return BatchAugment(crop_padding=self.crop_padding, crop_jitter=True, **kw)
         return BatchAugment(simclr=True, policy="randaugment" if name == "simclr_randaugment" else "none", **kw)
 
     def two_views(self, images: torch.Tensor, generator: torch.Generator, shard: tuple | None = None,
