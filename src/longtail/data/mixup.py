@@ -24,7 +24,8 @@ def mixup_batch(images: torch.Tensor, target: torch.Tensor, *, alpha: float, gen
 
 
 def cutmix_batch(images: torch.Tensor, target: torch.Tensor, *, alpha: float, generator: torch.Generator,
-                 partner: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 partner: tuple[torch.Tensor, torch.Tensor] | None = None, lam: float | None = None,
+                 ceil: bool = False):
     """CutMix as the official train.py: lam ~ Beta(alpha, alpha), partners from a random
     permutation (or the given `partner` batch), a box of side int(size * sqrt(1 - lam)) per dimension centred uniformly
     (clipped), pasted from the partner into every image; lam is then recomputed as
@@ -36,13 +37,17 @@ def cutmix_batch(images: torch.Tensor, target: torch.Tensor, *, alpha: float, ge
         partner: (images (B, C, H, W), target (B,)) of a second batch whose box is pasted into
             image i from its own image i, instead of a permutation of this batch (CMO's minority
             batch onto the majority batch as background); no permutation is drawn then.
+        lam: a given mixing ratio instead of the Beta draw (nothing drawn for it then; GLMC shares
+            one lam between its MixUp and its CutMix).
+        ceil: box side ceil(size * sqrt(1 - lam)) (GLMC's `rand_bbox`) instead of int(...).
     Returns:
         (mixed images, target[perm], lam as a float: the fraction of pixels kept from each image)
     """
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    if lam is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        lam = float(np.random.default_rng(seed).beta(alpha, alpha))
     if partner is None:
         perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
         source, source_target = images[perm], target[perm]
@@ -53,7 +58,8 @@ def cutmix_batch(images: torch.Tensor, target: torch.Tensor, *, alpha: float, ge
                              f"{tuple(source.shape)}")
     size2, size3 = images.shape[2], images.shape[3]  # the official W = size[2], H = size[3]
     cut_rat = float(np.sqrt(1.0 - lam))
-    cut2, cut3 = int(size2 * cut_rat), int(size3 * cut_rat)
+    rounding = (lambda v: int(np.ceil(v))) if ceil else int
+    cut2, cut3 = rounding(size2 * cut_rat), rounding(size3 * cut_rat)
     c2 = int(torch.randint(0, size2, (1,), generator=generator))
     c3 = int(torch.randint(0, size3, (1,), generator=generator))
     lo2, hi2 = min(max(c2 - cut2 // 2, 0), size2), min(max(c2 + cut2 // 2, 0), size2)

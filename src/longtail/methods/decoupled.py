@@ -31,9 +31,17 @@ from ..io import safe_torch_load
 from .base import Method
 
 
+# top-level modules a stage-1 method adds for its own training only (KCL's projection, momentum key
+# encoder and queue): dropped from a stage-1 checkpoint when the stage-2 model has no such module
+STAGE1_ONLY = ("kcl_projection", "kcl_key", "kcl_queue")
+
+
 def load_stage1(model: Classifier, path: str) -> None:
     state = safe_torch_load(path)
     weights = state.get("model", state) if isinstance(state, dict) else state
+    if isinstance(weights, dict):
+        weights = {k: v for k, v in weights.items()
+                   if not (k.split(".", 1)[0] in STAGE1_ONLY and not hasattr(model, k.split(".", 1)[0]))}
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError) as err:
