@@ -48,6 +48,7 @@ SETUP = {
             "method.params": {"head_ratio": 0.5, "epoch_thresh": -1}},  # RSG's module on a CIFAR ResNet
     "oltr": {"method.params": {"stage1": "STAGE1"}, "sampler.name": "class_aware"},
     "fslwf": {"method.params": {"stage1": "STAGE1"}},
+    "lfme": {"data.val_per_class": 2, "method.params": {"experts": "STAGE1"}},  # one full-data expert: the CE run
 }
 
 
