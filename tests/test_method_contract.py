@@ -50,6 +50,7 @@ SETUP = {
     "fslwf": {"method.params": {"stage1": "STAGE1"}},
     "sade": {"model.name": "resnet20", "model.head": "cosine",  # three experts (models/experts.py)
              "model.params": {"experts": {"num": 3, "widths": "ride", "scale": 30}}},
+    "lfme": {"data.val_per_class": 2, "method.params": {"experts": "STAGE1"}},  # one full-data expert: the CE run
 }
 
 

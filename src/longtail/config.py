@@ -45,6 +45,7 @@ class DataConfig:
     step_fraction: float = 0.5  # fraction of classes that keep n_max in the step profile
     counts: list | None = None  # profile counts: training images per class, in class-index order
     class_order: list | None = None  # head-to-tail order (class indices or names)
+    class_subset: list | None = None  # keep only these classes (indices or names), after the long tail is made
     seed: int = 0  # seed of the long-tail subsampling and the splits
     val_per_class: int = 0  # balanced validation split, k images per class (0: none)
     test_per_class: int = 50  # digits / arrays without a test split: balanced test, k per class
@@ -237,6 +238,16 @@ def _build(cls: type, values: Any, prefix: str, base: Any = None) -> Any:
     return dataclasses.replace(base, **kwargs)
 
 
+def _valid_subset(subset) -> bool:
+    """data.class_subset's shape: a list of >= 2 distinct ints >= 0 or strings (names and ranges are
+    checked against the data in data/build.py)."""
+    if not isinstance(subset, list) or len(subset) < 2:
+        return False
+    ok = all((isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (isinstance(v, str) and v)
+             for v in subset)
+    return ok and len(set(subset)) == len(subset)
+
+
 def _check_values(cfg: RunConfig) -> None:
     d, t, e = cfg.data, cfg.train, cfg.eval
 
@@ -256,6 +267,9 @@ def _check_values(cfg: RunConfig) -> None:
          f"config key 'data.counts' must be a non-empty list of integers >= 1, got {d.counts!r}")
     need(d.counts is None or d.class_order is None,
          "config key 'data.class_order' cannot be combined with data.counts (counts are in class-index order)")
+    need(d.class_subset is None or _valid_subset(d.class_subset),
+         "config key 'data.class_subset' must be a list of at least 2 distinct class indices (integers >= 0) "
+         f"or class names, got {d.class_subset!r}")
     need(d.val_per_class >= 0, f"config key 'data.val_per_class' must be >= 0, got {d.val_per_class}")
     need(d.test_per_class >= 1, f"config key 'data.test_per_class' must be >= 1, got {d.test_per_class}")
     need(d.image_size is None or d.image_size >= 1, f"config key 'data.image_size' must be >= 1, got {d.image_size}")
@@ -322,12 +336,15 @@ def _check_values(cfg: RunConfig) -> None:
 # folder's config.yaml works from any folder (docs/training.md, "Paths in a config").
 PATH_KEYS = ("data.root", "data.cache_dir", "data.train_list", "data.val_list", "data.test_list",
              "model.weights", "method.params.stage1", "method.params.similarity_run",
-             "method.params.classifier")
+             "method.params.classifier", "method.params.experts")
 
 
 def _absolute(value: Any, base: str | Path) -> Any:
-    """A relative path string joined to the folder `base` and normalised, '~' expanded; any
-    other value (absolute path, empty string, None, a wrong type left to validation) as it is."""
+    """A relative path string joined to the folder `base` and normalised, '~' expanded; a list
+    (LFME's method.params.experts) element by element; any other value (absolute path, empty
+    string, None, a wrong type left to validation) as it is."""
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
     if not isinstance(value, str) or not value:
         return value
     expanded = os.path.expanduser(value)

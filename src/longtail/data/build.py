@@ -238,9 +238,10 @@ def stand_in_data(cfg: DataConfig) -> LTData:
     mean = tuple(cfg.mean) if cfg.mean is not None else (0.5,) * channels
     std = tuple(cfg.std) if cfg.std is not None else (0.25,) * channels
     _check_channels(mean, std, channels)
-    return LTData(train=split(counts), val=split(cfg.val_per_class) if cfg.val_per_class else None,
-                  test=split(cfg.test_per_class), class_counts=counts, class_names=names, source_counts=counts,
-                  mean=mean, std=std, description=f"{cfg.source} (stand-in: no image read)")
+    out = LTData(train=split(counts), val=split(cfg.val_per_class) if cfg.val_per_class else None,
+                 test=split(cfg.test_per_class), class_counts=counts, class_names=names, source_counts=counts,
+                 mean=mean, std=std, description=f"{cfg.source} (stand-in: no image read)")
+    return restrict_classes(out, cfg.class_subset)
 
 
 def build_data(cfg: DataConfig, *, arrays: dict | None = None, progress: bool = False) -> LTData:
@@ -346,5 +347,48 @@ def build_data(cfg: DataConfig, *, arrays: dict | None = None, progress: bool = 
         mean, std = _channel_stats(raw.train_images, train_index, cfg.seed)
     _check_channels(mean, std, channels)
     counts = np.bincount(train.labels, minlength=C).astype(np.int64)
-    return LTData(train=train, val=val, test=test, class_counts=counts, class_names=list(names),
-                  source_counts=available, mean=tuple(mean), std=tuple(std), description=raw.description)
+    out = LTData(train=train, val=val, test=test, class_counts=counts, class_names=list(names),
+                 source_counts=available, mean=tuple(mean), std=tuple(std), description=raw.description)
+    return restrict_classes(out, cfg.class_subset)
+
+
+def class_subset_index(subset, class_names: list[str]) -> np.ndarray:
+    """data.class_subset as sorted class indices of the full data (names or indices)."""
+    index = {n: i for i, n in enumerate(class_names)}
+    out = []
+    for item in subset:
+        if isinstance(item, str) and item in index:
+            out.append(index[item])
+        elif isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(class_names):
+            out.append(item)
+        else:
+            raise ConfigError(f"config key 'data.class_subset': unknown class {item!r} "
+                              f"(the data has {len(class_names)} classes)")
+    if len(set(out)) != len(out):
+        raise ConfigError("config key 'data.class_subset' names a class twice")
+    return np.asarray(sorted(out), dtype=np.int64)
+
+
+def restrict_classes(data: LTData, subset) -> LTData:
+    """`data` cut to the classes of `subset` (data.class_subset; None: unchanged), after the long-tail
+    subsampling and the validation split, so a class keeps exactly the images it has in the full run
+    (an LFME expert trains on its class subset of the student's data). The kept classes are relabelled
+    0..k-1 in class-index order and keep their names; mean / std stay those of the full data (the
+    expert sees the student's normalisation)."""
+    if subset is None:
+        return data
+    keep = class_subset_index(subset, data.class_names)
+    new_label = np.full(data.num_classes, -1, dtype=np.int64)
+    new_label[keep] = np.arange(len(keep))
+
+    def cut(split: Split | None) -> Split | None:
+        if split is None:
+            return None
+        rows = np.flatnonzero(new_label[split.labels] >= 0)
+        return Split(split.images, split.index[rows], new_label[split.labels[rows]])
+
+    names = [data.class_names[i] for i in keep]
+    return LTData(train=cut(data.train), val=cut(data.val), test=cut(data.test),
+                  class_counts=data.class_counts[keep].copy(), class_names=names,
+                  source_counts=data.source_counts[keep].copy(), mean=data.mean, std=data.std,
+                  description=f"{data.description} (classes {', '.join(names)})")
