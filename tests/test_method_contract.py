@@ -48,6 +48,8 @@ SETUP = {
             "method.params": {"head_ratio": 0.5, "epoch_thresh": -1}},  # RSG's module on a CIFAR ResNet
     "oltr": {"method.params": {"stage1": "STAGE1"}, "sampler.name": "class_aware"},
     "fslwf": {"method.params": {"stage1": "STAGE1"}},
+    "ncl": {"model.name": "resnet20", "loss.name": "ncl", "loss.params": {"hard_classes": 2},  # independent experts
+            "model.params": {"experts": {"num": 2, "shared_stages": "none"}}},
 }
 
 
