@@ -51,6 +51,8 @@ SETUP = {
     "sade": {"model.name": "resnet20", "model.head": "cosine",  # three experts (models/experts.py)
              "model.params": {"experts": {"num": 3, "widths": "ride", "scale": 30}}},
     "lfme": {"data.val_per_class": 2, "method.params": {"experts": "STAGE1"}},  # one full-data expert: the CE run
+    "ncl": {"model.name": "resnet20", "loss.name": "ncl", "loss.params": {"hard_classes": 2},  # independent experts
+            "model.params": {"experts": {"num": 2, "shared_stages": "none"}}},
 }
 
 

@@ -25,7 +25,9 @@ parameters with a 10-class head (ResNet-32: 464,154).
 `experts={num, shared_stages, widths, scale}` gives RIDE's multi-expert network (models/experts.py;
 official `ride_resnet_cifar.py` `ResNet_s`): the stem and the first `shared_stages` stages are shared,
 each expert has its own copies of the later stages (`layer2s.<e>`, `layer3s.<e>`, widths e.g. 24/48
-for `widths: ride`) and its own head (`linears.<e>`). Option-A shortcuts pad (planes - in_planes) // 2
+for `widths: ride`) and its own head (`linears.<e>`). `shared_stages: none` shares nothing (NCL's
+independent networks, official Bazinga699/NCL `multi_Network`): each expert also has its own stem
+(`conv1s.<e>`, `bn1s.<e>`, as wide as its first stage) and `layer1s.<e>`. Option-A shortcuts pad (planes - in_planes) // 2
 channels on each side (the official RIDE form; equal to planes // 4 for the plain widths).
 `rsg=True` adds RSG's training-only module (Wang et al., CVPR 2021; models/rsg.py, official
 Jianf-Wang/RSG `models/resnet_cifar.py`, commit 3c5074511455428d81af89e1621493dcdb5db6ce) on the
@@ -87,7 +89,7 @@ class CifarResNet(ExpertNetwork, Classifier):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         if not isinstance(bbn, bool):
             raise ValueError(f"bbn must be true or false, got {bbn!r}")
-        spec = parse_experts(experts, plain_widths=(16, 32, 64))
+        spec = parse_experts(experts, plain_widths=(16, 32, 64), allow_independent=True)
         if spec is not None and bbn:
             raise ValueError("bbn and experts are two different networks: set one of them")
         if not isinstance(rsg, bool):
@@ -97,10 +99,13 @@ class CifarResNet(ExpertNetwork, Classifier):
         if rsg and spec is not None:
             raise ValueError("rsg and experts cannot be combined (RSG's module sits on the one layer2 of a plain net)")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
         self.num_experts = 0
         self._rsg_hook, self.rsg = None, None
+        if spec is not None and spec.independent:  # NCL: every expert has its own stem (conv1s / bn1s)
+            self._build_experts(spec, n, head, num_classes, in_channels=in_channels)
+            return
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
         if spec is not None:
             self._build_experts(spec, n, head, num_classes)
             return
@@ -136,11 +141,16 @@ class CifarResNet(ExpertNetwork, Classifier):
         return nn.Sequential(*[BasicBlockA(in_planes if i == 0 else planes, planes, stride if i == 0 else 1)
                                for i in range(n)])
 
-    def _build_experts(self, spec, n: int, head: str, num_classes: int) -> None:
+    def _build_experts(self, spec, n: int, head: str, num_classes: int, in_channels: int = 3) -> None:
         # registration order = the plain network's (stem, layer1.., expert stages, heads), so with
         # E = 1 and full widths the kaiming init draws the same numbers as the plain network
         plain = ((16, 1), (32, 2), (64, 2))
         in_planes = 16
+        if spec.independent:  # own stems, as wide as each expert's first stage (16 for full widths)
+            in_planes = spec.widths[0]
+            self.conv1s = nn.ModuleList(nn.Conv2d(in_channels, in_planes, 3, 1, 1, bias=False)
+                                        for _ in range(spec.num))
+            self.bn1s = nn.ModuleList(nn.BatchNorm2d(in_planes) for _ in range(spec.num))
         for k in range(spec.shared_stages):
             planes, stride = plain[k]
             setattr(self, f"layer{k + 1}", self._stage(in_planes, planes, stride, n))
@@ -166,6 +176,8 @@ class CifarResNet(ExpertNetwork, Classifier):
                 nn.init.kaiming_normal_(m.weight)
 
     def _shared(self, images: torch.Tensor) -> torch.Tensor:
+        if self.expert_spec.independent:
+            return images
         out = F.relu(self.bn1(self.conv1(images)))
         for k in range(self.expert_spec.shared_stages):
             out = getattr(self, f"layer{k + 1}")(out)
@@ -173,6 +185,8 @@ class CifarResNet(ExpertNetwork, Classifier):
 
     def expert_branch(self, shared: torch.Tensor, index: int) -> torch.Tensor:
         out = shared
+        if self.expert_spec.independent:
+            out = F.relu(self.bn1s[index](self.conv1s[index](out)))
         for k in range(self.expert_spec.shared_stages, 3):
             out = getattr(self, f"layer{k + 1}s")[index](out)
         return out

@@ -8,7 +8,9 @@ commit ab8be5c21124612493aff87c7cf235d950bda178: `model/ldam_drw_resnets/ride_re
 
 - ``num`` (E >= 1): number of experts.
 - ``shared_stages``: how many residual stages (after the stem) all experts share. The official CIFAR
-  network shares layer1 (1), the ImageNet one layer1 + layer2 (2; ``share_layer3`` is 3).
+  network shares layer1 (1), the ImageNet one layer1 + layer2 (2; ``share_layer3`` is 3). ``none``
+  (CIFAR ResNets only) shares nothing: each expert is a whole network with its own stem (NCL,
+  Li et al. CVPR 2022, official Bazinga699/NCL ``multi_Network``: three independent ResNet-32s).
 - ``widths``: the channel widths of each expert's own stages, a list with one int per expert stage,
   ``full`` (the plain network's widths, the default) or ``ride`` (the official ``reduce_dimension``:
   3/4 of the plain widths, 24/48 on CIFAR ResNets, 192/384 for the last two ImageNet stages).
@@ -41,11 +43,19 @@ class ExpertSpec:
     widths: tuple[int, ...]
     scale: float
 
+    @property
+    def independent(self) -> bool:
+        """Nothing shared (``shared_stages: none``): every expert has its own stem and stages."""
+        return self.shared_stages == 0
 
-def parse_experts(value, *, plain_widths: tuple[int, ...], min_shared: int = 1) -> ExpertSpec | None:
+
+def parse_experts(value, *, plain_widths: tuple[int, ...], min_shared: int = 1,
+                  allow_independent: bool = False) -> ExpertSpec | None:
     """Validate ``model.params.experts`` for a network whose stages have ``plain_widths``.
 
     None / absent -> None (the plain network). Raises ValueError naming the bad key.
+    ``shared_stages: none`` (only where ``allow_independent``) gives ``ExpertSpec.shared_stages == 0``
+    with ``independent`` true: nothing shared, not even the stem.
     """
     if value is None:
         return None
@@ -59,8 +69,11 @@ def parse_experts(value, *, plain_widths: tuple[int, ...], min_shared: int = 1) 
         raise ValueError(f"experts.num must be an integer >= 1, got {num!r}")
     n_stages = len(plain_widths)
     shared = value.get("shared_stages", min_shared)
-    if isinstance(shared, bool) or not isinstance(shared, int) or not min_shared <= shared <= n_stages - 1:
-        raise ValueError(f"experts.shared_stages must be an integer in [{min_shared}, {n_stages - 1}], "
+    if allow_independent and shared == "none":
+        shared = 0
+    elif isinstance(shared, bool) or not isinstance(shared, int) or not min_shared <= shared <= n_stages - 1:
+        also = " or 'none' (independent networks, own stems)" if allow_independent else ""
+        raise ValueError(f"experts.shared_stages must be an integer in [{min_shared}, {n_stages - 1}]{also}, "
                          f"got {shared!r}")
     own = plain_widths[shared:]
     widths = value.get("widths", "full")
@@ -127,7 +140,8 @@ class ExpertNetwork:
             self.head.stacked = False
 
     def shared_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The map after the stem and the shared stages (what every expert reads)."""
+        """The map after the stem and the shared stages (what every expert reads); the images
+        themselves for independent experts (``shared_stages: none``)."""
         return self._shared(images)
 
     def expert_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
