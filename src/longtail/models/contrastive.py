@@ -10,7 +10,8 @@ ProjectionHead). Read against the official code:
 * BCL (Zhu et al., CVPR 2022), FlamieZhu/Balanced-Contrastive-Learning, commit
   f72d0703794bcec8b00da86774c9d780dc721701, `models/resnext.py` `BCLModel.head`.
 
-`ProjectionHead`: Linear(D, H) - BatchNorm1d(H) - ReLU - Linear(H, d), H = D by default, as
+`ProjectionHead`: Linear(D, H) - BatchNorm1d(H) - ReLU - Linear(H, d), H = D by default
+(`hidden_layers` such blocks; GPaCo: 2, without BatchNorm), as
 both (PaCo's CIFAR ResNet-32: 64 -> 64 -> 32; BCL: D -> D -> feat_dim), then L2
 normalisation of the output (both normalise the projected feature before the loss).
 SupCon's head has no BatchNorm: `batch_norm=False`.
