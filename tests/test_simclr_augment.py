@@ -157,6 +157,7 @@ def test_named_views_and_bad_parameters():
     assert base.view("regular") is base
     assert set(VIEWS) == {"regular", "simclr", "simclr_randaugment", "randaugment", "crop_jitter"}
     assert base.view("crop_jitter").crop_jitter and base.view("crop_jitter").crop_padding == 2
+    assert set(VIEWS) == {"regular", "simclr", "simclr_randaugment", "randaugment", "mocov2"}
     assert base.view("simclr").simclr and base.view("simclr").policy == "none"
     assert base.view("simclr_randaugment").policy == "randaugment"
     assert base.view("randaugment").randaugment["num_ops"] == 1 and base.view("randaugment").crop_padding == 2

@@ -16,6 +16,7 @@ from .simclr_augment import check_jitter, color_jitter as jitter_colors, random_
 from .strong_augment import POLICIES, autoaugment_cifar10, check_randaugment, cutout, rand_augment
 
 VIEWS = ("regular", "simclr", "simclr_randaugment", "randaugment", "crop_jitter")
+VIEWS = ("regular", "simclr", "simclr_randaugment", "randaugment", "mocov2")
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator, shard: tuple | None = None
@@ -108,7 +109,9 @@ class BatchAugment:
 
     def view(self, name: str) -> "BatchAugment":
         """The named view pipeline (`VIEWS`) built on this one's normalisation, device, memory format,
-        crop padding and RandAugment parameters; 'regular' is this pipeline itself."""
+        crop padding and RandAugment parameters; 'regular' is this pipeline itself; 'mocov2' the
+        SimCLR view with RandomResizedCrop scale (0.2, 1) (PaCo / GPaCo's CIFAR sim view; their
+        GaussianBlur is not applied)."""
         if name == "regular":
             return self
         if name not in VIEWS:
@@ -120,6 +123,8 @@ class BatchAugment:
             return BatchAugment(crop_padding=self.crop_padding, policy="randaugment", **kw)
         if name == "crop_jitter":
             return BatchAugment(crop_padding=self.crop_padding, crop_jitter=True, **kw)
+        if name == "mocov2":  # PaCo's CIFAR `augmentation_sim_cifar` without its Gaussian blur
+            return BatchAugment(simclr=True, resized_crop_scale=(0.2, 1.0), **kw)
         return BatchAugment(simclr=True, policy="randaugment" if name == "simclr_randaugment" else "none", **kw)
 
     def two_views(self, images: torch.Tensor, generator: torch.Generator, shard: tuple | None = None,

@@ -1,7 +1,7 @@
 """Contrastive building blocks: a projection head, a feature queue and a momentum encoder.
 
-Shared pieces for the contrastive long-tail methods (PaCo, BCL, ProCo); no method uses them
-yet. Read against the official code:
+Shared pieces for the contrastive long-tail methods (PaCo / GPaCo: methods/paco.py; BCL uses
+ProjectionHead). Read against the official code:
 
 * PaCo (Cui et al., ICCV 2021), dvlab-research/Parametric-Contrastive-Learning, commit
   fe56535ecd716e56a72e75c4e818f2059e557584, `PaCo/LT/moco/builder.py` (MoCo v2 layout) and
@@ -10,7 +10,8 @@ yet. Read against the official code:
 * BCL (Zhu et al., CVPR 2022), FlamieZhu/Balanced-Contrastive-Learning, commit
   f72d0703794bcec8b00da86774c9d780dc721701, `models/resnext.py` `BCLModel.head`.
 
-`ProjectionHead`: Linear(D, H) - BatchNorm1d(H) - ReLU - Linear(H, d), H = D by default, as
+`ProjectionHead`: Linear(D, H) - BatchNorm1d(H) - ReLU - Linear(H, d), H = D by default
+(`hidden_layers` such blocks; GPaCo: 2, without BatchNorm), as
 both (PaCo's CIFAR ResNet-32: 64 -> 64 -> 32; BCL: D -> D -> feat_dim), then L2
 normalisation of the output (both normalise the projected feature before the loss).
 SupCon's head has no BatchNorm: `batch_norm=False`.
@@ -59,22 +60,28 @@ class ProjectionHead(nn.Module):
         hidden_features: H (default D, as both).
         batch_norm: BatchNorm1d after the first linear layer (PaCo, BCL); False: SupCon's head.
         normalize: L2-normalise the output rows (PaCo, BCL, SupCon all do before the loss).
+        hidden_layers: number of Linear(., H) [- BN] - ReLU blocks before the last linear layer (1:
+            PaCo / BCL; GPaCo's CIFAR head: 2, without BatchNorm).
     """
 
     def __init__(self, in_features: int, out_features: int, *, hidden_features: int | None = None,
-                 batch_norm: bool = True, normalize: bool = True):
+                 batch_norm: bool = True, normalize: bool = True, hidden_layers: int = 1):
         super().__init__()
         hidden = in_features if hidden_features is None else hidden_features
-        for name, value in (("in_features", in_features), ("out_features", out_features), ("hidden_features", hidden)):
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("hidden_features", hidden),
+                            ("hidden_layers", hidden_layers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name, value in (("batch_norm", batch_norm), ("normalize", normalize)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
-        layers: list[nn.Module] = [nn.Linear(in_features, hidden)]
-        if batch_norm:
-            layers.append(nn.BatchNorm1d(hidden))
-        layers += [nn.ReLU(inplace=True), nn.Linear(hidden, out_features)]
+        layers: list[nn.Module] = []
+        for i in range(hidden_layers):
+            layers.append(nn.Linear(in_features if i == 0 else hidden, hidden))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(hidden))
+            layers.append(nn.ReLU(inplace=True))
+        layers.append(nn.Linear(hidden, out_features))
         self.mlp = nn.Sequential(*layers)
         self.normalize = normalize
 
@@ -156,16 +163,20 @@ class MomentumEncoder(nn.Module):
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """theta_k <- m theta_k + (1 - m) theta_q, parameter by parameter (PaCo's expression)."""
+    def update(self, model: nn.Module, *, exclude: tuple[str, ...] = ()) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q, parameter by parameter (PaCo's expression).
+        exclude: names of `model`'s direct submodules left out of the pairing (a model that holds
+        this encoder, or parts added after the copy, such as PaCo's queue)."""
         m = self.momentum
-        mine, theirs = list(self.module.parameters()), list(model.parameters())
+        mine = list(self.module.parameters())
+        theirs = [p for n, p in model.named_parameters() if n.split(".", 1)[0] not in exclude]
         if len(mine) != len(theirs):
             raise ValueError("the momentum encoder and the model have different parameters")
         for p_k, p_q in zip(mine, theirs):
             p_k.copy_(p_k * m + p_q.detach() * (1.0 - m))
         if self.buffers == "copy":
-            for b_k, b_q in zip(self.module.buffers(), model.buffers()):
+            theirs_b = [b for n, b in model.named_buffers() if n.split(".", 1)[0] not in exclude]
+            for b_k, b_q in zip(self.module.buffers(), theirs_b):
                 b_k.copy_(b_q)
 
     def forward(self, *args, **kwargs):
