@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from .simclr_augment import check_jitter, color_jitter as jitter_colors, random_grayscale, simclr_view
 from .strong_augment import POLICIES, autoaugment_cifar10, check_randaugment, cutout, rand_augment
 
-VIEWS = ("regular", "simclr", "simclr_randaugment", "randaugment", "crop_jitter")
-VIEWS = ("regular", "simclr", "simclr_randaugment", "randaugment", "mocov2")
+VIEWS = ("regular", "simclr", "simclr_randaugment", "randaugment", "crop_jitter", "mocov2")
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator, shard: tuple | None = None

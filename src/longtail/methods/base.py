@@ -32,7 +32,7 @@ expert aggregation).
 
 Extra views (contrastive methods: BCL; later PaCo, ProCo, KCL, GLMC): with `views` non-empty the
 loop makes, from the same raw uint8 batch as the main view (`images`), one augmented view per
-name (`BatchAugment.view`: 'regular', 'simclr', 'simclr_randaugment', 'randaugment', 'crop_jitter'), drawing
+name (`BatchAugment.view`: 'regular', 'simclr', 'simclr_randaugment', 'randaugment', 'crop_jitter', 'mocov2'), drawing
 from the step's generator after the main view, in order, for the whole global batch (resume and
 sharding stay exact, on the device-resident path too), and puts them in `self.batches.views`
 before `training_step`. `views = ()` (every plain method) draws nothing more: bitwise the
