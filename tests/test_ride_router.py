@@ -332,3 +332,23 @@ def test_router_configs(folder):
     assert cfg.sampler.name == "class_aware" and cfg.sampler.params == {"samples_per_class": 1}
     assert cfg.model.params["experts"] == {"num": 3, "shared_stages": 1, "widths": "ride", "scale": 30.0}
     assert p["stage1"].endswith("ride/checkpoints/last.pt")
+
+
+def test_routed_network_exports_and_predicts_routed(ride_stage1, tmp_path):
+    """predict / export use the network's forward, which routes with masks: the exported program's
+    output equals the dynamic routing."""
+    from longtail.export import export_run
+    from longtail.runmodel import load_run_model
+
+    run = tmp_path / "router"
+    train_run(config_from_dict(tiny_config(**{**router_cfg(ride_stage1 / "checkpoints" / "last.pt"), "train.epochs": 1})),
+              run, arrays=tiny_arrays(), evaluate=False)
+    export_run(run, tmp_path / "m.pt2")
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    model = load_run_model(run, which="last")[0].eval()
+    meta = json.loads((run / "data.json").read_text()) if (run / "data.json").is_file() else None
+    images = torch.randint(0, 256, (5, 8, 8, 3), dtype=torch.uint8)
+    mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1) if meta else 0
+    std = torch.tensor(meta["std"]).view(1, -1, 1, 1) if meta else 1
+    x = (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    torch.testing.assert_close(program(images), routed_forward(model, x)[0], rtol=1e-4, atol=1e-4)
