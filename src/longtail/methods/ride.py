@@ -14,8 +14,8 @@ Official code read: frank-xwang/RIDE-LongTailRecognition at ab8be5c21124612493af
 - DRW: the run's `reweight` section (effective number, beta 0.9999, from 0-idx epoch 160 of 200,
   official `reweight_epoch: 160` with its 1-based `epoch > 160`); the ride loss switches its
   per-class diversity temperatures on with the class weights, as the official does;
-- prediction: the plain forward, the mean of the expert logits (official `final_out`); all experts,
-  the router (EA) is a second stage not implemented here.
+- prediction: the plain forward, the mean of the expert logits (official `final_out`); all experts
+  (the router, EA, is the second stage `ride_router`).
 
 - distillation (`teacher`, official `RIDELossWithDistill`, `trainer/trainer.py` with `distill: true`,
   `configs/config_imbalance_cifar100_distill_ride.json`): a frozen bigger RIDE network (a run folder
