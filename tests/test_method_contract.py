@@ -23,6 +23,8 @@ from longtail.optim import ParamGroup, build_optimizer
 from longtail.registry import METHODS
 from longtail.runs import train_run
 
+RIDE_NET = {"model.name": "resnet20", "model.head": "cosine",
+            "model.params": {"experts": {"num": 2, "shared_stages": 1, "widths": "ride", "scale": 30.0}}}
 # config overrides a method needs beyond tiny_config's defaults ("STAGE1" is replaced by a stage-1 checkpoint)
 SETUP = {
     "crt": {"method.params": {"stage1": "STAGE1"}, "sampler.name": "class_aware"},
@@ -39,8 +41,7 @@ SETUP = {
     "dro_lt": {"method.params": {"stage1": "STAGE1"}}, "dro_lt_classifier": {"method.params": {"stage1": "STAGE1"}},
     "weight_balancing": {"method.params": {"stage1": "STAGE1"}, "loss.name": "cb_softmax_bce", "constraint": {"name": "max_norm"}},
     "bbn": {"model.name": "resnet20", "model.params": {"bbn": True}},  # BBN's two-branch network
-    "ride": {"model.name": "resnet20", "model.head": "cosine", "loss.name": "ride",  # RIDE's expert network
-             "model.params": {"experts": {"num": 2, "shared_stages": 1, "widths": "ride", "scale": 30.0}}},
+    "ride": {**RIDE_NET, "loss.name": "ride"},  # RIDE's expert network
     "m2m": {"method.params": {"classifier": "STAGE1", "start_epoch": 0}},  # g: the CE stage-1 run; generating
     "metasaug": {"data.val_per_class": 2, "method.params": {"start_epoch": 0}},  # meta set; the meta step itself
     "cmo": {"train.cutmix_alpha": 1.0, "method.params": {"start_data_aug": -1, "end_data_aug": 0}},  # CutMix pastes its batch
@@ -53,15 +54,23 @@ SETUP = {
     "lfme": {"data.val_per_class": 2, "method.params": {"experts": "STAGE1"}},  # one full-data expert: the CE run
     "ncl": {"model.name": "resnet20", "loss.name": "ncl", "loss.params": {"hard_classes": 2},  # independent experts
             "model.params": {"experts": {"num": 2, "shared_stages": "none"}}},
+    "ride_router": {"method.params": {"stage1": "STAGE1", "top_k": 2}, **RIDE_NET},  # on a `ride` stage 1
 }
+STAGE1_OF = {"ride_router": "ride"}  # stage-2 methods whose stage 1 is not the plain CE run: its SETUP
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
-    root = tmp_path_factory.mktemp("contract_stage1")
-    cfg = config_from_dict(tiny_config(**{"train.epochs": 1}))
-    train_run(cfg, root / "s1", arrays=tiny_arrays(), evaluate=False)
-    return root / "s1" / "checkpoints" / "last.pt"
+def stage1_runs(tmp_path_factory):
+    """Stage-1 checkpoints by stage-1 method name, trained (1 epoch) when first asked for."""
+    root, made = tmp_path_factory.mktemp("contract_stage1"), {}
+
+    def get(method: str = "standard"):
+        if method not in made:
+            over = {"train.epochs": 1, **({"method.name": method, **SETUP.get(method, {})} if method != "standard" else {})}
+            train_run(config_from_dict(tiny_config(**over)), root / method, arrays=tiny_arrays(), evaluate=False)
+            made[method] = root / method / "checkpoints" / "last.pt"
+        return made[method]
+    return get
 
 
 def _config(name: str, stage1_path) -> dict:
@@ -79,7 +88,8 @@ def test_every_registered_method_is_exercised():
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_recipe_step_state_and_rebuild(name, stage1, tmp_path):
+def test_recipe_step_state_and_rebuild(name, stage1_runs, tmp_path):
+    stage1 = stage1_runs(STAGE1_OF.get(name, "standard"))
     cfg = config_from_dict(_config(name, stage1))
     data = build_data(cfg.data, arrays=tiny_arrays())
     torch.manual_seed(0)
