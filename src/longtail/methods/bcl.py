@@ -33,6 +33,40 @@ from ..registry import METHODS
 from .base import Method, StepResult
 
 
+def check_two_views(views) -> tuple[str, str]:
+    """The two contrastive view pipelines of `method.params.views` (names of data.augment.VIEWS),
+    as a tuple; ValueError naming the key otherwise. Shared by BCL and ProCo."""
+    if isinstance(views, str) or not isinstance(views, (list, tuple)) or len(views) != 2:
+        raise ValueError(f"views must be a list of two view pipelines ({', '.join(VIEWS)}), got {views!r}")
+    for v in views:
+        if v not in VIEWS:
+            raise ValueError(f"views: unknown view pipeline {v!r}; one of {', '.join(VIEWS)}")
+    return tuple(views)
+
+
+def refuse_batch_mixing(cfg, method: str) -> None:
+    """The two-view contrastive methods (BCL, ProCo) pair each image's views with its own label:
+    mixup / CutMix of the regular view is refused with a one-line ConfigError."""
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(cfg.train, key, 0) > 0:
+            raise ConfigError(f"method '{method}' does not mix batches; set train.{key}: 0")
+
+
+def forward_three_views(forward, images: torch.Tensor, batches, *, joint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (3B, D) of [regular view, contrastive view 1, view 2] and the regular view's
+    logits (B, C). The loop hands the two views in `batches.views`; called outside the loop (no
+    views: a direct call, the contract test) the images stand in for both. `joint`: one backbone
+    pass over the concatenated 3B images, so BatchNorm statistics span all three (BCL's and
+    ProCo's official code); false: three passes. Shared by BCL and ProCo."""
+    views = batches.views if batches is not None and batches.views else (images, images)
+    B = images.shape[0]
+    if joint:
+        pooled, logits = forward(torch.cat([images, *views], dim=0))
+        return pooled, logits[:B]
+    outs = [forward(x) for x in (images, *views)]
+    return torch.cat([o[0] for o in outs], 0), outs[0][1]
+
+
 def balanced_supcon(features: torch.Tensor, target: torch.Tensor, prototypes: torch.Tensor | None, *,
                     num_classes: int, temperature: float, class_averaging: bool = True) -> torch.Tensor:
     """BCL's balanced supervised contrastive loss (paper Eq. 7; official `BalSCL.forward`).
@@ -101,12 +135,7 @@ class BCL(Method):
         self.temperature = number("temperature", temperature, low=0, low_open=True)
         self.feat_dim = integer("feat_dim", feat_dim, low=1)
         self.scale = number("scale", scale, low=0, low_open=True)
-        if isinstance(views, str) or not isinstance(views, (list, tuple)) or len(views) != 2:
-            raise ValueError(f"views must be a list of two view pipelines ({', '.join(VIEWS)}), got {views!r}")
-        for v in views:
-            if v not in VIEWS:
-                raise ValueError(f"views: unknown view pipeline {v!r}; one of {', '.join(VIEWS)}")
-        self.views = tuple(views)
+        self.views = check_two_views(views)
         for name, value in (("class_averaging", class_averaging), ("class_complement", class_complement),
                             ("joint_forward", joint_forward)):
             if not isinstance(value, bool):
@@ -115,9 +144,7 @@ class BCL(Method):
         if cfg.model.head not in ("cosine", "linear"):
             raise ConfigError(f"method 'bcl' makes its class prototypes from a cosine or linear head's weights; "
                               f"model.head is '{cfg.model.head}'")
-        for key in ("mixup_alpha", "cutmix_alpha"):
-            if getattr(cfg.train, key, 0) > 0:
-                raise ConfigError(f"method 'bcl' does not mix batches; set train.{key}: 0")
+        refuse_batch_mixing(cfg, "bcl")
 
     def build_model(self) -> Classifier:
         model = super().build_model()
@@ -135,16 +162,9 @@ class BCL(Method):
 
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
                       generator: torch.Generator) -> StepResult:
-        """The loop hands the two contrastive views in `self.batches.views`; called outside the loop
-        (no views: a direct call, the contract test), the images stand in for both views."""
-        views = self.batches.views if self.batches is not None and self.batches.views else (images, images)
+        """The two contrastive views come from `self.batches.views` (`forward_three_views`)."""
         B = images.shape[0]
-        if self.joint_forward:
-            pooled, logits = forward(torch.cat([images, *views], dim=0))
-            logits = logits[:B]
-        else:
-            outs = [forward(x) for x in (images, *views)]
-            pooled, logits = torch.cat([o[0] for o in outs], 0), outs[0][1]
+        pooled, logits = forward_three_views(forward, images, self.batches, joint=self.joint_forward)
         if self.cfg.model.head == "cosine":
             logits = logits * self.scale
         projected = model.contrastive_head(pooled)
