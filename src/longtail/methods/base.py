@@ -57,6 +57,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..data.augment import BatchAugment
 from ..data.mixup import cutmix_batch, mixup_batch
 from ..errors import ConfigError
 from ..eval.metrics import compute_metrics
@@ -222,6 +223,19 @@ class Method:
         (possibly DDP-wrapped) forward pass; `model` gives access to weights. ISDA overrides this."""
         return forward(images)[1]
 
+    def direct_fetch(self, device):
+        """A stand-in for `self.batches.fetch` without a loop (a step called directly, as the contract
+        test does): the training split read and augmented the loop's way (`loop_augment`), one process."""
+        if getattr(self, "_direct_augment", None) is None:
+            self._direct_augment = loop_augment(self.cfg, self.data, device)
+        augment = self._direct_augment
+
+        def fetch(positions, generator):
+            raw = torch.from_numpy(self.data.train.batch(positions)).to(device)
+            return augment(raw, generator), torch.from_numpy(self.data.train.labels[positions]).to(device)
+
+        return fetch
+
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss: Loss,
                       generator: torch.Generator) -> StepResult:
         """The loss of one batch. With train.mixup_alpha > 0 the batch is mixed (Zhang et al.
@@ -319,6 +333,16 @@ def build_recipe(cfg, data, services: Services | None = None) -> Recipe:
     ConfigError naming its config section, so bad names or parameters fail before a run folder
     exists."""
     return _checked(cfg, "method", lambda: build_method(cfg, data)).build(services)
+
+
+def loop_augment(cfg, data, device) -> BatchAugment:
+    """The loop's training augmentation (train.augment) as a BatchAugment on `device`, for a method
+    that augments images outside the loop's batches (BBN's / CMO's direct fetch, MetaSAug's meta
+    batch, SADE's test-time views)."""
+    a, t = cfg.train.augment, cfg.train
+    return BatchAugment(mean=data.mean, std=data.std, crop_padding=a.crop_padding, flip=a.flip, device=device,
+                        channels_last=t.channels_last, policy=a.policy, randaugment_n=a.randaugment_n,
+                        randaugment_m=a.randaugment_m, randaugment_mstd=a.randaugment_mstd, cutout=a.cutout)
 
 
 def rebuild_model(cfg, info, checkpoint: dict) -> Classifier:

@@ -58,7 +58,6 @@ import math
 import numpy as np
 import torch
 
-from ..data.augment import BatchAugment
 from ..losses._checks import choice, integer
 from ..models import Classifier
 from ..registry import METHODS
@@ -158,7 +157,6 @@ class BBN(Method):
         self.alpha = bbn_alpha(0, self.div_epochs, self.alpha_schedule)
         self._sampler: BilateralSampler | None = None
         self._epoch = self._step = 0  # the step counter when no loop hands its TrainBatches (direct use)
-        self._augment: BatchAugment | None = None
 
     def build_model(self) -> Classifier:
         model = super().build_model()
@@ -176,29 +174,12 @@ class BBN(Method):
             self._sampler = BilateralSampler(self.data.train.labels, self.data.class_counts, self.second_sampler)
         return self._sampler
 
-    def _direct_fetch(self, device):
-        """Without a loop (a step called directly): the training split read and augmented the
-        loop's way (BatchAugment with train.augment), for one process."""
-        if self._augment is None:
-            a = self.cfg.train.augment
-            self._augment = BatchAugment(mean=self.data.mean, std=self.data.std, crop_padding=a.crop_padding,
-                                         flip=a.flip, device=device, channels_last=self.cfg.train.channels_last,
-                                         policy=a.policy, randaugment_n=a.randaugment_n,
-                                         randaugment_m=a.randaugment_m, randaugment_mstd=a.randaugment_mstd,
-                                         cutout=a.cutout)
-
-        def fetch(positions, generator):
-            raw = torch.from_numpy(self.data.train.batch(positions)).to(device)
-            return self._augment(raw, generator), torch.from_numpy(self.data.train.labels[positions]).to(device)
-
-        return fetch
-
     def training_step(self, model: Classifier, forward, images, target, loss, generator) -> StepResult:
         b = self.batches
         if b is not None:
             epoch, step, size, fetch = b.epoch, b.step, b.global_size, b.fetch
         else:
-            epoch, step, size, fetch = self._epoch, self._step, images.shape[0], self._direct_fetch(images.device)
+            epoch, step, size, fetch = self._epoch, self._step, images.shape[0], self.direct_fetch(images.device)
         self._step = step + 1
         g = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, epoch, step))
         images_r, target_r = fetch(self.rebalancing_sampler().draw(size, g), g)

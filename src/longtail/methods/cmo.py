@@ -42,7 +42,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.augment import BatchAugment
 from ..data.mixup import cutmix_batch
 from ..losses._checks import choice, integer, number
 from ..registry import METHODS
@@ -112,7 +111,6 @@ class CMO(Method):
                              "train.cutmix_prob is its share of mixed steps (official 0.5)")
         self._sampler: MinoritySampler | None = None
         self._epoch = self._step = 0  # the step counter when no loop hands its TrainBatches (direct use)
-        self._augment: BatchAugment | None = None
 
     def active(self, epoch: int) -> bool:
         """Whether 0-idx `epoch` mixes (official `start_data_aug < epoch < epochs - end_data_aug`)."""
@@ -128,23 +126,6 @@ class CMO(Method):
                                             weighted_alpha=self.weighted_alpha, weighting=self.weighting)
         return self._sampler
 
-    def _direct_fetch(self, device):
-        """Without a loop (a step called directly): the training split read and augmented the
-        loop's way (BatchAugment with train.augment), for one process."""
-        if self._augment is None:
-            a = self.cfg.train.augment
-            self._augment = BatchAugment(mean=self.data.mean, std=self.data.std, crop_padding=a.crop_padding,
-                                         flip=a.flip, device=device, channels_last=self.cfg.train.channels_last,
-                                         policy=a.policy, randaugment_n=a.randaugment_n,
-                                         randaugment_m=a.randaugment_m, randaugment_mstd=a.randaugment_mstd,
-                                         cutout=a.cutout)
-
-        def fetch(positions, generator):
-            raw = torch.from_numpy(self.data.train.batch(positions)).to(device)
-            return self._augment(raw, generator), torch.from_numpy(self.data.train.labels[positions]).to(device)
-
-        return fetch
-
     def training_step(self, model, forward, images, target, loss, generator) -> StepResult:
         t = self.cfg.train
         b = self.batches
@@ -154,7 +135,7 @@ class CMO(Method):
             epoch, step, size, fetch = self._epoch, self._step, images.shape[0], None
         self._step = step + 1
         if self.active(epoch) and float(torch.rand(1, generator=generator)) < t.cutmix_prob:
-            fetch = fetch or self._direct_fetch(images.device)
+            fetch = fetch or self.direct_fetch(images.device)
             g = torch.Generator().manual_seed(minority_seed(t.seed, epoch, step))
             images2, target2 = fetch(self.minority_sampler().draw(size, g), g)
             mixed, target2, lam = cutmix_batch(images, target, alpha=t.cutmix_alpha, generator=generator,

@@ -47,7 +47,6 @@ mode, on the student's images renormalised to the expert's mean / std when they 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,12 +57,11 @@ from ..data.build import DataInfo, Split, class_subset_index
 from ..data.samplers import Sampler, split_batch
 from ..errors import CheckpointError, ConfigError, LongtailError
 from ..eval.predict import predict
-from ..io import safe_torch_load
 from ..losses._checks import number
 from ..models import Classifier
 from ..registry import METHODS
-from ..rundir import RunDir
 from .base import Method, StepResult, rebuild_model
+from .frozen import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -216,23 +214,16 @@ class LFME(Method):
         """A frozen expert from a run folder (its last.pt and data.json) or a checkpoint file, rebuilt
         from its own config; one-line errors name the key and the path."""
         key = f"method.params.experts ({where})"
-        path = Path(where)
+        state, run = read_checkpoint(where, key="method.params.experts", action="using as an LFME expert")
         info = None
         try:
-            if path.is_dir():
-                run = RunDir(path).require()
-                state, _ = run.load_checkpoint("last", action="using as an LFME expert")
+            if run is not None:
                 info = DataInfo.from_json(run.read_data_info())
-            elif path.exists():
-                state = safe_torch_load(path)
-            else:
-                raise CheckpointError("no such run folder or checkpoint file")
         except LongtailError as err:
             raise CheckpointError(f"{key}: {str(err).splitlines()[0]}") from None
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{key}: unreadable data.json: {str(err).splitlines()[0]}") from None
-        if not isinstance(state, dict) or not isinstance(state.get("model"), dict) \
-                or not isinstance(state.get("config"), dict):
+        if not isinstance(state.get("config"), dict):
             raise CheckpointError(f"{key}: not a longtail checkpoint (no model weights or config)")
         names = list(self.data.class_names)
         try:

@@ -54,7 +54,6 @@ or before `start_epoch`). Under DDP each rank translates within its own shard (s
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,12 +62,11 @@ import torch.nn.functional as F
 from ..config import config_from_dict
 from ..data.samplers import Sampler, epoch_rng
 from ..errors import CheckpointError, ConfigError, LongtailError
-from ..io import safe_torch_load
 from ..losses._checks import number
 from ..models import Classifier
 from ..registry import METHODS
-from ..rundir import RunDir
-from .base import Method, StepResult, rebuild_model
+from .base import Method, StepResult
+from .frozen import read_checkpoint, rebuild_frozen
 
 log = logging.getLogger(__name__)
 
@@ -218,33 +216,22 @@ class M2m(Method):
     def load_classifier(self) -> Classifier:
         """g from `classifier`: a run folder's last.pt or a checkpoint file, rebuilt by the run's own
         method from the config saved in it; frozen, in eval mode. One-line errors name the key."""
-        where = f"method.params.classifier ({self.classifier})"
-        path = Path(self.classifier)
-        try:
-            if path.is_dir():
-                state, _ = RunDir(path).require().load_checkpoint("last", action="using as M2m's classifier")
-            else:
-                state = safe_torch_load(path)
-        except LongtailError as err:
-            raise CheckpointError(f"{where}: {str(err).splitlines()[0]}") from None
-        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-            raise CheckpointError(f"{where}: not a longtail checkpoint (no model weights)")
+        key = "method.params.classifier"
+        state, _ = read_checkpoint(self.classifier, key=key, action="using as M2m's classifier")
         saved = state.get("config")
         try:
             g_cfg = config_from_dict(saved) if isinstance(saved, dict) else self.cfg
             if g_cfg.method.name == "m2m":
                 raise CheckpointError("g must be an ERM run, not an M2m run")
-            model = rebuild_model(g_cfg, self.data, state)
         except LongtailError as err:
-            raise CheckpointError(f"{where}: cannot rebuild its network: {str(err).splitlines()[0]}") from None
-        except (KeyError, RuntimeError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{where}: does not fit this data ({self.data.num_classes} classes): "
+            raise CheckpointError(f"{key} ({self.classifier}): cannot rebuild its network: "
                                   f"{str(err).splitlines()[0]}") from None
+        model = rebuild_frozen(g_cfg, self.data, state, key=key, source=self.classifier,
+                               num_classes=self.data.num_classes)
         counts = state.get("class_counts")
         if counts is not None and not np.array_equal(np.asarray(counts), np.asarray(self.data.class_counts)):
             log.warning("M2m classifier %s was trained on other class counts than this run's", self.classifier)
-        model.requires_grad_(False)
-        return model.eval()
+        return model
 
     # -- per epoch / per step
     def on_epoch_start(self, epoch: int, loss) -> None:

@@ -52,7 +52,7 @@ from ..losses._checks import choice, integer, number
 from ..models import Classifier
 from ..optim import learning_rate
 from ..registry import METHODS
-from .base import StepResult
+from .base import StepResult, loop_augment
 from .isda import ISDA, isda_logits
 
 OFFICIAL_START = 160 / 200  # the official switch to MetaSAug: epoch 160 of 200
@@ -160,12 +160,7 @@ class MetaSAug(ISDA):
         g = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
         pos = torch.randperm(len(val), generator=g)[:self.meta_batch_size].numpy()
         if self._augment is None:
-            a = self.cfg.train.augment
-            self._augment = BatchAugment(mean=self.data.mean, std=self.data.std, crop_padding=a.crop_padding,
-                                         flip=a.flip, device=device, channels_last=self.cfg.train.channels_last,
-                                         policy=a.policy, randaugment_n=a.randaugment_n,
-                                         randaugment_m=a.randaugment_m, randaugment_mstd=a.randaugment_mstd,
-                                         cutout=a.cutout)
+            self._augment = loop_augment(self.cfg, self.data, device)
         images = self._augment(torch.from_numpy(val.batch(pos)).to(device), g)
         return images, torch.from_numpy(val.labels[pos]).to(device)
 

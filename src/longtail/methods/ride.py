@@ -41,7 +41,6 @@ forward). The methods have no state of their own: --resume is exact (the teacher
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,15 +49,14 @@ import torch.nn.functional as F
 from ..config import config_from_dict
 from ..errors import CheckpointError, ConfigError, LongtailError
 from ..eval.metrics import compute_metrics
-from ..io import safe_torch_load
 from ..losses._checks import integer, number
 from ..models import Classifier
 from ..models.expert_router import ExpertRouter, RoutedExperts, router_loss, router_scores, router_targets
 from ..models.expert_router import routed_forward, routing_flops
 from ..registry import METHODS
-from ..rundir import RunDir
-from .base import Method, StepResult, rebuild_model
+from .base import Method, StepResult
 from .decoupled import _FromStage1
+from .frozen import read_checkpoint, rebuild_frozen
 
 log = logging.getLogger(__name__)
 
@@ -152,29 +150,16 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float)
 def load_teacher(source: str, *, cfg, data) -> Classifier:
     """The frozen RIDE teacher from `source`: a run folder's last.pt or a checkpoint file, rebuilt by
     its own config (else this run's). One-line CheckpointError naming method.params.teacher."""
-    where = f"method.params.teacher ({source})"
-    path = Path(source)
-    try:
-        if path.is_dir():
-            state, _ = RunDir(path).require().load_checkpoint("last", action="using as RIDE's teacher")
-        else:
-            state = safe_torch_load(path)
-    except LongtailError as err:
-        raise CheckpointError(f"{where}: {str(err).splitlines()[0]}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"{where}: not a longtail checkpoint (no model weights)")
+    key = "method.params.teacher"
+    state, _ = read_checkpoint(source, key=key, action="using as RIDE's teacher")
     saved = state.get("config")
     try:
         t_cfg = config_from_dict(saved) if isinstance(saved, dict) else cfg
-        model = rebuild_model(t_cfg, data, state)
     except LongtailError as err:
-        raise CheckpointError(f"{where}: cannot rebuild its network: {str(err).splitlines()[0]}") from None
-    except (KeyError, RuntimeError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: does not fit this data ({data.num_classes} classes): "
-                              f"{str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"{key} ({source}): cannot rebuild its network: {str(err).splitlines()[0]}") from None
+    model = rebuild_frozen(t_cfg, data, state, key=key, source=source, num_classes=data.num_classes)
     if not getattr(model, "num_experts", 0):
         log.warning("RIDE teacher %s is not a multi-expert network; distilling from its logits", source)
-    model.requires_grad_(False)
     return model
 
 
