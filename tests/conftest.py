@@ -127,3 +127,23 @@ def interrupted_then_resumed(cfg: dict, run: Path, monkeypatch, *, stop_after_ep
     cut = safe_torch_load(run / "checkpoints/last.pt")
     train_run(None, run, resume=True, arrays=arrays, evaluate=evaluate)
     return cut
+
+
+def check_expert_step(**over) -> None:
+    """A multi-expert method's step (RIDE, NCL) is its loss of the network's (E, B, C) expert logits
+    with the same BatchNorm batch statistics, its accuracy logits the expert mean, and the eval
+    forward the expert mean."""
+    import torch
+
+    _, _, recipe = tiny_recipe(**over)
+    model, loss, method = recipe.model, recipe.loss, recipe.method
+    model.train()
+    images, target = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    torch.manual_seed(1)
+    result = method.training_step(model, split_forward(model), images, target, loss, torch.Generator())
+    torch.manual_seed(1)
+    logits = model.expert_logits(images)  # same BN batch statistics, train mode
+    torch.testing.assert_close(result.loss, loss(logits, target))
+    torch.testing.assert_close(result.logits, logits.mean(0))
+    model.eval()
+    torch.testing.assert_close(model(images), model.expert_logits(images).mean(0))

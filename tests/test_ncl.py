@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import full_and_resumed, last_checkpoints, split_forward, tiny_arrays, tiny_config, tiny_recipe
+from conftest import check_expert_step, full_and_resumed, last_checkpoints, tiny_arrays, tiny_config, tiny_recipe
 from longtail.errors import ConfigError
 from longtail.losses import build_loss
 from longtail.losses.ncl import NCLLoss, hard_category_mask, nbod
@@ -207,19 +207,10 @@ def test_bad_independent_params(name, experts, match):
 
 
 def test_step_is_the_loss_of_the_expert_logits():
-    cfg, data, recipe = tiny_recipe(**NCL_CFG)
-    model, loss, method = recipe.model, recipe.loss, recipe.method
+    _, _, recipe = tiny_recipe(**NCL_CFG)
+    model, loss = recipe.model, recipe.loss
     assert model.num_experts == 2 and model.expert_spec.independent and loss.hard_classes == 2
-    model.train()
-    images, target = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
-    torch.manual_seed(1)
-    result = method.training_step(model, split_forward(model), images, target, loss, torch.Generator())
-    torch.manual_seed(1)
-    logits = model.expert_logits(images)  # same BN batch statistics, train mode
-    torch.testing.assert_close(result.loss, loss(logits, target))
-    torch.testing.assert_close(result.logits, logits.mean(0))
-    model.eval()
-    torch.testing.assert_close(model(images), model.expert_logits(images).mean(0))
+    check_expert_step(**NCL_CFG)
 
 
 def test_tiny_run_resumes_exactly(tmp_path, monkeypatch):

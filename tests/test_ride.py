@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import full_and_resumed, last_checkpoints, split_forward, tiny_arrays, tiny_config, tiny_recipe
+from conftest import check_expert_step, full_and_resumed, last_checkpoints, tiny_arrays, tiny_config, tiny_recipe
 from longtail.errors import ConfigError
 from longtail.losses import build_loss, effective_number_weights
 from longtail.losses.ldam import LDAMLoss
@@ -120,19 +120,10 @@ def test_kl_target_holds_no_gradient():
 
 
 def test_step_is_the_loss_of_the_expert_logits():
-    cfg, data, recipe = tiny_recipe(**RIDE_CFG)
-    model, loss, method = recipe.model, recipe.loss, recipe.method
+    _, _, recipe = tiny_recipe(**RIDE_CFG)
+    model, loss = recipe.model, recipe.loss
     assert model.num_experts == 2 and loss.s == 30.0 and loss.additional_diversity_factor == -0.45
-    model.train()
-    images, target = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
-    torch.manual_seed(1)
-    result = method.training_step(model, split_forward(model), images, target, loss, torch.Generator())
-    torch.manual_seed(1)
-    logits = model.expert_logits(images)  # same BN batch statistics, train mode
-    torch.testing.assert_close(result.loss, loss(logits, target))
-    torch.testing.assert_close(result.logits, logits.mean(0))
-    model.eval()
-    torch.testing.assert_close(model(images), model.expert_logits(images).mean(0))
+    check_expert_step(**RIDE_CFG)
 
 
 def test_tiny_run_resumes_exactly(tmp_path, monkeypatch):

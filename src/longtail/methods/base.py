@@ -345,6 +345,20 @@ def loop_augment(cfg, data, device) -> BatchAugment:
                         randaugment_m=a.randaugment_m, randaugment_mstd=a.randaugment_mstd, cutout=a.cutout)
 
 
+@torch.no_grad()
+def class_mean_features(model: Classifier, cfg, data, device) -> torch.Tensor:
+    """(C, D) float64: each class's mean pooled feature of its un-augmented training images, the
+    network in eval mode (OLTR's memory, DRO-LT's centroids); a class without images gets zeros."""
+    t = cfg.train
+    out = predict(model, data.train, mean=data.mean, std=data.std, batch_size=t.eval_batch_size, device=device,
+                  features=True, channels_last=t.channels_last)
+    feats = torch.from_numpy(out["features"]).double()
+    labels = torch.from_numpy(out["labels"])
+    c = data.num_classes
+    sums = torch.zeros(c, feats.shape[1], dtype=torch.float64).index_add_(0, labels, feats)
+    return sums / torch.bincount(labels, minlength=c).clamp_min(1).double()[:, None]
+
+
 def rebuild_model(cfg, info, checkpoint: dict) -> Classifier:
     """The network of a trained run from its config, its `DataInfo` and a checkpoint dict, without
     its images, its stage-1 file or its initial weights file; the weights are loaded."""

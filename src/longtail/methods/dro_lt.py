@@ -45,14 +45,13 @@ import torch
 from torch import nn
 
 from ..dist import all_reduce_sum, context
-from ..eval.predict import predict
 from ..losses import Loss
 from ..losses.feature import EPSILON_ORDERS, SOFTMAX_AXES, dro_loss
 from ..models import Classifier
 from ..optim import ParamGroup
 from ..registry import METHODS
 from ..losses._checks import number
-from .base import StepResult
+from .base import StepResult, class_mean_features
 from .decoupled import _FromStage1, _FrozenBackbone
 
 CE_WEIGHTS = ("count", "none")
@@ -163,16 +162,8 @@ class DROLT(_FromStage1):
     @torch.no_grad()
     def update_centroids(self, model: Classifier, device) -> None:
         """mu_c = mean eval-mode pooled feature of class c's training images; train mode after."""
-        t = self.cfg.train
-        out = predict(model, self.data.train, mean=self.data.mean, std=self.data.std, batch_size=t.eval_batch_size,
-                      device=device, features=True, channels_last=t.channels_last)
-        feats = torch.from_numpy(out["features"]).double()
-        labels = torch.from_numpy(out["labels"])
-        c = self.data.num_classes
-        sums = torch.zeros(c, feats.shape[1], dtype=torch.float64).index_add_(0, labels, feats)
-        counts = torch.bincount(labels, minlength=c).clamp_min(1).double()
         loss = self._loss
-        loss.centroids.copy_((sums / counts[:, None]).to(loss.centroids))
+        loss.centroids.copy_(class_mean_features(model, self.cfg, self.data, device).to(loss.centroids))
         loss.centroids_ready.fill_(True)
         self.set_train_mode(model)
 

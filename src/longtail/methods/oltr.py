@@ -37,14 +37,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..eval.predict import predict
 from ..losses._checks import choice, number
 from ..losses.disc_centroids import CENTROID_GRADS, disc_centroids_loss
 from ..models import Classifier
 from ..models.oltr import OLTRNetwork
 from ..optim import ParamGroup
 from ..registry import METHODS
-from .base import StepResult
+from .base import StepResult, class_mean_features
 from .decoupled import _FromStage1
 
 HALLUCINATOR_INITS = ("stage1", "random")
@@ -122,16 +121,8 @@ class OLTR(_FromStage1):
     @torch.no_grad()
     def update_centroids(self, model: Classifier, device) -> None:
         """The memory: per-class mean direct feature of the un-augmented training images (eval mode)."""
-        t = self.cfg.train
-        out = predict(model, self.data.train, mean=self.data.mean, std=self.data.std, batch_size=t.eval_batch_size,
-                      device=device, features=True, channels_last=t.channels_last)
-        feats = torch.from_numpy(out["features"]).double()
-        labels = torch.from_numpy(out["labels"])
-        c = self.data.num_classes
-        sums = torch.zeros(c, feats.shape[1], dtype=torch.float64).index_add_(0, labels, feats)
-        counts = torch.bincount(labels, minlength=c).clamp_min(1).double()
         head = model.head
-        head.centroids.copy_((sums / counts[:, None]).to(head.centroids))
+        head.centroids.copy_(class_mean_features(model, self.cfg, self.data, device).to(head.centroids))
         head.centroids_ready.fill_(True)
         self.set_train_mode(model)
 
