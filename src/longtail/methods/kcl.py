@@ -39,7 +39,6 @@ evaluation is therefore of an untrained head: read stage 2's.
 
 from __future__ import annotations
 
-import types
 
 import torch
 import torch.nn.functional as F
@@ -131,15 +130,6 @@ class KCL(Method):
         return model
 
     @staticmethod
-    def _query_view(model: Classifier):
-        """The query network's parameters and buffers, in the key copy's order (every module but
-        kcl_key and kcl_queue, which were added after the copy)."""
-        skip = ("kcl_key.", "kcl_queue.")
-        params = [p for n, p in model.named_parameters() if not n.startswith(skip)]
-        buffers = [b for n, b in model.named_buffers() if not n.startswith(skip)]
-        return types.SimpleNamespace(parameters=lambda: iter(params), buffers=lambda: iter(buffers))
-
-    @staticmethod
     def _embed(net: Classifier, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(net.kcl_projection(pooled), dim=1)
 
@@ -163,4 +153,4 @@ class KCL(Method):
 
     def after_step(self, model: Classifier) -> None:
         super().after_step(model)
-        model.kcl_key.update(self._query_view(model))
+        model.kcl_key.update(model, exclude=("kcl_key", "kcl_queue"))  # the query net, as the copy

@@ -31,6 +31,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..dist import context
+from ..errors import ConfigError
 from ..losses._checks import choice, integer, number
 from ..models import Classifier
 from ..models.rsg import VECTORS
@@ -84,6 +86,14 @@ class RSG(Method):
         self.heads = heads
         self._head_mask: torch.Tensor | None = None
         self._epoch = 0
+
+
+    def build(self, services=None):
+        if context().world_size > 1:  # checked where the run starts, with a one-line error
+            raise ConfigError("method 'rsg' runs in one process only: its module's parameters enter a step's "
+                              "graph twice (centre and contrastive terms), which DistributedDataParallel cannot "
+                              "reduce; train it without torchrun")
+        return super().build(services)
 
     def build_model(self) -> Classifier:
         model = super().build_model()
