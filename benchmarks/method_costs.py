@@ -18,7 +18,9 @@ its validation split; rows point into a pool of random images, no image is read)
   (batch norm, activations, augmentation and the optimiser are not counted). A step is counted
   at two batch sizes (B and 2B) and fitted as a + c / B, so a per-step cost that does not grow with
   the batch (MetaSAug's meta batch of 100 validation images) is charged at the config's
-  train.batch_size. Added to it, amortised over the run's images: the method's `on_epoch_end`
+  train.batch_size. M2m and RSG, whose step's work depends on the batch's content (translated
+  seeds; head / tail classes present), are counted at their train.batch_size instead, the mean of
+  two steps. Added to it, amortised over the run's images: the method's `on_epoch_end`
   (e.g. DRO-LT's class means over the training split, counted at the measured epoch) and one-time
   work (`build_recipe`, and what the first step does more than the second: LFME's expert pass
   over the training split), over train.epochs x the sampler's epoch length.
@@ -76,6 +78,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GLOB = "configs/cifar10_lt/*.yaml"
 SOURCE_PER_CLASS = 5000  # CIFAR-10's training images per class
 POOL = 256  # random images the stand-in rows point into
+# Methods whose step's work depends on the batch's content (M2m: how many seeds are translated; RSG:
+# the head / tail classes present): counted at the config's own train.batch_size, two steps averaged.
+FULL_BATCH = ("m2m", "rsg")
 RUN_KEYS = ("stage1", "classifier", "teacher", "experts", "similarity_run")  # method.params naming other runs
 
 
@@ -328,14 +333,16 @@ def measure(config: Path, runs: Runs, *, batch: int = 16) -> dict:
                     notes.append(f"after_step raised {type(err).__name__} (not counted)")
                 return flops
 
-            first, f1, f2 = step(batch), step(batch), step(2 * batch)
-            per_image = (f2 - f1) / batch  # a + c / B fitted through B and 2B
-            per_step = f1 - per_image * batch
-            once = build_flops + max(0, first - f1) if first - f1 > 0.02 * f1 else build_flops
-            if per_step < -0.01 * f1:  # no a + c / B: the step's work depends on the data (M2m's seeds)
-                steady, per_step, once = (first + f1 + f2) / (4 * batch), 0.0, build_flops
-                notes.append(f"data-dependent: mean of {4 * batch} images in 3 steps")
+            if cfg.method.name in FULL_BATCH:
+                size = cfg.train.batch_size
+                first, f1 = step(size), step(size)
+                steady, per_step, once = (first + f1) / (2 * size), 0.0, build_flops
+                notes.append(f"data-dependent: mean of 2 steps at batch {size}")
             else:
+                first, f1, f2 = step(batch), step(batch), step(2 * batch)
+                per_image = (f2 - f1) / batch  # a + c / B fitted through B and 2B
+                per_step = f1 - per_image * batch
+                once = build_flops + max(0, first - f1) if first - f1 > 0.02 * f1 else build_flops
                 steady = per_image + per_step / cfg.train.batch_size
             epoch_images = len(order)
             run_images = epoch_images * cfg.train.epochs
