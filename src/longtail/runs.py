@@ -402,7 +402,7 @@ def _test_time_adapter(run: RunDir, cfg: RunConfig, labels: np.ndarray, subsets:
     per key on the run's network and test images (the subsets index both)."""
     data = build_data(cfg.data, arrays=arrays)
     if not np.array_equal(np.asarray(data.test.labels), labels):
-        raise ConfigError(f"{run}: the data source's test set no longer matches predictions.npz; "
+        raise ConfigError(f"{run}: the data source's test set no longer matches {RunDir.PREDICTIONS}; "
                           "re-run `longtail eval` first")
     device = resolve_device(cfg.train.device)
     method = build_method(cfg, data)

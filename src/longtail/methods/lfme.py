@@ -60,6 +60,7 @@ from ..eval.predict import predict
 from ..losses._checks import number
 from ..models import Classifier
 from ..registry import METHODS
+from ..rundir import RunDir
 from .base import Method, StepResult, rebuild_model
 from .frozen import read_checkpoint
 
@@ -222,7 +223,7 @@ class LFME(Method):
         except LongtailError as err:
             raise CheckpointError(f"{key}: {str(err).splitlines()[0]}") from None
         except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{key}: unreadable data.json: {str(err).splitlines()[0]}") from None
+            raise CheckpointError(f"{key}: unreadable {RunDir.DATA}: {str(err).splitlines()[0]}") from None
         if not isinstance(state.get("config"), dict):
             raise CheckpointError(f"{key}: not a longtail checkpoint (no model weights or config)")
         names = list(self.data.class_names)
