@@ -418,9 +418,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     configs = [Path(c) for c in args.configs] if args.configs else \
         [p for p in sorted(REPO.glob(DEFAULT_GLOB)) if p.name != "base.yaml"]
-    logging.disable(logging.WARNING)
     tic = time.time()
-    rows, skipped, made = measure_all(configs, batch=args.batch)
+    logging.disable(logging.WARNING)  # the stand-in runs' and recipes' lines; restored for the caller
+    try:
+        rows, skipped, made = measure_all(configs, batch=args.batch)
+    finally:
+        logging.disable(logging.NOTSET)
     machine = (f"cpu: {cpu_model()}; torch {torch.__version__}; python {platform.python_version()}; "
                f"{torch.get_num_threads()} thread(s); {time.time() - tic:.0f} s")
     print(table(rows, skipped))
