@@ -5,8 +5,8 @@
 # Rerun the same command after an interruption: finished runs are skipped, a cut-off run resumes.
 # @BRANCH_SOURCE (a checkpoint, e.g. runs/bench/ce/checkpoints/epoch24.pt) starts a new run from
 # it with --branch-from (docs/training.md, branching); it waits until that file exists.
-# EXTRA="train.precision=bf16 ..." adds overrides to every new or branching run (a resumed run keeps
-# the config it was started with).
+# EXTRA="train.precision=bf16 ..." adds overrides to every run, resumed ones included (resume refuses
+# to change the saved config, so give the same EXTRA as at the start).
 set -uo pipefail
 core=$1; shift
 for pair in "$@"; do
@@ -17,7 +17,7 @@ for pair in "$@"; do
   if [ -f "$run/eval.json" ]; then echo "skip $run (finished)"; continue; fi
   read -r -a extra <<< "${EXTRA:-}"
   if [ -f "$run/checkpoints/last.pt" ]; then
-    extra=(--resume)
+    extra+=(--resume)  # with the same overrides: resume checks them against the saved config
   elif [ -n "$source" ]; then
     while [ ! -e "$source" ]; do sleep 60; done  # its source run is still training
     extra+=(--branch-from "$source")
