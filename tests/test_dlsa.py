@@ -534,3 +534,57 @@ def test_large_classifier_snapshots_go_to_disk_and_come_back_equal():
 
     gc.collect()
     assert not Path(folder).exists()
+
+
+# ---- the classifiers' start from the run's own head (official PaCo configs) -----------------
+
+def _linear_head_feature_set(seed=0) -> FeatureSet:
+    """The tiny feature set with a constant feature dimension and logits = W f + b of a stored head."""
+    fs = _tiny_feature_set(seed)
+    rng = np.random.default_rng(seed + 1)
+    w, b = rng.normal(size=(5, 7)).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    for split in fs.splits.values():
+        f = np.concatenate([split["features"], np.full((len(split["labels"]), 1), 2.5, np.float32)], 1)
+        split["features"], split["logits"] = f, f @ w.T + b
+    fs.head = {"weight": w, "bias": b}
+    return fs
+
+
+def test_standardised_head_gives_the_runs_logits_on_standardised_features():
+    fs = _linear_head_feature_set()
+    train = fs["train"]
+    std = Standardiser(np.asarray(train["features"], dtype=np.float64))
+    assert len(std.keep) == 6  # the constant dimension is dropped
+    weight, bias = cascade_module.standardised_head(fs.head, std, train)
+    for split in ("train", "test"):
+        x = torch.as_tensor(std(np.asarray(fs[split]["features"], dtype=np.float64)))
+        assert torch.allclose(x @ weight.T + bias, torch.as_tensor(fs[split]["logits"]), atol=1e-4)
+
+
+def test_init_from_head_starts_every_classifier_at_the_runs_head():
+    fs = _linear_head_feature_set()
+    cfg = DLSAConfig(**{**_TINY, "cls_epochs": 1, "eval_every": 1, "cls_lr": 1e-12}, init_from_head=True)
+    result = run_dlsa(fs, cfg)
+    assert result["config"]["init_from_head"] is True
+    # with no learning the classifier alone is the run's head: the same predictions
+    assert result["classifier_alone"]["last"]["top1"] == result["run_head"]["top1"]
+    assert result["classifier_alone"]["last"]["mcc"] == pytest.approx(result["run_head"]["mcc"])
+    plain = run_dlsa(fs, DLSAConfig(**{**_TINY, "cls_epochs": 1, "eval_every": 1, "cls_lr": 1e-12}))
+    assert plain["classifier_alone"]["last"]["top1"] != result["run_head"]["top1"]  # a random start differs
+
+
+def test_init_from_head_refuses_a_head_that_is_not_linear(tmp_path, monkeypatch, capsys):
+    fs = _tiny_feature_set()  # its logits are not W f + b of a stored head
+    with pytest.raises(ConfigError, match="no .classes x features. weight"):
+        run_dlsa(fs, DLSAConfig(**_TINY, init_from_head=True))
+    fs.head = {"weight": np.ones((5, 6), np.float32)}
+    with pytest.raises(ConfigError, match="plain linear head"):
+        run_dlsa(fs, DLSAConfig(**_TINY, init_from_head=True))
+    _patch_run_inputs(monkeypatch)  # the command: one line, no output folder
+    assert main(["dlsa", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--init-from-head",
+                 *_FLOW_ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init-from-head needs a run whose head is a linear layer" in err[0]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="init_from_head must be true or false"):
+        DLSAConfig(init_from_head="yes")

@@ -108,6 +108,7 @@ class DLSAConfig:
     cls_lr: float = 1e-2
     eval_every: int = 5
     tail_threshold: float | None = None  # tail: n_c <= this; None: median training count
+    init_from_head: bool = False         # every classifier's Linear_x starts from the run's linear head
     seed: int = 0
     device: str = "cpu"
 
@@ -145,6 +146,7 @@ class DLSAConfig:
              self.tail_threshold is None or (is_num(self.tail_threshold) and self.tail_threshold >= 0),
              "a number >= 0 (or unset for the median count)")
         need("flow_select", self.flow_select in FLOW_SELECT, f"one of {', '.join(FLOW_SELECT)}")
+        need("init_from_head", isinstance(self.init_from_head, bool), "true or false")
 
     @classmethod
     def from_dict(cls, values: dict) -> DLSAConfig:
@@ -177,6 +179,37 @@ class Standardiser:
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         return ((features[:, self.keep] - self.mean) / self.std).astype(np.float32)
+
+
+def standardised_head(head: dict, std: Standardiser, train: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's linear head, logits = W f + b (W (C, D), b (C,)), rewritten for the standardised
+    features x = (f[keep] - mean) / s that every DLSA classifier sees: W' = W[:, keep] * s (C, D_kept),
+    b' = b + W[:, keep] @ mean + W[:, dropped] @ mean(f[:, dropped]) (C,), so W' x + b' = W f + b (a
+    dropped dimension is constant on the training set). The official PaCo configs start the
+    classifiers from the backbone's head this way (`backbone_weight_path`, loaded into Linear_x).
+
+    `head`: FeatureSet.head ({"weight", optional "bias"}); `train`: the training split, whose stored
+    logits must be that linear function of its features, else the head is not a plain linear layer
+    (a cosine or normalised head, TDE's, an expert mean...) and a ConfigError says so.
+    """
+    if "weight" not in head:
+        raise ConfigError("--init-from-head needs a run whose head is a linear layer; this run's head has no "
+                          "(classes x features) weight")
+    f = np.asarray(train["features"], dtype=np.float64)
+    w = np.asarray(head["weight"], dtype=np.float64)
+    b = np.asarray(head.get("bias", np.zeros(w.shape[0])), dtype=np.float64)
+    logits = np.asarray(train["logits"], dtype=np.float64)
+    if w.shape != (logits.shape[1], f.shape[1]):
+        raise ConfigError(f"--init-from-head: the run's head weight {tuple(w.shape)} does not map its "
+                          f"{f.shape[1]} features to {logits.shape[1]} classes")
+    error = float(np.abs(f @ w.T + b - logits).max())
+    if error > 1e-3 * (1.0 + float(np.abs(logits).max())):
+        raise ConfigError(f"--init-from-head needs a run whose logits are W f + b of its features (a plain linear "
+                          f"head); this run's differ from that by up to {error:.3g}")
+    dropped = np.setdiff1d(np.arange(f.shape[1]), std.keep)
+    weight = w[:, std.keep] * std.std
+    bias = b + w[:, std.keep] @ std.mean + w[:, dropped] @ f[:, dropped].mean(0)
+    return torch.as_tensor(weight, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32)
 
 
 def cluster_statistics(clusters: np.ndarray, labels: np.ndarray, num_clusters: int,
@@ -394,8 +427,8 @@ class DLSACascade:
     classifier each and let the depth be compared (and chosen on validation).
     """
 
-    def __init__(self, cfg: DLSAConfig, num_classes: int):
-        self.cfg, self.num_classes = cfg, num_classes
+    def __init__(self, cfg: DLSAConfig, num_classes: int, *, head_init: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.cfg, self.num_classes, self.head_init = cfg, num_classes, head_init
         self.stages: list[_Stage] = []
         self.regular: list[tuple[torch.nn.Module, Snapshots]] = []
         self.info: list[dict] = []
@@ -409,8 +442,8 @@ class DLSACascade:
         cfg = self.cfg
         return train_classifier(model.to(features.device), features[sel], target[sel], prior_counts=counts,
                                 cluster_prior=None if prior is None else (prior[0], prior[1][sel]),
-                                epochs=cfg.cls_epochs,
-                                batch_size=cfg.cls_batch, lr=cfg.cls_lr, eval_every=cfg.eval_every, seed=seed)
+                                epochs=cfg.cls_epochs, batch_size=cfg.cls_batch, lr=cfg.cls_lr,
+                                eval_every=cfg.eval_every, seed=seed, init=self.head_init)
 
     def fit(self, features: torch.Tensor, labels: np.ndarray) -> DLSACascade:
         cfg, C, D = self.cfg, self.num_classes, features.shape[1]
@@ -550,6 +583,9 @@ def run_dlsa(feature_set, cfg: DLSAConfig | None = None, *, many_threshold: int 
         return torch.as_tensor(std(np.asarray(split["features"], dtype=np.float64)), device=device)
 
     x_train = tensor(train)
+    head_init = None
+    if cfg.init_from_head:
+        head_init = tuple(v.to(device) for v in standardised_head(feature_set.head, std, train))
     has_val = "val" in feature_set.splits and len(feature_set["val"]["labels"]) > 0
     test = feature_set["test"]
     x_test, y_test = tensor(test), np.asarray(test["labels"], dtype=np.int64)
@@ -563,14 +599,14 @@ def run_dlsa(feature_set, cfg: DLSAConfig | None = None, *, many_threshold: int 
     alone = LinearClassifier(x_train.shape[1], C).to(device)
     snaps = train_classifier(alone, x_train, torch.as_tensor(labels, device=device), prior_counts=counts,
                              epochs=cfg.cls_epochs, batch_size=cfg.cls_batch, lr=cfg.cls_lr, eval_every=cfg.eval_every,
-                             seed=int(np.random.SeedSequence([cfg.seed, 3]).generate_state(1)[0]))
+                             seed=int(np.random.SeedSequence([cfg.seed, 3]).generate_state(1)[0]), init=head_init)
     alone_seconds, alone_cpu = time.perf_counter() - t0, time.process_time() - c0
     epochs = snaps.epochs
     alone_test = _predict_alone(alone, snaps, x_test)
     alone_val = _predict_alone(alone, snaps, x_val) if has_val else None
 
     t0, c0 = time.perf_counter(), time.process_time()
-    cascade = DLSACascade(cfg, C).fit(x_train, labels)
+    cascade = DLSACascade(cfg, C, head_init=head_init).fit(x_train, labels)
     fit_seconds, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
     depths = list(range(1, cfg.depth + 1))
     test_pred = {d: cascade.predict(x_test, d) for d in depths}

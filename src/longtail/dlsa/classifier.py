@@ -111,12 +111,19 @@ class Snapshots:
 def train_classifier(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, *,
                      prior_counts, cluster_prior: tuple[torch.Tensor, torch.Tensor] | None = None, epochs: int = 150,
                      batch_size: int = 128, lr: float = 1e-2, momentum: float = 0.0,
-                     eval_every: int = 5, seed: int = 0) -> Snapshots:
+                     eval_every: int = 5, seed: int = 0,
+                     init: tuple[torch.Tensor, torch.Tensor] | None = None) -> Snapshots:
     """Train with Balanced Softmax (prior `prior_counts` (C,)); snapshots every `eval_every`
     epochs and at the last epoch: `Snapshots`, [(epoch, state_dict copy), ...]. Deterministic in `seed`.
-    `cluster_prior`: (P(y|h) table (K, C), cluster of each sample (N,) int64) or None."""
+    `cluster_prior`: (P(y|h) table (K, C), cluster of each sample (N,) int64) or None. `init`:
+    (weight (C, D), bias (C,)) for `model.linear` after the seeded init (the official PaCo configs'
+    start from the backbone's head); the cluster-aided prior layer keeps its seeded init."""
     gen = torch.Generator().manual_seed(int(seed))
     reset_parameters(model, gen)
+    if init is not None:
+        with torch.no_grad():
+            model.linear.weight.copy_(init[0])
+            model.linear.bias.copy_(init[1])
     criterion = BalancedSoftmax(class_counts=np.asarray(prior_counts, dtype=np.float64)).to(features.device)
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     snapshots = Snapshots()

@@ -58,6 +58,7 @@ def config_from_args(args):
     if values.get("scale_clamp") == 0:
         values["scale_clamp"] = None
     values["device"] = args.device
+    values["init_from_head"] = bool(args.init_from_head)
     return DLSAConfig.from_dict(values)
 
 
@@ -150,4 +151,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     for flag, key, kind, text in _OPTIONS:
         p.add_argument(flag, dest=key, type=kind, default=None, help=text)
+    p.add_argument("--init-from-head", action="store_true",
+                   help="start every classifier's feature layer from the run's own linear head (the official "
+                        "PaCo configs, used with --cls-lr 0.0001) instead of a random init")
     p.set_defaults(func=_cmd_dlsa)
