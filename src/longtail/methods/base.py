@@ -335,6 +335,18 @@ def build_recipe(cfg, data, services: Services | None = None) -> Recipe:
     return _checked(cfg, "method", lambda: build_method(cfg, data)).build(services)
 
 
+def refuse_batch_mixing(cfg, method: str, why: str = "") -> None:
+    """Refuse the loop's batch mixing (`train.mixup_alpha` / `train.cutmix_alpha` > 0) for a method
+    whose step cannot take it: a one-line ConfigError naming the method, `why` when given, and each
+    key set to mix. For a method whose `training_step` does not call `Method.training_step` (where
+    mixup and CutMix happen) the keys would otherwise be silently ignored."""
+    keys = [f"train.{key}" for key in ("mixup_alpha", "cutmix_alpha") if getattr(cfg.train, key, 0) > 0]
+    if keys:
+        reason = f" ({why})" if why else ""
+        raise ConfigError(f"method '{method}' does not take the loop's mixup / CutMix{reason}; set "
+                          + " and ".join(f"{key}: 0" for key in keys))
+
+
 def loop_augment(cfg, data, device) -> BatchAugment:
     """The loop's training augmentation (train.augment) as a BatchAugment on `device`, for a method
     that augments images outside the loop's batches (BBN's / CMO's direct fetch, MetaSAug's meta

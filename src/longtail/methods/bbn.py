@@ -61,7 +61,7 @@ import torch
 from ..losses._checks import choice, integer
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 
 ALPHA_SCHEDULES = ("parabolic_decay", "linear_decay", "cosine_decay", "parabolic_increment", "equal")
 SECOND_SAMPLERS = ("reverse", "balance", "uniform")
@@ -148,9 +148,7 @@ class BBN(Method):
         self.div_epochs = integer("div_epochs", official_div_epochs(cfg.train.epochs) if div_epochs is None
                                   else div_epochs, low=1)
         self.second_sampler = choice("second_sampler", second_sampler, SECOND_SAMPLERS)
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("BBN mixes its two branches' features itself; set train.mixup_alpha: 0 and "
-                             "train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "bbn", "BBN mixes its two branches' features itself")
         if (cfg.model.params or {}).get("bbn") is not True:
             raise ValueError(f"needs BBN's two-branch network: set model.params.bbn: true (a CIFAR ResNet, "
                              f"e.g. resnet32; model is '{cfg.model.name}')")

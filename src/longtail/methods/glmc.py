@@ -53,7 +53,7 @@ from ..errors import ConfigError
 from ..losses._checks import choice, integer, number
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 from .cmo import MinoritySampler
 
 _STREAM = 2023  # tags GLMC's re-balanced stream apart from the loop's, BBN's and CMO's
@@ -123,9 +123,7 @@ class GLMC(Method):
         if cfg.loss.name != "ce":
             raise ConfigError(f"method 'glmc' computes its own soft-label cross-entropies; set loss.name: ce "
                               f"(got '{cfg.loss.name}')")
-        for key in ("mixup_alpha", "cutmix_alpha"):
-            if getattr(cfg.train, key, 0) > 0:
-                raise ConfigError(f"method 'glmc' mixes its own batches; set train.{key}: 0")
+        refuse_batch_mixing(cfg, "glmc", "GLMC mixes its own batches")
         self.weights = label_weights(data.class_counts, self.label_weighting)
         self._sampler: MinoritySampler | None = None
         self._epoch = self._step = 0  # the step counter when no loop hands its TrainBatches (direct use)

@@ -52,7 +52,7 @@ from ..losses._checks import choice, integer, number
 from ..models import Classifier
 from ..optim import learning_rate
 from ..registry import METHODS
-from .base import StepResult, loop_augment
+from .base import StepResult, loop_augment, refuse_batch_mixing
 from .isda import ISDA, isda_logits
 
 OFFICIAL_START = 160 / 200  # the official switch to MetaSAug: epoch 160 of 200
@@ -126,9 +126,7 @@ class MetaSAug(ISDA):
         self.inner_lr = None if inner_lr is None else number("inner_lr", inner_lr, low=0)
         self.covariance_update = choice("covariance_update", covariance_update, COVARIANCE_UPDATES)
         self.pre_start_loss = choice("pre_start_loss", pre_start_loss, PRE_START_LOSSES)
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("MetaSAug's meta step needs unmixed batches; set train.mixup_alpha: 0 and "
-                             "train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "metasaug", "MetaSAug's meta step needs unmixed batches")
         # a DataInfo (rebuilding a trained run's network) carries no splits: nothing to check then
         if hasattr(data, "val") and (data.val is None or not len(data.val)):
             raise ConfigError("method 'metasaug' takes its meta set from the validation split: set "

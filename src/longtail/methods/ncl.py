@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 
 
 @METHODS.register("ncl")
@@ -38,8 +38,7 @@ class NCL(Method):
 
     def __init__(self, *, cfg, data):
         super().__init__(cfg=cfg, data=data)
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("NCL does not mix batches; set train.mixup_alpha: 0 and train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "ncl")
         if not (cfg.model.params or {}).get("experts"):
             raise ValueError(f"needs a multi-expert network: set model.params.experts (official CIFAR: "
                              f"{{num: 3, shared_stages: none}}; model is '{cfg.model.name}')")

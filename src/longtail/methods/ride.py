@@ -54,7 +54,7 @@ from ..models import Classifier
 from ..models.expert_router import ExpertRouter, RoutedExperts, router_loss, router_scores, router_targets
 from ..models.expert_router import routed_forward, routing_flops
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 from .decoupled import _FromStage1
 from .frozen import read_checkpoint, rebuild_frozen
 
@@ -89,8 +89,7 @@ class RIDE(Method):
                              f"got {teacher_bn!r}")
         self.teacher_bn = teacher_bn
         self.teacher: Classifier | None = None  # loaded by build()
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("RIDE does not mix batches; set train.mixup_alpha: 0 and train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "ride")
         if not (cfg.model.params or {}).get("experts"):
             raise ValueError(f"needs a multi-expert network: set model.params.experts (e.g. {{num: 3, "
                              f"shared_stages: 1, widths: ride, scale: 30}}; model is '{cfg.model.name}')")
@@ -203,8 +202,7 @@ class RIDERouter(_FromStage1):
         if cfg.loss.name != "ce":
             raise ValueError(f"the router trains with its own BCE (method.params.pos_weight); set loss.name: ce "
                              f"(unused), got '{cfg.loss.name}'")
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("the RIDE router does not mix batches; set train.mixup_alpha: 0 and train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "ride_router")
 
     def build_model(self) -> Classifier:
         model = self.stage1_model()

@@ -37,7 +37,7 @@ from ..losses._checks import choice, integer, number
 from ..models import Classifier
 from ..models.rsg import VECTORS
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 
 
 def head_classes(class_counts, head_ratio: float) -> np.ndarray:
@@ -73,9 +73,7 @@ class RSG(Method):
         self.cesc_weight = number("cesc_weight", cesc_weight, low=0)
         self.mv_weight = number("mv_weight", mv_weight, low=0)
         self.vectors = choice("vectors", vectors, VECTORS)
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("RSG generates samples in feature space; set train.mixup_alpha: 0 and "
-                             "train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "rsg", "RSG generates samples in feature space")
         if (cfg.model.params or {}).get("rsg") is not True:
             raise ValueError(f"needs the RSG module: set model.params.rsg: true (a CIFAR ResNet, e.g. resnet32; "
                              f"model is '{cfg.model.name}')")

@@ -61,7 +61,7 @@ from ..errors import ConfigError
 from ..losses._checks import integer, number
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 
 NUM_SKILLS = 3  # forward, uniform, backward
 _EPS = 1e-9  # the official `+ 1e-9` inside every log
@@ -211,9 +211,7 @@ class SADE(Method):
                              f"(got '{cfg.loss.name}')")
         if cfg.reweight.scheme != "none":
             raise ValueError("SADE's experts carry their own re-balancing; set reweight.scheme: none")
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("SADE trains without mixup / CutMix (official); set train.mixup_alpha: 0 and "
-                             "train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "sade", "SADE trains without mixup / CutMix, as the official code")
         self.diverse = DiverseExpertLoss(class_counts=data.class_counts, tau=self.tau)
 
     def build_model(self) -> Classifier:
