@@ -218,3 +218,14 @@ def test_oltr_bad_parameters(tmp_path, stage1, params, match):
     with pytest.raises(ConfigError, match=match) as err:
         train_run(cfg, tmp_path / "x", arrays=tiny_arrays())
     assert "\n" not in str(err.value) and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("key", ["mixup_alpha", "cutmix_alpha"])
+def test_oltr_refuses_batch_mixing(tmp_path, stage1, key):
+    # OLTR's own training_step never calls the base step, where mixup / CutMix happen: refused, not ignored
+    cfg = config_from_dict(tiny_config(**{"method.name": "oltr", "method.params": {"stage1": str(stage1)},
+                                          f"train.{key}": 1.0}))
+    with pytest.raises(ConfigError, match=f"method 'oltr' does not take the loop's mixup / CutMix .*; "
+                                          f"set train.{key}: 0$") as err:
+        train_run(cfg, tmp_path / "x", arrays=tiny_arrays())
+    assert "\n" not in str(err.value) and not (tmp_path / "x").exists()
