@@ -65,6 +65,7 @@ from ..eval.predict import predict
 from ..data.samplers import Sampler, build_sampler
 from ..losses import Loss, build_loss, effective_number_weights, inverse_frequency_weights
 from ..models import Classifier, build_model, load_weights
+from ..models.experts import ExpertNetwork, configured_num
 from ..optim import ParamGroup
 from ..optim.constraints import MaxNorm, build_constraint
 from ..registry import LOSSES, METHODS
@@ -345,6 +346,26 @@ def refuse_batch_mixing(cfg, method: str, why: str = "") -> None:
         reason = f" ({why})" if why else ""
         raise ConfigError(f"method '{method}' does not take the loop's mixup / CutMix{reason}; set "
                           + " and ".join(f"{key}: 0" for key in keys))
+
+
+def require_experts(cfg, method: str, *, minimum: int = 1, exactly: bool = False, example: str = "",
+                    model: Classifier | None = None) -> None:
+    """Refuse a network without the expert split `method` needs: a one-line ConfigError naming the
+    method, the key `model.params.experts` (with `example`) and the count, unless the network has at
+    least `minimum` experts (exactly `minimum` with `exactly`). Without `model` the count is the one
+    the config's `model.params.experts` asks for (checked before anything is built; a malformed value
+    passes, the network's own check names it); with `model`, its `num_experts` (0 for a network
+    that is no models.experts.ExpertNetwork)."""
+    if model is None:
+        num = configured_num((cfg.model.params or {}).get("experts"))
+    else:
+        num = model.num_experts if isinstance(model, ExpertNetwork) else 0
+    if num is None or (num == minimum if exactly else num >= minimum):
+        return
+    count = f"{'exactly' if exactly else 'at least'} {minimum} expert{'s' if minimum != 1 else ''}"
+    hint = f", e.g. {example}" if example else ""
+    raise ConfigError(f"method '{method}' needs a network with {count} (model.params.experts{hint}); "
+                      f"model '{cfg.model.name}' has {num or 'none'}")
 
 
 def loop_augment(cfg, data, device) -> BatchAugment:
