@@ -154,7 +154,6 @@ class BBN(Method):
                              f"e.g. resnet32; model is '{cfg.model.name}')")
         self.alpha = bbn_alpha(0, self.div_epochs, self.alpha_schedule)
         self._sampler: BilateralSampler | None = None
-        self._epoch = self._step = 0  # the step counter when no loop hands its TrainBatches (direct use)
 
     def build_model(self) -> Classifier:
         model = super().build_model()
@@ -165,7 +164,6 @@ class BBN(Method):
     def on_epoch_start(self, epoch: int, loss) -> None:
         super().on_epoch_start(epoch, loss)  # the configured loss's RW / DRW and epoch hooks
         self.alpha = bbn_alpha(epoch, self.div_epochs, self.alpha_schedule)
-        self._epoch, self._step = epoch, 0
 
     def rebalancing_sampler(self) -> BilateralSampler:
         if self._sampler is None:  # built on first use: a rebuilt run's DataInfo has no training labels
@@ -173,12 +171,8 @@ class BBN(Method):
         return self._sampler
 
     def training_step(self, model: Classifier, forward, images, target, loss, generator) -> StepResult:
-        b = self.batches
-        if b is not None:
-            epoch, step, size, fetch = b.epoch, b.step, b.global_size, b.fetch
-        else:
-            epoch, step, size, fetch = self._epoch, self._step, images.shape[0], self.direct_fetch(images.device)
-        self._step = step + 1
+        epoch, step, size = self.step_position(images)
+        fetch = self.extra_fetch(images.device)
         g = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, epoch, step))
         images_r, target_r = fetch(self.rebalancing_sampler().draw(size, g), g)
         with model.bilateral(self.alpha):

@@ -110,15 +110,10 @@ class CMO(Method):
             raise ValueError("CMO pastes the minority batch with CutMix: set train.cutmix_alpha > 0 (official 1.0); "
                              "train.cutmix_prob is its share of mixed steps (official 0.5)")
         self._sampler: MinoritySampler | None = None
-        self._epoch = self._step = 0  # the step counter when no loop hands its TrainBatches (direct use)
 
     def active(self, epoch: int) -> bool:
         """Whether 0-idx `epoch` mixes (official `start_data_aug < epoch < epochs - end_data_aug`)."""
         return self.start_data_aug < epoch < self.cfg.train.epochs - self.end_data_aug
-
-    def on_epoch_start(self, epoch: int, loss) -> None:
-        super().on_epoch_start(epoch, loss)
-        self._epoch, self._step = epoch, 0
 
     def minority_sampler(self) -> MinoritySampler:
         if self._sampler is None:  # built on first use: a rebuilt run's DataInfo has no training labels
@@ -128,14 +123,9 @@ class CMO(Method):
 
     def training_step(self, model, forward, images, target, loss, generator) -> StepResult:
         t = self.cfg.train
-        b = self.batches
-        if b is not None:
-            epoch, step, size, fetch = b.epoch, b.step, b.global_size, b.fetch
-        else:
-            epoch, step, size, fetch = self._epoch, self._step, images.shape[0], None
-        self._step = step + 1
+        epoch, step, size = self.step_position(images)
         if self.active(epoch) and float(torch.rand(1, generator=generator)) < t.cutmix_prob:
-            fetch = fetch or self.direct_fetch(images.device)
+            fetch = self.extra_fetch(images.device)
             g = torch.Generator().manual_seed(minority_seed(t.seed, epoch, step))
             images2, target2 = fetch(self.minority_sampler().draw(size, g), g)
             mixed, target2, lam = cutmix_batch(images, target, alpha=t.cutmix_alpha, generator=generator,

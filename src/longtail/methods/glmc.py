@@ -126,7 +126,6 @@ class GLMC(Method):
         refuse_batch_mixing(cfg, "glmc", "GLMC mixes its own batches")
         self.weights = label_weights(data.class_counts, self.label_weighting)
         self._sampler: MinoritySampler | None = None
-        self._epoch = self._step = 0  # the step counter when no loop hands its TrainBatches (direct use)
 
     def build_model(self) -> Classifier:
         model = super().build_model()
@@ -138,10 +137,6 @@ class GLMC(Method):
                 nn.init.kaiming_normal_(layer.weight)  # official _weights_init on every Linear
                 model.add_module(name, layer)
         return model
-
-    def on_epoch_start(self, epoch: int, loss) -> None:
-        super().on_epoch_start(epoch, loss)
-        self._epoch, self._step = epoch, 0
 
     def sampler(self) -> MinoritySampler:
         if self._sampler is None:  # built on first use: a rebuilt run's DataInfo has no training labels
@@ -161,12 +156,8 @@ class GLMC(Method):
 
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
                       generator: torch.Generator) -> StepResult:
+        epoch, step, size = self.step_position(images)
         b = self.batches
-        if b is not None:
-            epoch, step, size = b.epoch, b.step, b.global_size
-        else:
-            epoch, step, size = self._epoch, self._step, images.shape[0]
-        self._step = step + 1
         views = b.views if b is not None and b.views else (images,)
         v, y_v, v2 = self._rebalanced(images, target, views, epoch, step, size)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))

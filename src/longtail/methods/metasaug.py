@@ -131,7 +131,6 @@ class MetaSAug(ISDA):
         if hasattr(data, "val") and (data.val is None or not len(data.val)):
             raise ConfigError("method 'metasaug' takes its meta set from the validation split: set "
                               "data.val_per_class (e.g. data.val_per_class=10)")
-        self._epoch = self._step = 0
         self._inner_lr_now = 0.0
         self._augment: BatchAugment | None = None
 
@@ -145,7 +144,6 @@ class MetaSAug(ISDA):
     def on_epoch_start(self, epoch: int, loss) -> None:
         super().on_epoch_start(epoch, loss)  # RW / DRW weights, lam
         t = self.cfg.train
-        self._epoch, self._step = epoch, 0
         self._inner_lr_now = self.inner_lr if self.inner_lr is not None else learning_rate(
             epoch, base_lr=t.lr, epochs=t.epochs, schedule=t.lr_schedule, warmup_epochs=t.warmup_epochs,
             milestones=t.milestones, decay=t.lr_decay, min_lr=t.min_lr)
@@ -164,8 +162,8 @@ class MetaSAug(ISDA):
 
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
                       generator: torch.Generator) -> StepResult:
-        self._step += 1
-        if self._epoch < self.start_epoch:
+        epoch, _, _ = self.step_position(images)  # self._step is now 1-based: the meta batch's seed
+        if epoch < self.start_epoch:
             logits = forward(images)[1]
             value = F.cross_entropy(logits, target) if self.pre_start_loss == "ce" else loss(logits, target)
             return StepResult(value, logits, target)

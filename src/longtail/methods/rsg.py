@@ -83,7 +83,6 @@ class RSG(Method):
                              f"{data.num_classes}; RSG needs both head and tail classes")
         self.heads = heads
         self._head_mask: torch.Tensor | None = None
-        self._epoch = 0
 
 
     def build(self, services=None):
@@ -98,10 +97,6 @@ class RSG(Method):
         if getattr(model, "rsg", None) is None or not callable(getattr(model, "rsg_pass", None)):
             raise ValueError(f"model '{self.cfg.model.name}' has no RSG module (model.params.rsg)")
         return model
-
-    def on_epoch_start(self, epoch: int, loss) -> None:
-        super().on_epoch_start(epoch, loss)  # the configured loss's RW / DRW and epoch hooks
-        self._epoch = epoch
 
     def head_mask(self, device) -> torch.Tensor:
         if self._head_mask is None or self._head_mask.device != torch.device(device):
