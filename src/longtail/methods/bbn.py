@@ -58,6 +58,7 @@ import math
 import numpy as np
 import torch
 
+from ..data.samplers import ClassThenImage, stream_seed
 from ..losses._checks import choice, integer
 from ..models import Classifier
 from ..registry import METHODS
@@ -92,10 +93,10 @@ def bbn_alpha(epoch: int, div_epochs: int, schedule: str = "parabolic_decay") ->
 
 def step_seed(seed: int, epoch: int, step: int) -> int:
     """The seed of the re-balancing batch of (0-idx) `epoch`, `step`."""
-    return int(np.random.SeedSequence([seed, epoch, step, _STREAM]).generate_state(1)[0])
+    return stream_seed(seed, epoch, step, _STREAM)
 
 
-class BilateralSampler:
+class BilateralSampler(ClassThenImage):
     """The re-balancing branch's sampler: `draw(size, generator)` -> training positions (size,).
 
     'reverse': class c with probability proportional to n_max / n_c, then a uniform image of c;
@@ -106,11 +107,8 @@ class BilateralSampler:
 
     def __init__(self, labels, class_counts, kind: str = "reverse"):
         self.kind = choice("second_sampler", kind, SECOND_SAMPLERS)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        counts = np.bincount(self.labels, minlength=len(class_counts)).astype(np.int64)
-        self.counts = torch.from_numpy(counts)
-        self.by_class = np.argsort(self.labels, kind="stable")  # positions grouped by class
-        self.starts = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
+        super().__init__(labels, len(class_counts))
+        counts = self.counts.numpy()
         present = counts > 0
         if kind == "reverse":
             weights = np.where(present, counts.max() / np.maximum(counts, 1), 0.0)
@@ -121,10 +119,7 @@ class BilateralSampler:
     def draw(self, size: int, generator: torch.Generator) -> np.ndarray:
         if self.kind == "uniform":
             return torch.randint(0, len(self.labels), (size,), generator=generator).numpy()
-        cls = torch.multinomial(self.class_prob, size, replacement=True, generator=generator)
-        n = self.counts[cls]
-        within = torch.minimum((torch.rand(size, generator=generator, dtype=torch.float64) * n).long(), n - 1)
-        return self.by_class[(self.starts[cls] + within).numpy()]
+        return super().draw(size, generator)
 
 
 @METHODS.register("bbn")

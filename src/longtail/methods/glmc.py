@@ -49,26 +49,26 @@ from torch import nn
 
 from ..data.augment import VIEWS
 from ..data.mixup import cutmix_batch
+from ..data.samplers import stream_seed
 from ..errors import ConfigError
 from ..losses._checks import choice, integer, number
 from ..models import Classifier
 from ..registry import METHODS
 from .base import Method, StepResult, refuse_batch_mixing
-from .cmo import MinoritySampler
+from .cmo import MinoritySampler, minority_class_prob
 
 _STREAM = 2023  # tags GLMC's re-balanced stream apart from the loop's, BBN's and CMO's
 
 
 def rebalanced_seed(seed: int, epoch: int, step: int) -> int:
     """The seed of the re-balanced batch of (0-idx) `epoch`, `step`."""
-    return int(np.random.SeedSequence([seed, epoch, step, _STREAM]).generate_state(1)[0])
+    return stream_seed(seed, epoch, step, _STREAM)
 
 
 def label_weights(class_counts, label_weighting: float) -> torch.Tensor:
-    """(C,) official `update_weight`: n_c^-t normalised to sum C (a class without images gets 0)."""
-    counts = np.asarray(class_counts, dtype=np.float64)
-    w = np.where(counts > 0, np.where(counts > 0, counts, 1.0) ** -label_weighting, 0.0)
-    return torch.from_numpy(w / w.sum() * len(counts)).float()
+    """(C,) official `update_weight`: n_c^-t normalised to sum C (a class without images gets 0):
+    C x CMO's minority class probabilities with weighting 'class'."""
+    return torch.from_numpy(minority_class_prob(class_counts, label_weighting, "class") * len(class_counts)).float()
 
 
 def cumulative_alpha(epoch: int, epochs: int) -> float:

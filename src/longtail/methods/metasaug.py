@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..data.augment import BatchAugment
+from ..data.samplers import stream_seed
 from ..errors import ConfigError
 from ..losses._checks import choice, integer, number
 from ..models import Classifier
@@ -152,8 +152,7 @@ class MetaSAug(ISDA):
         """A random meta batch (M, C, H, W), (M,) of the validation split for the current
         (seed, epoch, step), augmented as the training batches; the same on every process."""
         val = self.data.val
-        seed = np.random.SeedSequence([self.cfg.train.seed, self._epoch, self._step, _STREAM])
-        g = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
+        g = torch.Generator().manual_seed(stream_seed(self.cfg.train.seed, self._epoch, self._step, _STREAM))
         pos = torch.randperm(len(val), generator=g)[:self.meta_batch_size].numpy()
         if self._augment is None:
             self._augment = loop_augment(self.cfg, self.data, device)
