@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import full_and_resumed, last_checkpoints, tiny_arrays, tiny_config
 from longtail.config import config_from_dict
