@@ -131,7 +131,9 @@ def test_elm_trains_and_resumes_exactly(tmp_path, monkeypatch):
     ({"method.params": {"temperature": 0}}, "temperature must be a finite number > 0"),
     ({"method.params": {"embed_max_m": -0.1}}, "embed_max_m must be a finite number >= 0 and <= 2"),
     ({"method.params": {"denominator": "out"}}, "denominator must be one of 'positive_and_negatives', 'all'"),
-    ({"train.mixup_alpha": 0.2}, "does not support train.mixup_alpha"),
+    ({"train.mixup_alpha": 0.2}, "does not take the loop's mixup / CutMix .*; set train.mixup_alpha: 0$"),
+    # ELM's own training_step never calls the base step, where CutMix happens: refused, not ignored
+    ({"train.cutmix_alpha": 1.0}, "does not take the loop's mixup / CutMix .*; set train.cutmix_alpha: 0$"),
 ])
 def test_elm_bad_parameters(over, message):
     cfg = config_from_dict(_cfg(**over))

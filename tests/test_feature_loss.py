@@ -242,10 +242,13 @@ def test_feature_loss_bad_parameters(params, needle):
     assert "\n" not in str(err.value)
 
 
-def test_feature_loss_rejects_mixup():
-    cfg, data = _recipe(**{"method.name": "feature_loss", "train.mixup_alpha": 0.2})
-    with pytest.raises(ConfigError, match="mixup_alpha"):
+@pytest.mark.parametrize("key", ["mixup_alpha", "cutmix_alpha"])
+def test_feature_loss_rejects_mixup_and_cutmix(key):
+    # its own training_step never calls the base step, where CutMix happens: refused, not ignored
+    cfg, data = _recipe(**{"method.name": "feature_loss", f"train.{key}": 0.2})
+    with pytest.raises(ConfigError, match=f"set train.{key}: 0$") as err:
         build_recipe(cfg, data)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("params, needle", [
@@ -256,9 +259,14 @@ def test_feature_loss_rejects_mixup():
     ({"ce_weight": "balanced"}, "ce_weight must be one of 'count', 'none'"),
     ({"learn_epsilons": "yes"}, "learn_epsilons must be true or false"),
     ({"epsilon_init": float("nan")}, "epsilon_init must be a finite number"),
+    # DRO-LT's own training_step never calls the base step, where mixup / CutMix happen: refused, not ignored
+    ({"train.mixup_alpha": 0.2}, "does not take the loop's mixup / CutMix .*; set train.mixup_alpha: 0$"),
+    ({"train.cutmix_alpha": 1.0}, "does not take the loop's mixup / CutMix .*; set train.cutmix_alpha: 0$"),
 ])
 def test_dro_lt_bad_parameters(params, needle, stage1):
-    cfg, data = _recipe(**{"method.name": "dro_lt", "method.params": {"stage1": str(stage1), **params}})
+    train = {k: v for k, v in params.items() if k.startswith("train.")}
+    params = {k: v for k, v in params.items() if k not in train}
+    cfg, data = _recipe(**{"method.name": "dro_lt", "method.params": {"stage1": str(stage1), **params}, **train})
     with pytest.raises(ConfigError, match=needle) as err:
         build_recipe(cfg, data)
     assert "\n" not in str(err.value)

@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,6 +159,9 @@ def test_fslwf_is_a_stage2_method():
     ({"stage1": "S", "exemplars": 0}, {}, "exemplars must be an integer >= 1"),
     ({"stage1": "S", "scale_att": -1}, {}, "scale_att must be a finite number > 0"),
     ({"stage1": "S"}, {"loss.name": "focal"}, "set loss.name: ce"),
+    # its own training_step never calls the base step, where mixup / CutMix happen: refused, not ignored
+    ({"stage1": "S"}, {"train.mixup_alpha": 1.0}, "does not take the loop's mixup / CutMix .*train.mixup_alpha: 0$"),
+    ({"stage1": "S"}, {"train.cutmix_alpha": 1.0}, "does not take the loop's mixup / CutMix .*train.cutmix_alpha: 0$"),
 ])
 def test_fslwf_bad_parameters(tmp_path, stage1, params, over, match):
     params = {k: (str(stage1) if v == "S" else v) for k, v in params.items()}

@@ -180,8 +180,12 @@ def test_bad_parameters(params, match):
     assert "\n" not in str(err.value)
 
 
-def test_mixup_and_missing_milestone_are_refused():
-    with pytest.raises(ConfigError, match="does not mix batches"):
+def test_mixup_cutmix_and_missing_milestone_are_refused():
+    with pytest.raises(ConfigError, match="does not take the loop's mixup / CutMix"):
         _recipe(**{"train.mixup_alpha": 1.0})
+    # from start_epoch on IB's own step never calls the base step, where CutMix happens: refused, not ignored
+    with pytest.raises(ConfigError, match="set train.cutmix_alpha: 0$") as err:
+        _recipe(**{"train.cutmix_alpha": 1.0})
+    assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="needs start_epoch"):
         _recipe(**{"train.milestones": []})

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import full_and_resumed, last_checkpoints, tiny_arrays, tiny_config
 from longtail.config import config_from_dict
@@ -216,5 +215,16 @@ def test_oltr_bad_parameters(tmp_path, stage1, params, match):
     params = {k: (str(stage1) if v == "S" else v) for k, v in params.items()}
     cfg = config_from_dict(tiny_config(**{"method.name": "oltr", "method.params": params}))
     with pytest.raises(ConfigError, match=match) as err:
+        train_run(cfg, tmp_path / "x", arrays=tiny_arrays())
+    assert "\n" not in str(err.value) and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("key", ["mixup_alpha", "cutmix_alpha"])
+def test_oltr_refuses_batch_mixing(tmp_path, stage1, key):
+    # OLTR's own training_step never calls the base step, where mixup / CutMix happen: refused, not ignored
+    cfg = config_from_dict(tiny_config(**{"method.name": "oltr", "method.params": {"stage1": str(stage1)},
+                                          f"train.{key}": 1.0}))
+    with pytest.raises(ConfigError, match=f"method 'oltr' does not take the loop's mixup / CutMix .*; "
+                                          f"set train.{key}: 0$") as err:
         train_run(cfg, tmp_path / "x", arrays=tiny_arrays())
     assert "\n" not in str(err.value) and not (tmp_path / "x").exists()

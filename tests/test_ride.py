@@ -150,6 +150,31 @@ def test_bad_params(over, match):
     assert "\n" not in str(err.value)
 
 
+def test_require_experts_counts_the_config_or_the_network():
+    """methods/base.py require_experts, shared by ride, ride_router, ncl and sade: one line naming the
+    method, model.params.experts and the count, from the config before a build or the built network."""
+    from longtail.config import config_from_dict
+    from longtail.methods.base import require_experts
+    from longtail.models import build_model
+
+    def cfg(experts):
+        return config_from_dict(tiny_config(**{"model.name": "resnet20", "model.params": experts}))
+
+    with pytest.raises(ConfigError, match=r"^method 'x' needs a network with at least 1 expert "
+                                          r"\(model.params.experts, e.g. E\); model 'resnet20' has none$"):
+        require_experts(cfg({}), "x", example="E")
+    require_experts(cfg({"experts": {}}), "x", minimum=3, exactly=True)  # experts.num defaults to 3
+    with pytest.raises(ConfigError, match=r"with exactly 3 experts \(model.params.experts\); model 'resnet20' has 2$"):
+        require_experts(cfg({"experts": {"num": 2}}), "x", minimum=3, exactly=True)
+    require_experts(cfg({"experts": 3}), "x", minimum=2)  # malformed: the network's own check names it
+    two = build_model("resnet20", num_classes=3, params={"experts": {"num": 2}})
+    require_experts(cfg({}), "x", minimum=2, model=two)  # the network's count, not the config's
+    with pytest.raises(ConfigError, match="at least 3 experts .* has 2$"):
+        require_experts(cfg({}), "x", minimum=3, model=two)
+    with pytest.raises(ConfigError, match="has none$"):
+        require_experts(cfg({}), "x", model=build_model("small_cnn", num_classes=3, params={"width": 4}))
+
+
 def test_loss_rejects_bad_shapes():
     loss = build_loss("ride", {}, class_counts=COUNTS)
     with pytest.raises(ValueError, match=r"\(E, B, C\)"):

@@ -214,8 +214,9 @@ def test_test_agnostic_eval_reports_plain_and_aggregated(tmp_path, capsys):
     ({"method.params": {"aggregation_momentum": 1.0}}, "aggregation_momentum must be a finite number >= 0 and < 1"),
     ({"method.params": {"experts": 3}}, "method .sade. has no parameter .experts."),
     ({"method.params": {"test_views": "simclr"}}, "test_views must be 'crop_jitter' or 'train'"),
-    ({"model.params": {}}, "needs three experts"),
-    ({"model.params": {"experts": {"num": 2}}}, "needs three experts"),
+    ({"model.params": {}}, "needs a network with exactly 3 experts"),
+    ({"model.params": {"experts": {"num": 2}}}, "needs a network with exactly 3 experts .* has 2$"),
+    ({"model.params": {"experts": 3}}, "experts must be a mapping"),  # the network's own check
     ({"loss.name": "focal"}, "replaces the configured loss"),
     ({"reweight.scheme": "inverse_frequency"}, "reweight.scheme: none"),
     ({"train.mixup_alpha": 0.2}, "without mixup"),

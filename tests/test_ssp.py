@@ -191,6 +191,7 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
     ({"loss.name": "focal"}, "set loss.name ce without params, got 'focal'"),
     ({"reweight.scheme": "effective_number"}, "set reweight.scheme none"),
     ({"train.mixup_alpha": 1.0}, "set train.mixup_alpha 0"),
+    ({"train.cutmix_alpha": 1.0}, "set train.cutmix_alpha 0"),  # its own step ignored CutMix before
     ({"model.head": "cosine"}, "set model.head linear"),
 ])
 def test_what_the_pretext_task_does_not_use_is_refused(override, message, tmp_path, capsys):

@@ -14,12 +14,41 @@ square-root. Weighted samplers draw N positions with replacement.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..registry import SAMPLERS
 
 
 def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, stream])
+
+
+def stream_seed(seed: int, epoch: int, step: int, stream: int) -> int:
+    """The seed of a method's own draws at (0-idx) `epoch`, `step`: the same on every rank and on
+    resume, `stream` keeping each method's draws apart from the loop's and from each other's
+    (BBN's re-balancing batch, CMO's minority batch, GLMC's re-balanced batch, MetaSAug's meta batch)."""
+    return int(np.random.SeedSequence([seed, epoch, step, stream]).generate_state(1)[0])
+
+
+class ClassThenImage:
+    """`draw(size, generator)` -> training positions (size,): a class from `class_prob` (C,), then a
+    uniform image of it; independent draws with replacement (a WeightedRandomSampler over images),
+    from a torch generator. Not an epoch order (`Sampler`): the per-step extra batches of BBN, CMO
+    and GLMC, whose subclasses set `class_prob` from `counts` (C,) int64, each class's images."""
+
+    def __init__(self, labels, num_classes: int):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        counts = np.bincount(self.labels, minlength=num_classes).astype(np.int64)
+        self.counts = torch.from_numpy(counts)
+        self.by_class = np.argsort(self.labels, kind="stable")  # positions grouped by class
+        self.starts = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
+        self.class_prob: torch.Tensor | None = None
+
+    def draw(self, size: int, generator: torch.Generator) -> np.ndarray:
+        cls = torch.multinomial(self.class_prob, size, replacement=True, generator=generator)
+        n = self.counts[cls]
+        within = torch.minimum((torch.rand(size, generator=generator, dtype=torch.float64) * n).long(), n - 1)
+        return self.by_class[(self.starts[cls] + within).numpy()]
 
 
 class Sampler:

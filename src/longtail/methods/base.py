@@ -40,7 +40,11 @@ steps of before.
 
 `Method.batches` (a `TrainBatches`, set by the Trainer) is the loop's batch reader: a method that
 needs extra training batches in a step (BBN's re-balancing batch) reads and augments them the
-loop's way, with the loop's current epoch, step and global batch size.
+loop's way, with the loop's current epoch, step and global batch size. `step_position(images)`
+gives that (epoch, step, global batch size), and `extra_fetch(device)` that reader, in the loop
+and without one (a step called directly, as the contract test does: the epoch of the last
+`on_epoch_start` and the steps counted since; the training split read by `direct_fetch`), so a
+method that seeds its own draws by (epoch, step) keeps no counter of its own.
 
 A run's network rebuilds from its own folder (`rebuild_model`): the method is built with
 the run's `DataInfo` (no images), its saved state loaded first (a stage-2 method keeps the
@@ -65,6 +69,7 @@ from ..eval.predict import predict
 from ..data.samplers import Sampler, build_sampler
 from ..losses import Loss, build_loss, effective_number_weights, inverse_frequency_weights
 from ..models import Classifier, build_model, load_weights
+from ..models.experts import ExpertNetwork, configured_num
 from ..optim import ParamGroup
 from ..optim.constraints import MaxNorm, build_constraint
 from ..registry import LOSSES, METHODS
@@ -159,6 +164,7 @@ class Method:
         self.weights_from_checkpoint = False  # rebuilding a run: every weight comes from its checkpoint
         self.constraint: MaxNorm | None = None  # the config's `constraint`, set by build()
         self.batches: TrainBatches | None = None  # the loop's batch reader, set by the Trainer
+        self._epoch = self._step = 0  # the step in progress (step_position); set by on_epoch_start
 
     # -- building (once per run)
     def build(self, services: Services | None = None) -> Recipe:
@@ -210,6 +216,7 @@ class Method:
         model.train()
 
     def on_epoch_start(self, epoch: int, loss: Loss) -> None:
+        self._epoch, self._step = epoch, 0  # step_position's count without a loop
         r = self.cfg.reweight
         weight = class_weight_for(r.scheme, self.data.class_counts, r.beta) if epoch >= r.start_epoch else None
         loss.set_class_weight(weight)
@@ -222,6 +229,25 @@ class Method:
         """Training-time logits (B, C). `forward(images) -> (pooled features, logits)` is the
         (possibly DDP-wrapped) forward pass; `model` gives access to weights. ISDA overrides this."""
         return forward(images)[1]
+
+    def step_position(self, images: torch.Tensor) -> tuple[int, int, int]:
+        """(epoch, step, global batch size) of the step in progress, for a method that seeds its own
+        draws by them (BBN, CMO, GLMC, MetaSAug): the loop's (`self.batches`); without a loop (a step
+        called directly, as the contract test does) the epoch of the last `on_epoch_start`, the steps
+        counted since, and this batch's size. Call it once per `training_step`: afterwards
+        `self._epoch` is the epoch and `self._step` the steps of the epoch taken, this one included."""
+        b = self.batches
+        if b is not None:
+            epoch, step, size = b.epoch, b.step, b.global_size
+        else:
+            epoch, step, size = self._epoch, self._step, images.shape[0]
+        self._epoch, self._step = epoch, step + 1
+        return epoch, step, size
+
+    def extra_fetch(self, device):
+        """The reader of extra training batches: the loop's `batches.fetch`, or `direct_fetch(device)`
+        without a loop."""
+        return self.batches.fetch if self.batches is not None else self.direct_fetch(device)
 
     def direct_fetch(self, device):
         """A stand-in for `self.batches.fetch` without a loop (a step called directly, as the contract
@@ -333,6 +359,38 @@ def build_recipe(cfg, data, services: Services | None = None) -> Recipe:
     ConfigError naming its config section, so bad names or parameters fail before a run folder
     exists."""
     return _checked(cfg, "method", lambda: build_method(cfg, data)).build(services)
+
+
+def refuse_batch_mixing(cfg, method: str, why: str = "") -> None:
+    """Refuse the loop's batch mixing (`train.mixup_alpha` / `train.cutmix_alpha` > 0) for a method
+    whose step cannot take it: a one-line ConfigError naming the method, `why` when given, and each
+    key set to mix. For a method whose `training_step` does not call `Method.training_step` (where
+    mixup and CutMix happen) the keys would otherwise be silently ignored."""
+    keys = [f"train.{key}" for key in ("mixup_alpha", "cutmix_alpha") if getattr(cfg.train, key, 0) > 0]
+    if keys:
+        reason = f" ({why})" if why else ""
+        raise ConfigError(f"method '{method}' does not take the loop's mixup / CutMix{reason}; set "
+                          + " and ".join(f"{key}: 0" for key in keys))
+
+
+def require_experts(cfg, method: str, *, minimum: int = 1, exactly: bool = False, example: str = "",
+                    model: Classifier | None = None) -> None:
+    """Refuse a network without the expert split `method` needs: a one-line ConfigError naming the
+    method, the key `model.params.experts` (with `example`) and the count, unless the network has at
+    least `minimum` experts (exactly `minimum` with `exactly`). Without `model` the count is the one
+    the config's `model.params.experts` asks for (checked before anything is built; a malformed value
+    passes, the network's own check names it); with `model`, its `num_experts` (0 for a network
+    that is no models.experts.ExpertNetwork)."""
+    if model is None:
+        num = configured_num((cfg.model.params or {}).get("experts"))
+    else:
+        num = model.num_experts if isinstance(model, ExpertNetwork) else 0
+    if num is None or (num == minimum if exactly else num >= minimum):
+        return
+    count = f"{'exactly' if exactly else 'at least'} {minimum} expert{'s' if minimum != 1 else ''}"
+    hint = f", e.g. {example}" if example else ""
+    raise ConfigError(f"method '{method}' needs a network with {count} (model.params.experts{hint}); "
+                      f"model '{cfg.model.name}' has {num or 'none'}")
 
 
 def loop_augment(cfg, data, device) -> BatchAugment:

@@ -58,10 +58,11 @@ import math
 import numpy as np
 import torch
 
+from ..data.samplers import ClassThenImage, stream_seed
 from ..losses._checks import choice, integer
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 
 ALPHA_SCHEDULES = ("parabolic_decay", "linear_decay", "cosine_decay", "parabolic_increment", "equal")
 SECOND_SAMPLERS = ("reverse", "balance", "uniform")
@@ -92,10 +93,10 @@ def bbn_alpha(epoch: int, div_epochs: int, schedule: str = "parabolic_decay") ->
 
 def step_seed(seed: int, epoch: int, step: int) -> int:
     """The seed of the re-balancing batch of (0-idx) `epoch`, `step`."""
-    return int(np.random.SeedSequence([seed, epoch, step, _STREAM]).generate_state(1)[0])
+    return stream_seed(seed, epoch, step, _STREAM)
 
 
-class BilateralSampler:
+class BilateralSampler(ClassThenImage):
     """The re-balancing branch's sampler: `draw(size, generator)` -> training positions (size,).
 
     'reverse': class c with probability proportional to n_max / n_c, then a uniform image of c;
@@ -106,11 +107,8 @@ class BilateralSampler:
 
     def __init__(self, labels, class_counts, kind: str = "reverse"):
         self.kind = choice("second_sampler", kind, SECOND_SAMPLERS)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        counts = np.bincount(self.labels, minlength=len(class_counts)).astype(np.int64)
-        self.counts = torch.from_numpy(counts)
-        self.by_class = np.argsort(self.labels, kind="stable")  # positions grouped by class
-        self.starts = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
+        super().__init__(labels, len(class_counts))
+        counts = self.counts.numpy()
         present = counts > 0
         if kind == "reverse":
             weights = np.where(present, counts.max() / np.maximum(counts, 1), 0.0)
@@ -121,10 +119,7 @@ class BilateralSampler:
     def draw(self, size: int, generator: torch.Generator) -> np.ndarray:
         if self.kind == "uniform":
             return torch.randint(0, len(self.labels), (size,), generator=generator).numpy()
-        cls = torch.multinomial(self.class_prob, size, replacement=True, generator=generator)
-        n = self.counts[cls]
-        within = torch.minimum((torch.rand(size, generator=generator, dtype=torch.float64) * n).long(), n - 1)
-        return self.by_class[(self.starts[cls] + within).numpy()]
+        return super().draw(size, generator)
 
 
 @METHODS.register("bbn")
@@ -148,15 +143,12 @@ class BBN(Method):
         self.div_epochs = integer("div_epochs", official_div_epochs(cfg.train.epochs) if div_epochs is None
                                   else div_epochs, low=1)
         self.second_sampler = choice("second_sampler", second_sampler, SECOND_SAMPLERS)
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("BBN mixes its two branches' features itself; set train.mixup_alpha: 0 and "
-                             "train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "bbn", "BBN mixes its two branches' features itself")
         if (cfg.model.params or {}).get("bbn") is not True:
             raise ValueError(f"needs BBN's two-branch network: set model.params.bbn: true (a CIFAR ResNet, "
                              f"e.g. resnet32; model is '{cfg.model.name}')")
         self.alpha = bbn_alpha(0, self.div_epochs, self.alpha_schedule)
         self._sampler: BilateralSampler | None = None
-        self._epoch = self._step = 0  # the step counter when no loop hands its TrainBatches (direct use)
 
     def build_model(self) -> Classifier:
         model = super().build_model()
@@ -167,7 +159,6 @@ class BBN(Method):
     def on_epoch_start(self, epoch: int, loss) -> None:
         super().on_epoch_start(epoch, loss)  # the configured loss's RW / DRW and epoch hooks
         self.alpha = bbn_alpha(epoch, self.div_epochs, self.alpha_schedule)
-        self._epoch, self._step = epoch, 0
 
     def rebalancing_sampler(self) -> BilateralSampler:
         if self._sampler is None:  # built on first use: a rebuilt run's DataInfo has no training labels
@@ -175,12 +166,8 @@ class BBN(Method):
         return self._sampler
 
     def training_step(self, model: Classifier, forward, images, target, loss, generator) -> StepResult:
-        b = self.batches
-        if b is not None:
-            epoch, step, size, fetch = b.epoch, b.step, b.global_size, b.fetch
-        else:
-            epoch, step, size, fetch = self._epoch, self._step, images.shape[0], self.direct_fetch(images.device)
-        self._step = step + 1
+        epoch, step, size = self.step_position(images)
+        fetch = self.extra_fetch(images.device)
         g = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, epoch, step))
         images_r, target_r = fetch(self.rebalancing_sampler().draw(size, g), g)
         with model.bilateral(self.alpha):

@@ -22,7 +22,6 @@ inference uses only the classifier.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..data.augment import VIEWS
 from ..errors import ConfigError
@@ -30,7 +29,7 @@ from ..losses._checks import integer, number
 from ..models import Classifier
 from ..models.contrastive import ProjectionHead
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 
 
 def check_two_views(views) -> tuple[str, str]:
@@ -42,14 +41,6 @@ def check_two_views(views) -> tuple[str, str]:
         if v not in VIEWS:
             raise ValueError(f"views: unknown view pipeline {v!r}; one of {', '.join(VIEWS)}")
     return tuple(views)
-
-
-def refuse_batch_mixing(cfg, method: str) -> None:
-    """The two-view contrastive methods (BCL, ProCo) pair each image's views with its own label:
-    mixup / CutMix of the regular view is refused with a one-line ConfigError."""
-    for key in ("mixup_alpha", "cutmix_alpha"):
-        if getattr(cfg.train, key, 0) > 0:
-            raise ConfigError(f"method '{method}' does not mix batches; set train.{key}: 0")
 
 
 def forward_three_views(forward, images: torch.Tensor, batches, *, joint: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..data.mixup import cutmix_batch
+from ..data.samplers import ClassThenImage, stream_seed
 from ..losses._checks import choice, integer, number
 from ..registry import METHODS
 from .base import Method, StepResult
@@ -53,7 +54,7 @@ _STREAM = 2022  # tags the minority stream's seeds apart from the loop's and BBN
 
 def minority_seed(seed: int, epoch: int, step: int) -> int:
     """The seed of the minority batch of (0-idx) `epoch`, `step`."""
-    return int(np.random.SeedSequence([seed, epoch, step, _STREAM]).generate_state(1)[0])
+    return stream_seed(seed, epoch, step, _STREAM)
 
 
 def minority_class_prob(class_counts, weighted_alpha: float, weighting: str = "image") -> np.ndarray:
@@ -67,23 +68,14 @@ def minority_class_prob(class_counts, weighted_alpha: float, weighting: str = "i
     return w / w.sum()
 
 
-class MinoritySampler:
+class MinoritySampler(ClassThenImage):
     """`draw(size, generator)` -> training positions (size,): a class from `minority_class_prob`,
-    then a uniform image of it; independent draws with replacement (= WeightedRandomSampler)."""
+    then a uniform image of it; independent draws with replacement (= WeightedRandomSampler).
+    CMO's minority batch, and GLMC's re-balanced batch (weighting 'image')."""
 
     def __init__(self, labels, num_classes: int, *, weighted_alpha: float = 1.0, weighting: str = "image"):
-        self.labels = np.asarray(labels, dtype=np.int64)
-        counts = np.bincount(self.labels, minlength=num_classes).astype(np.int64)
-        self.counts = torch.from_numpy(counts)
-        self.by_class = np.argsort(self.labels, kind="stable")
-        self.starts = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
-        self.class_prob = torch.from_numpy(minority_class_prob(counts, weighted_alpha, weighting))
-
-    def draw(self, size: int, generator: torch.Generator) -> np.ndarray:
-        cls = torch.multinomial(self.class_prob, size, replacement=True, generator=generator)
-        n = self.counts[cls]
-        within = torch.minimum((torch.rand(size, generator=generator, dtype=torch.float64) * n).long(), n - 1)
-        return self.by_class[(self.starts[cls] + within).numpy()]
+        super().__init__(labels, num_classes)
+        self.class_prob = torch.from_numpy(minority_class_prob(self.counts.numpy(), weighted_alpha, weighting))
 
 
 @METHODS.register("cmo")
@@ -110,15 +102,10 @@ class CMO(Method):
             raise ValueError("CMO pastes the minority batch with CutMix: set train.cutmix_alpha > 0 (official 1.0); "
                              "train.cutmix_prob is its share of mixed steps (official 0.5)")
         self._sampler: MinoritySampler | None = None
-        self._epoch = self._step = 0  # the step counter when no loop hands its TrainBatches (direct use)
 
     def active(self, epoch: int) -> bool:
         """Whether 0-idx `epoch` mixes (official `start_data_aug < epoch < epochs - end_data_aug`)."""
         return self.start_data_aug < epoch < self.cfg.train.epochs - self.end_data_aug
-
-    def on_epoch_start(self, epoch: int, loss) -> None:
-        super().on_epoch_start(epoch, loss)
-        self._epoch, self._step = epoch, 0
 
     def minority_sampler(self) -> MinoritySampler:
         if self._sampler is None:  # built on first use: a rebuilt run's DataInfo has no training labels
@@ -128,14 +115,9 @@ class CMO(Method):
 
     def training_step(self, model, forward, images, target, loss, generator) -> StepResult:
         t = self.cfg.train
-        b = self.batches
-        if b is not None:
-            epoch, step, size, fetch = b.epoch, b.step, b.global_size, b.fetch
-        else:
-            epoch, step, size, fetch = self._epoch, self._step, images.shape[0], None
-        self._step = step + 1
+        epoch, step, size = self.step_position(images)
         if self.active(epoch) and float(torch.rand(1, generator=generator)) < t.cutmix_prob:
-            fetch = fetch or self.direct_fetch(images.device)
+            fetch = self.extra_fetch(images.device)
             g = torch.Generator().manual_seed(minority_seed(t.seed, epoch, step))
             images2, target2 = fetch(self.minority_sampler().draw(size, g), g)
             mixed, target2, lam = cutmix_batch(images, target, alpha=t.cutmix_alpha, generator=generator,

@@ -51,7 +51,7 @@ from ..models import Classifier
 from ..optim import ParamGroup
 from ..registry import METHODS
 from ..losses._checks import number
-from .base import StepResult, class_mean_features
+from .base import StepResult, class_mean_features, refuse_batch_mixing
 from .decoupled import _FromStage1, _FrozenBackbone
 
 CE_WEIGHTS = ("count", "none")
@@ -125,6 +125,7 @@ class DROLT(_FromStage1):
                 raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
         self.epsilon_init, self.learn_epsilons = float(epsilon_init), learn_epsilons
         self.epsilon_order, self.softmax_over, self.ce_weight = epsilon_order, softmax_over, ce_weight
+        refuse_batch_mixing(cfg, "dro_lt", "its robust loss needs one label per image")
         self._loss: RobustLoss | None = None
 
     def build_model(self) -> Classifier:

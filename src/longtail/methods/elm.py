@@ -33,7 +33,7 @@ from ..losses.embedding_margin import DENOMINATORS, embedding_margin_loss
 from ..losses.ldam import ldam_margins
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 
 
 @METHODS.register("elm")
@@ -49,9 +49,7 @@ class ELM(Method):
         self.temperature = number("temperature", temperature, low=0, low_open=True)
         self.embed_max_m = number("embed_max_m", embed_max_m, low=0, high=2)
         self.denominator = choice("denominator", denominator, DENOMINATORS)
-        if cfg.train.mixup_alpha > 0:
-            raise ValueError("method 'elm' does not support train.mixup_alpha > 0 (its embedding margin needs "
-                             "one label per image)")
+        refuse_batch_mixing(cfg, "elm", "its embedding margin needs one label per image")
         self.margins = ldam_margins(data.class_counts, self.embed_max_m)  # (C,) float32, rho_y
 
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss: Loss,

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
 from ..losses.feature import build_feature_loss
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 from ..losses._checks import number
 
 
@@ -39,9 +38,7 @@ class FeatureLoss(Method):
         self.weight = number("weight", weight, low=0)
         self.feature_loss_name = feature_loss
         self.feature = build_feature_loss(feature_loss, feature_params)
-        if cfg.train.mixup_alpha > 0:
-            raise ConfigError("method 'feature_loss' does not mix images (train.mixup_alpha must be 0): "
-                              "a feature loss needs one label per sample")
+        refuse_batch_mixing(cfg, "feature_loss", "a feature loss needs one label per sample")
 
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
                       generator: torch.Generator) -> StepResult:

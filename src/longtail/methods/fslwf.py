@@ -50,7 +50,7 @@ from ..losses._checks import integer, number
 from ..models import Classifier
 from ..models.fslwf import FewShotCosineHead
 from ..registry import METHODS
-from .base import Recipe, Services, StepResult
+from .base import Recipe, Services, StepResult, refuse_batch_mixing
 from .decoupled import _FromStage1
 
 
@@ -82,6 +82,7 @@ class FSLwF(_FromStage1):
         self.scale_att = number("scale_att", scale_att, low=0, low_open=True)
         if cfg.loss.name != "ce":
             raise ValueError(f"fslwf trains its episodes with cross-entropy: set loss.name: ce, got {cfg.loss.name!r}")
+        refuse_batch_mixing(cfg, "fslwf", "its episodes score unmixed images")
         self._positions: list[np.ndarray] | None = None
         self._plain: BatchAugment | None = None
 

@@ -49,26 +49,26 @@ from torch import nn
 
 from ..data.augment import VIEWS
 from ..data.mixup import cutmix_batch
+from ..data.samplers import stream_seed
 from ..errors import ConfigError
 from ..losses._checks import choice, integer, number
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
-from .cmo import MinoritySampler
+from .base import Method, StepResult, refuse_batch_mixing
+from .cmo import MinoritySampler, minority_class_prob
 
 _STREAM = 2023  # tags GLMC's re-balanced stream apart from the loop's, BBN's and CMO's
 
 
 def rebalanced_seed(seed: int, epoch: int, step: int) -> int:
     """The seed of the re-balanced batch of (0-idx) `epoch`, `step`."""
-    return int(np.random.SeedSequence([seed, epoch, step, _STREAM]).generate_state(1)[0])
+    return stream_seed(seed, epoch, step, _STREAM)
 
 
 def label_weights(class_counts, label_weighting: float) -> torch.Tensor:
-    """(C,) official `update_weight`: n_c^-t normalised to sum C (a class without images gets 0)."""
-    counts = np.asarray(class_counts, dtype=np.float64)
-    w = np.where(counts > 0, np.where(counts > 0, counts, 1.0) ** -label_weighting, 0.0)
-    return torch.from_numpy(w / w.sum() * len(counts)).float()
+    """(C,) official `update_weight`: n_c^-t normalised to sum C (a class without images gets 0):
+    C x CMO's minority class probabilities with weighting 'class'."""
+    return torch.from_numpy(minority_class_prob(class_counts, label_weighting, "class") * len(class_counts)).float()
 
 
 def cumulative_alpha(epoch: int, epochs: int) -> float:
@@ -123,12 +123,9 @@ class GLMC(Method):
         if cfg.loss.name != "ce":
             raise ConfigError(f"method 'glmc' computes its own soft-label cross-entropies; set loss.name: ce "
                               f"(got '{cfg.loss.name}')")
-        for key in ("mixup_alpha", "cutmix_alpha"):
-            if getattr(cfg.train, key, 0) > 0:
-                raise ConfigError(f"method 'glmc' mixes its own batches; set train.{key}: 0")
+        refuse_batch_mixing(cfg, "glmc", "GLMC mixes its own batches")
         self.weights = label_weights(data.class_counts, self.label_weighting)
         self._sampler: MinoritySampler | None = None
-        self._epoch = self._step = 0  # the step counter when no loop hands its TrainBatches (direct use)
 
     def build_model(self) -> Classifier:
         model = super().build_model()
@@ -140,10 +137,6 @@ class GLMC(Method):
                 nn.init.kaiming_normal_(layer.weight)  # official _weights_init on every Linear
                 model.add_module(name, layer)
         return model
-
-    def on_epoch_start(self, epoch: int, loss) -> None:
-        super().on_epoch_start(epoch, loss)
-        self._epoch, self._step = epoch, 0
 
     def sampler(self) -> MinoritySampler:
         if self._sampler is None:  # built on first use: a rebuilt run's DataInfo has no training labels
@@ -163,12 +156,8 @@ class GLMC(Method):
 
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
                       generator: torch.Generator) -> StepResult:
+        epoch, step, size = self.step_position(images)
         b = self.batches
-        if b is not None:
-            epoch, step, size = b.epoch, b.step, b.global_size
-        else:
-            epoch, step, size = self._epoch, self._step, images.shape[0]
-        self._step = step + 1
         views = b.views if b is not None and b.views else (images,)
         v, y_v, v2 = self._rebalanced(images, target, views, epoch, step, size)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
 from ..losses import effective_number_weights, inverse_frequency_weights
 from ..losses._checks import choice, number
 from ..losses.ib import influence_balanced_loss
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 
 CLASS_WEIGHTS = ("inverse_frequency", "effective_number", "none")
 
@@ -70,8 +69,7 @@ class InfluenceBalanced(Method):
             start_epoch = int(t.milestones[0])
         if not isinstance(start_epoch, int) or isinstance(start_epoch, bool) or not 0 <= start_epoch < t.epochs:
             raise ValueError(f"start_epoch must be an integer in [0, train.epochs = {t.epochs}), got {start_epoch!r}")
-        if t.mixup_alpha > 0:
-            raise ConfigError(f"method '{name}' does not mix batches; set train.mixup_alpha: 0")
+        refuse_batch_mixing(cfg, name, "the IB loss takes one label per image")
         self.start_epoch = start_epoch
         self.alpha = number("alpha", alpha, low=0, low_open=True)
         self.epsilon = number("epsilon", epsilon, low=0, low_open=True)

@@ -45,12 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import VIEWS
-from ..errors import ConfigError
 from ..losses._checks import choice, integer, number
 from ..models import Classifier
 from ..models.contrastive import FeatureQueue, MomentumEncoder, ProjectionHead
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 
 LOSS_TYPES = ("v1", "v2")
 
@@ -110,9 +109,7 @@ class KCL(Method):
         self.loss_type = choice("loss_type", loss_type, LOSS_TYPES)
         self.view = choice("view", view, tuple(VIEWS))
         self.views = (self.view,)
-        for key in ("mixup_alpha", "cutmix_alpha"):
-            if getattr(cfg.train, key, 0) > 0:
-                raise ConfigError(f"method 'kcl' does not mix batches; set train.{key}: 0")
+        refuse_batch_mixing(cfg, "kcl")
 
     def build_model(self) -> Classifier:
         model = super().build_model()

@@ -241,7 +241,7 @@ class LCReg(Method):
         self.recon_similarity, self.recon_temperature = recon_similarity, float(recon_temperature)
         self.covariance = LazyCovariance(diagonal=diagonal)
         self._steps_per_epoch: int | None = None
-        self._step = 0
+        self._iteration = 0
 
     @property
     def uses_latents(self) -> bool:
@@ -268,19 +268,19 @@ class LCReg(Method):
         super().on_epoch_start(epoch, loss)
         if self._steps_per_epoch is None:
             self._steps_per_epoch = math.ceil(len(self.data.train) / self.cfg.train.batch_size)
-        self._step = epoch * self._steps_per_epoch
+        self._iteration = epoch * self._steps_per_epoch
 
     @property
     def lam(self) -> float:
         """lambda = lambda0 * t / T (t: 0-idx iteration, T: total iterations)."""
         total = self.cfg.train.epochs * (self._steps_per_epoch or 1)
-        return self.lambda0 * self._step / total
+        return self.lambda0 * self._iteration / total
 
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
                       generator: torch.Generator) -> StepResult:
         step = super().training_step(model, forward, images, target, loss, generator)
         lam = self.lam
-        self._step += 1
+        self._iteration += 1
         total = self.gamma * step.loss
         if not isinstance(model, LatentCategoryClassifier):
             return StepResult(total, step.logits, step.target)

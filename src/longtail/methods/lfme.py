@@ -61,7 +61,7 @@ from ..losses._checks import number
 from ..models import Classifier
 from ..registry import METHODS
 from ..rundir import RunDir
-from .base import Method, StepResult, rebuild_model
+from .base import Method, StepResult, rebuild_model, refuse_batch_mixing
 from .frozen import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,7 @@ class LFME(Method):
         self.curriculum, self.curriculum_clip = curriculum, curriculum_clip
         half = cfg.train.epochs / 2 if curriculum_epochs is None else curriculum_epochs
         self.curriculum_epochs = number("curriculum_epochs", half, low=0, low_open=True)
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ConfigError("method 'lfme' does not mix batches; set train.mixup_alpha: 0 and train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "lfme")
         # a DataInfo (rebuilding a trained run's network) carries no splits: nothing to check then
         if self.expert_paths and hasattr(data, "val") and (data.val is None or not len(data.val)):
             raise ConfigError("method 'lfme' measures the experts' and the student's accuracies on a validation "

@@ -65,7 +65,7 @@ from ..errors import CheckpointError, ConfigError, LongtailError
 from ..losses._checks import number
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 from .frozen import read_checkpoint, rebuild_frozen
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,7 @@ class M2m(Method):
         for name, value in (("random_start", random_start), ("oversample", oversample)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
-        if t.mixup_alpha > 0 or t.cutmix_alpha > 0:
-            raise ConfigError("method 'm2m' does not mix batches; set train.mixup_alpha: 0 and train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "m2m")
         self.classifier, self.start_epoch = classifier, start_epoch
         self.beta = number("beta", beta, low=0, high=1, high_open=True)
         self.lam = number("lam", lam, low=0)

@@ -41,18 +41,18 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..data.augment import BatchAugment
+from ..data.samplers import stream_seed
 from ..errors import ConfigError
 from ..losses._checks import choice, integer, number
 from ..models import Classifier
 from ..optim import learning_rate
 from ..registry import METHODS
-from .base import StepResult, loop_augment
+from .base import StepResult, loop_augment, refuse_batch_mixing
 from .isda import ISDA, isda_logits
 
 OFFICIAL_START = 160 / 200  # the official switch to MetaSAug: epoch 160 of 200
@@ -126,14 +126,11 @@ class MetaSAug(ISDA):
         self.inner_lr = None if inner_lr is None else number("inner_lr", inner_lr, low=0)
         self.covariance_update = choice("covariance_update", covariance_update, COVARIANCE_UPDATES)
         self.pre_start_loss = choice("pre_start_loss", pre_start_loss, PRE_START_LOSSES)
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("MetaSAug's meta step needs unmixed batches; set train.mixup_alpha: 0 and "
-                             "train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "metasaug", "MetaSAug's meta step needs unmixed batches")
         # a DataInfo (rebuilding a trained run's network) carries no splits: nothing to check then
         if hasattr(data, "val") and (data.val is None or not len(data.val)):
             raise ConfigError("method 'metasaug' takes its meta set from the validation split: set "
                               "data.val_per_class (e.g. data.val_per_class=10)")
-        self._epoch = self._step = 0
         self._inner_lr_now = 0.0
         self._augment: BatchAugment | None = None
 
@@ -147,7 +144,6 @@ class MetaSAug(ISDA):
     def on_epoch_start(self, epoch: int, loss) -> None:
         super().on_epoch_start(epoch, loss)  # RW / DRW weights, lam
         t = self.cfg.train
-        self._epoch, self._step = epoch, 0
         self._inner_lr_now = self.inner_lr if self.inner_lr is not None else learning_rate(
             epoch, base_lr=t.lr, epochs=t.epochs, schedule=t.lr_schedule, warmup_epochs=t.warmup_epochs,
             milestones=t.milestones, decay=t.lr_decay, min_lr=t.min_lr)
@@ -156,8 +152,7 @@ class MetaSAug(ISDA):
         """A random meta batch (M, C, H, W), (M,) of the validation split for the current
         (seed, epoch, step), augmented as the training batches; the same on every process."""
         val = self.data.val
-        seed = np.random.SeedSequence([self.cfg.train.seed, self._epoch, self._step, _STREAM])
-        g = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
+        g = torch.Generator().manual_seed(stream_seed(self.cfg.train.seed, self._epoch, self._step, _STREAM))
         pos = torch.randperm(len(val), generator=g)[:self.meta_batch_size].numpy()
         if self._augment is None:
             self._augment = loop_augment(self.cfg, self.data, device)
@@ -166,8 +161,8 @@ class MetaSAug(ISDA):
 
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
                       generator: torch.Generator) -> StepResult:
-        self._step += 1
-        if self._epoch < self.start_epoch:
+        epoch, _, _ = self.step_position(images)  # self._step is now 1-based: the meta batch's seed
+        if epoch < self.start_epoch:
             logits = forward(images)[1]
             value = F.cross_entropy(logits, target) if self.pre_start_loss == "ce" else loss(logits, target)
             return StepResult(value, logits, target)

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing, require_experts
+
+NCL_EXPERTS = "the official CIFAR {num: 3, shared_stages: none}"
 
 
 @METHODS.register("ncl")
@@ -38,18 +40,14 @@ class NCL(Method):
 
     def __init__(self, *, cfg, data):
         super().__init__(cfg=cfg, data=data)
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("NCL does not mix batches; set train.mixup_alpha: 0 and train.cutmix_alpha: 0")
-        if not (cfg.model.params or {}).get("experts"):
-            raise ValueError(f"needs a multi-expert network: set model.params.experts (official CIFAR: "
-                             f"{{num: 3, shared_stages: none}}; model is '{cfg.model.name}')")
+        refuse_batch_mixing(cfg, "ncl")
+        require_experts(cfg, "ncl", example=NCL_EXPERTS)
         if cfg.loss.name != "ncl":
             raise ValueError(f"trains with the 'ncl' loss (loss.name: ncl), got '{cfg.loss.name}'")
 
     def build_model(self) -> Classifier:
         model = super().build_model()
-        if not getattr(model, "num_experts", 0):
-            raise ValueError(f"model '{self.cfg.model.name}' has no expert split (model.params.experts)")
+        require_experts(self.cfg, "ncl", example=NCL_EXPERTS, model=model)
         return model
 
     def training_step(self, model: Classifier, forward, images, target, loss, generator) -> StepResult:

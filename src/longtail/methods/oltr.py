@@ -43,7 +43,7 @@ from ..models import Classifier
 from ..models.oltr import OLTRNetwork
 from ..optim import ParamGroup
 from ..registry import METHODS
-from .base import StepResult, class_mean_features
+from .base import StepResult, class_mean_features, refuse_batch_mixing
 from .decoupled import _FromStage1
 
 HALLUCINATOR_INITS = ("stage1", "random")
@@ -78,6 +78,7 @@ class OLTR(_FromStage1):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
         if fc_dim is not None and (not isinstance(fc_dim, int) or isinstance(fc_dim, bool) or fc_dim < 1):
             raise ValueError(f"fc_dim must be a positive integer or null, got {fc_dim!r}")
+        refuse_batch_mixing(cfg, "oltr", "its centroid loss needs one label per image")
         self.attention, self.fc_add, self.fc_dim, self.freeze_backbone = attention, fc_add, fc_dim, freeze_backbone
         self.hallucinator_init = choice("hallucinator_init", hallucinator_init, HALLUCINATOR_INITS)
         self.feature_lr_scale = number("feature_lr_scale", feature_lr_scale, low=0, low_open=True)

@@ -45,7 +45,7 @@ from ..losses._checks import integer, number
 from ..models import Classifier
 from ..models.contrastive import FeatureQueue, MomentumEncoder, ProjectionHead
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 
 
 def paco_loss(features: torch.Tensor, labels: torch.Tensor, centre_logits: torch.Tensor, *, num_anchors: int,
@@ -137,9 +137,7 @@ class PaCo(Method):
                               f"params (unused), got '{cfg.loss.name}'")
         if cfg.reweight.scheme != "none":
             raise ConfigError(f"method '{name}' re-balances inside its loss; set reweight.scheme: none")
-        for key in ("mixup_alpha", "cutmix_alpha"):
-            if getattr(cfg.train, key, 0) > 0:
-                raise ConfigError(f"method '{name}' does not mix batches; set train.{key}: 0")
+        refuse_batch_mixing(cfg, name)
         counts = torch.as_tensor(list(data.class_counts), dtype=torch.float64)
         self.log_prior = torch.log(counts / counts.sum() + 1e-9).to(torch.float32)  # official log(weight + 1e-9)
 

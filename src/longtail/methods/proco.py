@@ -46,8 +46,8 @@ from ..losses.logit_adjustment import PRIOR_EPS
 from ..models import Classifier
 from ..models.contrastive import ProjectionHead
 from ..registry import METHODS
-from .base import Method, StepResult
-from .bcl import check_two_views, forward_three_views, refuse_batch_mixing
+from .base import Method, StepResult, refuse_batch_mixing
+from .bcl import check_two_views, forward_three_views
 
 BESSEL = ("official", "exact")
 KAPPA_MAX = 1e5  # official update_kappa: kappa > 1e5 (and kappa < 0, i.e. R > 1) -> 1e5

@@ -53,11 +53,10 @@ from __future__ import annotations
 import torch
 
 from ..data.mixup import mixup_batch
-from ..errors import ConfigError
 from ..losses._checks import choice, number
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 
 LABEL_MIXING = ("per_sample", "batch_mean")
 
@@ -130,10 +129,7 @@ class Remix(Method):
         self.kappa = float(kappa)
         self.tau = number("tau", tau, low=0, high=1)
         self.label_mixing = choice("label_mixing", label_mixing, LABEL_MIXING)
-        for key in ("mixup_alpha", "cutmix_alpha"):  # the loop's own batch mixing would mix twice
-            if getattr(cfg.train, key, 0) > 0:
-                raise ConfigError(f"method '{cfg.method.name}' mixes batches itself (method.params.alpha); "
-                                  f"set train.{key}: 0")
+        refuse_batch_mixing(cfg, cfg.method.name, "Remix mixes its batches itself with method.params.alpha")
         self._counts: torch.Tensor | None = None
 
     def _class_counts(self, device) -> torch.Tensor:

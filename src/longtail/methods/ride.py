@@ -54,11 +54,12 @@ from ..models import Classifier
 from ..models.expert_router import ExpertRouter, RoutedExperts, router_loss, router_scores, router_targets
 from ..models.expert_router import routed_forward, routing_flops
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing, require_experts
 from .decoupled import _FromStage1
 from .frozen import read_checkpoint, rebuild_frozen
 
 log = logging.getLogger(__name__)
+RIDE_EXPERTS = "{num: 3, shared_stages: 1, widths: ride, scale: 30}"  # the official CIFAR network
 
 
 @METHODS.register("ride")
@@ -89,19 +90,15 @@ class RIDE(Method):
                              f"got {teacher_bn!r}")
         self.teacher_bn = teacher_bn
         self.teacher: Classifier | None = None  # loaded by build()
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("RIDE does not mix batches; set train.mixup_alpha: 0 and train.cutmix_alpha: 0")
-        if not (cfg.model.params or {}).get("experts"):
-            raise ValueError(f"needs a multi-expert network: set model.params.experts (e.g. {{num: 3, "
-                             f"shared_stages: 1, widths: ride, scale: 30}}; model is '{cfg.model.name}')")
+        refuse_batch_mixing(cfg, "ride")
+        require_experts(cfg, "ride", example=RIDE_EXPERTS)
         if cfg.loss.name != "ride":
             raise ValueError(f"trains with the 'ride' loss (loss.name: ride), got '{cfg.loss.name}'")
         self._scale: float | None = None
 
     def build_model(self) -> Classifier:
         model = super().build_model()
-        if not getattr(model, "num_experts", 0):
-            raise ValueError(f"model '{self.cfg.model.name}' has no expert split (model.params.experts)")
+        require_experts(self.cfg, "ride", example=RIDE_EXPERTS, model=model)
         self._scale = model.head.scale
         return model
 
@@ -196,22 +193,16 @@ class RIDERouter(_FromStage1):
         self.pos_weight = number("pos_weight", pos_weight, low=0, low_open=True)
         self.hidden = integer("hidden", hidden, low=1)
         self.threshold = number("threshold", threshold, low=0, high=1)
-        experts = (cfg.model.params or {}).get("experts")
-        if not isinstance(experts, dict) or not (isinstance(experts.get("num", 3), int) and experts.get("num", 3) >= 2):
-            raise ValueError(f"needs the stage-1 RIDE network with at least 2 experts in model.params.experts "
-                             f"(got {experts!r})")
+        require_experts(cfg, "ride_router", minimum=2, example=RIDE_EXPERTS)  # the stage-1 RIDE network
         if cfg.loss.name != "ce":
             raise ValueError(f"the router trains with its own BCE (method.params.pos_weight); set loss.name: ce "
                              f"(unused), got '{cfg.loss.name}'")
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("the RIDE router does not mix batches; set train.mixup_alpha: 0 and train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "ride_router")
 
     def build_model(self) -> Classifier:
         model = self.stage1_model()
-        num = getattr(model, "num_experts", 0)
-        if num < 2:
-            raise ConfigError(f"method 'ride_router' needs a stage-1 network with at least 2 experts "
-                              f"(model.params.experts.num), got {num}")
+        require_experts(self.cfg, "ride_router", minimum=2, example=RIDE_EXPERTS, model=model)
+        num = model.num_experts
         if isinstance(model.head, RoutedExperts):
             raise ConfigError("method 'ride_router': the stage-1 network already has a router")
         dim = model.num_features // num  # each expert's pooled width D (num_features = E * D)

@@ -37,7 +37,7 @@ from ..losses._checks import choice, integer, number
 from ..models import Classifier
 from ..models.rsg import VECTORS
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing
 
 
 def head_classes(class_counts, head_ratio: float) -> np.ndarray:
@@ -73,9 +73,7 @@ class RSG(Method):
         self.cesc_weight = number("cesc_weight", cesc_weight, low=0)
         self.mv_weight = number("mv_weight", mv_weight, low=0)
         self.vectors = choice("vectors", vectors, VECTORS)
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("RSG generates samples in feature space; set train.mixup_alpha: 0 and "
-                             "train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "rsg", "RSG generates samples in feature space")
         if (cfg.model.params or {}).get("rsg") is not True:
             raise ValueError(f"needs the RSG module: set model.params.rsg: true (a CIFAR ResNet, e.g. resnet32; "
                              f"model is '{cfg.model.name}')")
@@ -85,7 +83,6 @@ class RSG(Method):
                              f"{data.num_classes}; RSG needs both head and tail classes")
         self.heads = heads
         self._head_mask: torch.Tensor | None = None
-        self._epoch = 0
 
 
     def build(self, services=None):
@@ -100,10 +97,6 @@ class RSG(Method):
         if getattr(model, "rsg", None) is None or not callable(getattr(model, "rsg_pass", None)):
             raise ValueError(f"model '{self.cfg.model.name}' has no RSG module (model.params.rsg)")
         return model
-
-    def on_epoch_start(self, epoch: int, loss) -> None:
-        super().on_epoch_start(epoch, loss)  # the configured loss's RW / DRW and epoch hooks
-        self._epoch = epoch
 
     def head_mask(self, device) -> torch.Tensor:
         if self._head_mask is None or self._head_mask.device != torch.device(device):

@@ -61,9 +61,10 @@ from ..errors import ConfigError
 from ..losses._checks import integer, number
 from ..models import Classifier
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Method, StepResult, refuse_batch_mixing, require_experts
 
 NUM_SKILLS = 3  # forward, uniform, backward
+SADE_EXPERTS = "{num: 3, shared_stages: 1, widths: ride, scale: 30} on a ResNet such as resnet32"
 _EPS = 1e-9  # the official `+ 1e-9` inside every log
 
 
@@ -202,24 +203,18 @@ class SADE(Method):
             weight_decay=number("aggregation_weight_decay", aggregation_weight_decay, low=0.0),
             batch_size=integer("aggregation_batch_size", aggregation_batch_size, low=1),
             stop_below=number("aggregation_stop", aggregation_stop, low=0.0, high=1.0, high_open=True))
-        experts = (cfg.model.params or {}).get("experts")
-        if not isinstance(experts, dict) or experts.get("num", 3) != NUM_SKILLS:
-            raise ValueError("needs three experts (forward, uniform, backward): set model.params.experts "
-                             "{num: 3, shared_stages: 1, widths: ride, scale: 30} on a ResNet, e.g. resnet32")
+        require_experts(cfg, "sade", minimum=NUM_SKILLS, exactly=True, example=SADE_EXPERTS)
         if cfg.loss.name != "ce":
             raise ValueError(f"SADE's diverse-expert loss replaces the configured loss; set loss.name: ce "
                              f"(got '{cfg.loss.name}')")
         if cfg.reweight.scheme != "none":
             raise ValueError("SADE's experts carry their own re-balancing; set reweight.scheme: none")
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            raise ValueError("SADE trains without mixup / CutMix (official); set train.mixup_alpha: 0 and "
-                             "train.cutmix_alpha: 0")
+        refuse_batch_mixing(cfg, "sade", "SADE trains without mixup / CutMix, as the official code")
         self.diverse = DiverseExpertLoss(class_counts=data.class_counts, tau=self.tau)
 
     def build_model(self) -> Classifier:
         model = super().build_model()
-        if getattr(model, "num_experts", 0) != NUM_SKILLS or not callable(getattr(model, "expert_outputs", None)):
-            raise ValueError(f"model '{self.cfg.model.name}' has no expert split (model.params.experts)")
+        require_experts(self.cfg, "sade", minimum=NUM_SKILLS, exactly=True, example=SADE_EXPERTS, model=model)
         return model
 
     def expert_logits(self, model: Classifier, forward, images: torch.Tensor) -> torch.Tensor:

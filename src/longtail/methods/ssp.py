@@ -26,8 +26,9 @@ Readings chosen:
   adds the rotation accuracy of each real class's images (class labels used for reporting
   only). The official script scores one random rotation per test image.
 - What the pretext task does not use is refused rather than ignored: `loss` must be plain
-  `ce`, `reweight.scheme` none, `train.mixup_alpha` 0, `model.head` linear. Any sampler is
-  allowed (the official script accepts its re-sampler during pre-training).
+  `ce`, `reweight.scheme` none, `train.mixup_alpha` and `train.cutmix_alpha` 0, `model.head`
+  linear. Any sampler is allowed (the official script accepts its re-sampler during
+  pre-training).
 - Images must be square (a 90 degree rotation of an H x W image is W x H).
 """
 
@@ -124,6 +125,7 @@ class RotationPretraining(Method):
                f"set loss.name ce without params, got '{cfg.loss.name}'{params}")
         refuse(cfg.reweight.scheme == "none", f"set reweight.scheme none, got '{cfg.reweight.scheme}'")
         refuse(cfg.train.mixup_alpha == 0, f"set train.mixup_alpha 0, got {cfg.train.mixup_alpha}")
+        refuse(cfg.train.cutmix_alpha == 0, f"set train.cutmix_alpha 0, got {cfg.train.cutmix_alpha}")
         refuse(cfg.model.head == "linear", f"set model.head linear, got '{cfg.model.head}'")
         h, w = data.image_shape
         if h != w:

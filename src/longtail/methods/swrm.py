@@ -98,7 +98,7 @@ class SWRM(_TwoStage):
         self.projection: np.ndarray | None = None
         self.similarity_matrix: np.ndarray | None = None
         self.switched_at = -1
-        self._pending, self._epoch = False, 0
+        self._pending = False
 
     def build_loss(self) -> SWRMLoss:
         # checked here (before training starts), not in __init__: evaluating a finished run
@@ -109,9 +109,8 @@ class SWRM(_TwoStage):
         return super().build_loss()
 
     def on_epoch_start(self, epoch: int, loss) -> None:
-        super().on_epoch_start(epoch, loss)
+        super().on_epoch_start(epoch, loss)  # sets self._epoch
         self._pending = epoch >= self.start_epoch and self.projection is None
-        self._epoch = epoch
 
     def training_step(self, model: Classifier, forward, images, target, loss, generator):
         if self._pending:

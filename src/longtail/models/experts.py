@@ -49,6 +49,21 @@ class ExpertSpec:
         return self.shared_stages == 0
 
 
+DEFAULT_NUM = 3  # experts.num when the mapping leaves it out
+
+
+def configured_num(value) -> int | None:
+    """The expert count ``model.params.experts`` (``value``) asks for, without building anything:
+    0 when absent (the plain network), None when malformed (``parse_experts`` names the bad key
+    when the network is built)."""
+    if value is None:
+        return 0
+    if not isinstance(value, dict):
+        return None
+    num = value.get("num", DEFAULT_NUM)
+    return num if isinstance(num, int) and not isinstance(num, bool) else None
+
+
 def parse_experts(value, *, plain_widths: tuple[int, ...], min_shared: int = 1,
                   allow_independent: bool = False) -> ExpertSpec | None:
     """Validate ``model.params.experts`` for a network whose stages have ``plain_widths``.
@@ -64,7 +79,7 @@ def parse_experts(value, *, plain_widths: tuple[int, ...], min_shared: int = 1,
     unknown = sorted(set(value) - {"num", "shared_stages", "widths", "scale"})
     if unknown:
         raise ValueError(f"experts: unknown key(s) {unknown}; allowed: num, shared_stages, widths, scale")
-    num = value.get("num", 3)
+    num = value.get("num", DEFAULT_NUM)
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"experts.num must be an integer >= 1, got {num!r}")
     n_stages = len(plain_widths)
