@@ -1,8 +1,12 @@
 """models/packed.py: K seeds of one CIFAR ResNet as one packed network (issue 21).
 
 Tolerances (docs/speed.md, "Several seeds as one packed network"): float64, ResNet-8 / ResNet-20 on
-8x8 / 16x16 images; every comparison below holds to 1e-10 (measured: 0 for `grouped`, <= 3e-16 for
-`vmap` on this CPU), and bitwise where it says so.
+8x8 / 16x16 images; every comparison below holds to 1e-10 (measured on the project's CPU, torch
+2.13: 0, i.e. bitwise, for `grouped`; <= 6e-15 on logits and <= 9e-16 on the state after two SGD
+steps for `vmap`), and bitwise where it says so. float64 on purpose: in float32 the packed forward
+rounds differently (~1e-6 relative), and a ReLU input within that rounding of 0 flips its mask,
+which changes that element's gradient by O(1) (seen: one flip in ResNet-20, 2 steps, 2% on some
+member-0 gradients) - the gradient is discontinuous there, so float32 equality is not a property.
 """
 
 from __future__ import annotations
@@ -146,19 +150,19 @@ def test_members_are_independent(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_one_member_equals_the_plain_network(mode):
-    net = make_members(1, dtype=torch.float32)[0]
+    net = make_members(1)[0]
     packed = pack([net], mode=mode)
-    images, target = batch(1, dtype=torch.float32)
+    images, target = batch(1)
     logits = packed(images)
     want = net(images[0])
-    assert (logits[0] - want).abs().max().item() < 1e-5  # float32
+    assert (logits[0] - want).abs().max().item() < TOL
     project_sgd_step = project_sgd(packed)
     F.cross_entropy(logits[0], target[0]).backward()
     project_sgd_step.step()
     own = project_sgd(net)
     F.cross_entropy(want, target[0]).backward()
     own.step()
-    assert max_diff(net.state_dict(), unpack(packed)[0].state_dict()) < 1e-5
+    assert max_diff(net.state_dict(), unpack(packed)[0].state_dict()) < TOL
 
 
 def test_pack_leaves_the_members_unchanged():
