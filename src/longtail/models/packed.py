@@ -32,14 +32,12 @@ Trainer or `longtail bench`: benchmarks/packed_seeds.py measures whether it pays
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, did_you_mean
-from .cifar_resnet import BasicBlockA, CifarResNet
+from .cifar_resnet import CifarResNet
 
 MODES = ("grouped", "vmap")
 _STAGES = ((16, 1), (32, 2), (64, 2))
