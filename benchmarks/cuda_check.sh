@@ -4,7 +4,8 @@
 # (configs/cifar10_lt/ce.yaml, 30 epochs) in fp32 and bf16, two seeds each, to measure the
 # accuracy effect of bf16. Usage (from the repo root, with the data at $LONGTAIL_SHARED/data):
 #   LONGTAIL_SHARED=../shared OUT=/tmp/cuda_out benchmarks/cuda_check.sh
-# Writes $OUT/throughput_cuda.json, $OUT/bf16_runs.json and $OUT/log.
+# Writes $OUT/throughput_cuda.json, $OUT/packed_seeds_cuda*.json (several seeds as one packed network
+# against one after another, docs/speed.md), $OUT/bf16_runs.json and $OUT/log.
 set -u
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -15,6 +16,8 @@ mkdir -p "$OUT" "$runs"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
   $PY benchmarks/throughput.py --device cuda --data cifar --epochs 2 --pipelines classic,default,fastest,compile,bf16 --out "$OUT/throughput_cuda.json"
+  $PY benchmarks/packed_seeds.py --device cuda --members 1,2,4,8,16 --out "$OUT/packed_seeds_cuda.json"
+  $PY benchmarks/packed_seeds.py --device cuda --members 1,4,16 --precision bf16 --out "$OUT/packed_seeds_cuda_bf16.json"
   for seed in 0 1; do
     for prec in fp32 bf16; do
       start=$(date +%s)
