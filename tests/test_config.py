@@ -95,7 +95,8 @@ def test_exponent_floats_that_yaml_reads_as_strings():
 PATH_VALUES = {"data": {"source": "split_list", "root": "images", "cache_dir": "cache", "train_list": "lists/train.txt",
                         "val_list": "lists/val.txt", "test_list": "../test.txt"},
                "model": {"weights": "w/init.pt"},
-               "method": {"name": "crt", "params": {"stage1": "runs/ce/checkpoints/last.pt", "similarity_run": "sim"}}}
+               "method": {"name": "crt", "params": {"stage1": "runs/ce/checkpoints/last.pt", "similarity_run": "sim",
+                                                          "teacher": "runs/ride6"}}}
 
 
 def _paths(cfg) -> dict:
@@ -117,7 +118,8 @@ def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, mo
     assert _paths(cfg) == {"root": str(folder / "images"), "cache_dir": str(folder / "cache"),
                            "train_list": str(folder / "lists/train.txt"), "val_list": str(elsewhere / "mine/val.txt"),
                            "test_list": str(tmp_path / "project/test.txt"), "weights": "/abs/w.pt",
-                           "stage1": str(folder / "runs/ce/checkpoints/last.pt"), "similarity_run": str(folder / "sim")}
+                           "stage1": str(folder / "runs/ce/checkpoints/last.pt"), "similarity_run": str(folder / "sim"),
+                           "teacher": str(folder / "runs/ride6")}
     monkeypatch.chdir(tmp_path)  # the same file from another folder: the same paths
     assert _paths(load_config(folder / "c.yaml", ["data.val_list=mine/val.txt"]))["root"] == str(folder / "images")
 

@@ -336,7 +336,7 @@ def _check_values(cfg: RunConfig) -> None:
 # folder's config.yaml works from any folder (docs/training.md, "Paths in a config").
 PATH_KEYS = ("data.root", "data.cache_dir", "data.train_list", "data.val_list", "data.test_list",
              "model.weights", "method.params.stage1", "method.params.similarity_run",
-             "method.params.classifier", "method.params.experts")
+             "method.params.classifier", "method.params.experts", "method.params.teacher")
 
 
 def _absolute(value: Any, base: str | Path) -> Any:
