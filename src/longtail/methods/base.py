@@ -157,6 +157,7 @@ class Method:
     rebalancing = False  # True: its classifier already aims at balanced classes (inference.py)
     views: tuple[str, ...] = ()  # extra view pipelines per batch (data.augment.VIEWS), in batches.views
     aggregates_at_test_time = False  # True: implements test_time_aggregation (runs.evaluate_test_agnostic)
+    host_syncs: tuple[str, ...] = ()  # why the method's own step reads device values on the host (capture_blockers)
 
     def __init__(self, *, cfg, data):
         self.cfg, self.data = cfg, data
@@ -297,6 +298,14 @@ class Method:
         overrides this calls super().on_epoch_end(epoch, model, device)."""
         if self.constraint is not None and self.constraint.every == "epoch":
             self.constraint.project(model)
+
+    def capture_blockers(self, loss: Loss | None = None) -> tuple[str, ...]:
+        """One-line reasons why a training step of this method with `loss` reads device values on
+        the host (a CUDA graph cannot capture it: a future graph mode falls back to eager and logs
+        them; issue 21), () where the step is sync-free: the method's own `host_syncs` and, where
+        the step calls the loss, the loss's `host_syncs`. A method whose syncs depend on its
+        configuration overrides this. Checked against the audit in tests/test_host_sync.py."""
+        return tuple(self.host_syncs) + tuple(getattr(loss, "host_syncs", ()))
 
     # -- evaluation
     def evaluate(self, model: Classifier, split, *, mean, std, batch_size: int, device, channels_last: bool,
