@@ -304,8 +304,23 @@ class Method:
         the host (a CUDA graph cannot capture it: a future graph mode falls back to eager and logs
         them; issue 21), () where the step is sync-free: the method's own `host_syncs` and, where
         the step calls the loss, the loss's `host_syncs`. A method whose syncs depend on its
-        configuration overrides this. Checked against the audit in tests/test_host_sync.py."""
-        return tuple(self.host_syncs) + tuple(getattr(loss, "host_syncs", ()))
+        configuration overrides this. The loop's own per-step host work is added from the config:
+        a strong augmentation policy, mixup / CutMix and extra views other than 'regular' draw on
+        the host every step. Checked against the audit in tests/test_host_sync.py."""
+        reasons = list(self.host_syncs) + list(getattr(loss, "host_syncs", ()))
+        t = self.cfg.train
+        if t.augment.policy != "none":
+            reasons.append(f"train.augment.policy '{t.augment.policy}': each image's ops drawn and grouped on the host "
+                           "every step (data/strong_augment.py)")
+        if t.mixup_alpha > 0:
+            reasons.append("train.mixup_alpha: mixup's lam drawn on the host every step (data/mixup.py)")
+        if t.cutmix_alpha > 0:
+            reasons.append("train.cutmix_alpha: CutMix's box and lam drawn on the host every step (data/mixup.py)")
+        extra = [v for v in dict.fromkeys(self.views) if v != "regular"]
+        if extra:
+            reasons.append(f"extra views {', '.join(extra)}: their per-image ops drawn and grouped on the host every "
+                           "step (data/simclr_augment.py, data/strong_augment.py)")
+        return tuple(reasons)
 
     # -- evaluation
     def evaluate(self, model: Classifier, split, *, mean, std, batch_size: int, device, channels_last: bool,
