@@ -28,7 +28,17 @@ predicts instead of classes, e.g. 'rotation'; None for classifiers), `views` (th
 pipelines of each batch the method needs, names of data.augment.VIEWS; an instance may set its
 own from method.params, as BCL's `views`), `aggregates_at_test_time` (True: the test-agnostic
 evaluation also asks the method to adapt to each unlabelled test set, SADE's self-supervised
-expert aggregation).
+expert aggregation), `host_syncs` (one-line reasons why the method's own step reads device values
+on the host; see below).
+
+Host syncs (issue 21): a step that reads a device value on the host (`.item()`, `bool(t)`, `float(t)`,
+`.tolist()`, `.numpy()`, `.cpu()`) or runs a value-sized op (`nonzero`, `unique`, `x[mask]`,
+`bincount`) or draws per-step values on the host cannot be captured in a CUDA graph. Keep step
+state in device tensors and compute with masks / `torch.where`; where that is not possible
+(without changing results), declare why in `host_syncs` (a loss in its own `host_syncs`).
+`capture_blockers(loss)` returns the declared reasons of a method + loss + the loop's
+config-driven ones, () for a sync-free step; `tests/test_host_sync.py` audits every
+configs/cifar10_lt config against it (engine/host_sync.py's detector; docs/speed.md).
 
 Extra views (contrastive methods: BCL; later PaCo, ProCo, KCL, GLMC): with `views` non-empty the
 loop makes, from the same raw uint8 batch as the main view (`images`), one augmented view per
