@@ -45,9 +45,13 @@ class Loss(nn.Module):
       post-hoc adjustment toward a stated prior p_t starts from (`logit_adjust.source_prior`):
       'train' (default: logits + log p_t - log pi_train) or 'uniform' (LADE's post-compensation:
       logits + log p_t; a uniform target leaves the logits as they are).
+    * `host_syncs`: one-line reasons why a training step with this loss reads device values on
+      the host (a CUDA graph cannot capture it; issue 21, `Method.capture_blockers`); () where the
+      loss's forward, backward and `sync_statistics` never do (tests/test_host_sync.py checks it).
     """
 
     rebalancing = False
+    host_syncs: tuple[str, ...] = ()
     logit_prior = "train"
     neutral_params: dict | None  # no default: each registered loss states its own
 

@@ -58,7 +58,8 @@ class GHMCLoss(Loss):
         self.register_buffer("acc_sum", torch.zeros(self.bins, dtype=torch.float32))
 
     def element_weights(self, logits: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        """((B, C) harmonizing weights, tot); updates acc_sum when momentum > 0."""
+        """((B, C) harmonizing weights, tot as a 0-dim tensor); updates acc_sum when momentum > 0.
+        Sync-free: nothing is read on the host (issue 21)."""
         with torch.no_grad():
             g = (torch.sigmoid(logits.detach()) - onehot).abs()
             # bucketize(right=True) - 1: the k with edges[k] <= g < edges[k + 1], exactly
@@ -68,10 +69,12 @@ class GHMCLoss(Loss):
             idx = idx.clamp(0, self.bins - 1)
             # distributed: bin counts and the element count are summed over ranks, so every
             # rank weights with the global-batch histogram as one process would
-            packed = torch.cat([torch.bincount(idx[valid], minlength=self.bins).to(g.dtype),
-                                valid.sum().reshape(1).to(g.dtype)])
-            packed = all_reduce_sum(packed)
-            num, tot = packed[:-1], max(float(packed[-1]), 1.0)
+            # counted with scatter_add_ over a 0/1 mask, never read on the host: no device-to-host sync
+            # (bincount / boolean indexing / float() would sync on a GPU; the counts are integers, exact)
+            counts = torch.zeros(self.bins, dtype=g.dtype, device=g.device)
+            counts.scatter_add_(0, idx.reshape(-1), valid.reshape(-1).to(g.dtype))
+            packed = all_reduce_sum(torch.cat([counts, valid.sum().reshape(1).to(g.dtype)]))
+            num, tot = packed[:-1], packed[-1].clamp(min=1.0)
             nonempty = num > 0
             if self.momentum > 0:
                 acc = self.acc_sum.to(g.dtype)
@@ -80,10 +83,9 @@ class GHMCLoss(Loss):
                 denom = acc
             else:
                 denom = num
-            per_bin = torch.where(nonempty, tot / denom.clamp(min=1e-12), torch.zeros_like(denom))
-            n = int(nonempty.sum())
-            if n > 0:
-                per_bin = per_bin / n
+            # reciprocal() * tot: what `float / tensor` computes (Tensor.__rtruediv__), so the weights are bitwise those of before
+            per_bin = torch.where(nonempty, denom.clamp(min=1e-12).reciprocal() * tot, torch.zeros_like(denom))
+            per_bin = per_bin / nonempty.sum().clamp(min=1).to(g.dtype)  # n non-empty bins (no bin: all zeros)
             weights = per_bin[idx] * valid.to(g.dtype)
         return weights, tot
 

@@ -65,6 +65,11 @@ class RIDELoss(Loss):
     Shapes: logits (E, B, C) or (B, C), target (B,) int64 -> scalar.
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        'RIDE loss: the mean diversity temperature read as a float while DRW re-weights (losses/ride.py)',
+    )
+
     rebalancing = True
     neutral_params = {"max_m": 0.0, "additional_diversity_factor": 0.0}  # (B, C): CE on the logits
 

@@ -62,7 +62,9 @@ class SeesawLoss(Loss):
     @torch.no_grad()
     def accumulate(self, target: torch.Tensor) -> None:
         """Add the batch's label counts to `cum_samples` (called by forward before the loss)."""
-        inc = torch.bincount(target.to(self.cum_samples.device), minlength=self.num_classes)
+        # index_add_ of ones rather than bincount (whose CUDA kernel reads the labels' maximum on the host)
+        inc = torch.zeros_like(self.cum_samples).index_add_(0, target.to(self.cum_samples.device),
+                                                             torch.ones_like(target, dtype=self.cum_samples.dtype))
         self.cum_samples += inc
         self._pending += inc
 

@@ -28,7 +28,17 @@ predicts instead of classes, e.g. 'rotation'; None for classifiers), `views` (th
 pipelines of each batch the method needs, names of data.augment.VIEWS; an instance may set its
 own from method.params, as BCL's `views`), `aggregates_at_test_time` (True: the test-agnostic
 evaluation also asks the method to adapt to each unlabelled test set, SADE's self-supervised
-expert aggregation).
+expert aggregation), `host_syncs` (one-line reasons why the method's own step reads device values
+on the host; see below).
+
+Host syncs (issue 21): a step that reads a device value on the host (`.item()`, `bool(t)`, `float(t)`,
+`.tolist()`, `.numpy()`, `.cpu()`) or runs a value-sized op (`nonzero`, `unique`, `x[mask]`,
+`bincount`) or draws per-step values on the host cannot be captured in a CUDA graph. Keep step
+state in device tensors and compute with masks / `torch.where`; where that is not possible
+(without changing results), declare why in `host_syncs` (a loss in its own `host_syncs`).
+`capture_blockers(loss)` returns the declared reasons of a method + loss + the loop's
+config-driven ones, () for a sync-free step; `tests/test_host_sync.py` audits every
+configs/cifar10_lt config against it (engine/host_sync.py's detector; docs/speed.md).
 
 Extra views (contrastive methods: BCL; later PaCo, ProCo, KCL, GLMC): with `views` non-empty the
 loop makes, from the same raw uint8 batch as the main view (`images`), one augmented view per
@@ -157,6 +167,7 @@ class Method:
     rebalancing = False  # True: its classifier already aims at balanced classes (inference.py)
     views: tuple[str, ...] = ()  # extra view pipelines per batch (data.augment.VIEWS), in batches.views
     aggregates_at_test_time = False  # True: implements test_time_aggregation (runs.evaluate_test_agnostic)
+    host_syncs: tuple[str, ...] = ()  # why the method's own step reads device values on the host (capture_blockers)
 
     def __init__(self, *, cfg, data):
         self.cfg, self.data = cfg, data
@@ -297,6 +308,29 @@ class Method:
         overrides this calls super().on_epoch_end(epoch, model, device)."""
         if self.constraint is not None and self.constraint.every == "epoch":
             self.constraint.project(model)
+
+    def capture_blockers(self, loss: Loss | None = None) -> tuple[str, ...]:
+        """One-line reasons why a training step of this method with `loss` reads device values on
+        the host (a CUDA graph cannot capture it: a future graph mode falls back to eager and logs
+        them; issue 21), () where the step is sync-free: the method's own `host_syncs` and, where
+        the step calls the loss, the loss's `host_syncs`. A method whose syncs depend on its
+        configuration overrides this. The loop's own per-step host work is added from the config:
+        a strong augmentation policy, mixup / CutMix and extra views other than 'regular' draw on
+        the host every step. Checked against the audit in tests/test_host_sync.py."""
+        reasons = list(self.host_syncs) + list(getattr(loss, "host_syncs", ()))
+        t = self.cfg.train
+        if t.augment.policy != "none":
+            reasons.append(f"train.augment.policy '{t.augment.policy}': each image's ops drawn and grouped on the host "
+                           "every step (data/strong_augment.py)")
+        if t.mixup_alpha > 0:
+            reasons.append("train.mixup_alpha: mixup's lam drawn on the host every step (data/mixup.py)")
+        if t.cutmix_alpha > 0:
+            reasons.append("train.cutmix_alpha: CutMix's box and lam drawn on the host every step (data/mixup.py)")
+        extra = [v for v in dict.fromkeys(self.views) if v != "regular"]
+        if extra:
+            reasons.append(f"extra views {', '.join(extra)}: their per-image ops drawn and grouped on the host every "
+                           "step (data/simclr_augment.py, data/strong_augment.py)")
+        return tuple(reasons)
 
     # -- evaluation
     def evaluate(self, model: Classifier, split, *, mean, std, batch_size: int, device, channels_last: bool,

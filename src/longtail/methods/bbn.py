@@ -134,6 +134,11 @@ class BBN(Method):
         second_sampler: the re-balancing branch's sampler, 'reverse' (official), 'balance', 'uniform'.
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        "BBN: the reversed sampler's batch drawn on the host every step (data/samplers.py)",
+    )
+
     rebalancing = True  # its equal-weight inference already aims at balanced classes (inference.py)
 
     def __init__(self, *, cfg, data, alpha_schedule: str = "parabolic_decay", div_epochs: int | None = None,

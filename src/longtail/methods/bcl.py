@@ -117,6 +117,11 @@ class BCL(Method):
             BatchNorm statistics span all three (official); false: three passes.
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        "BCL: the batch's class counts taken with bincount for the balanced contrastive loss (methods/bcl.py)",
+    )
+
     def __init__(self, *, cfg, data, alpha: float = 1.0, beta: float = 0.35, temperature: float = 0.07,
                  feat_dim: int = 1024, scale: float = 30.0, views=("simclr", "simclr"), class_averaging: bool = True,
                  class_complement: bool = True, joint_forward: bool = True):

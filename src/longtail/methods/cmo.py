@@ -91,6 +91,11 @@ class CMO(Method):
     share of mixed steps train.cutmix_prob (official --mixup_prob 0.5).
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        "CMO: the minority batch drawn on the host and CutMix's box and lam drawn on the host every step",
+    )
+
     def __init__(self, *, cfg, data, weighted_alpha: float = 1.0, start_data_aug: int = 3, end_data_aug: int = 3,
                  weighting: str = "image"):
         super().__init__(cfg=cfg, data=data)

@@ -106,6 +106,11 @@ class RobustLoss(Loss):
 class DROLT(_FromStage1):
     """DRO-LT's feature-extractor stage on a CE stage-1 checkpoint (classifier frozen)."""
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        "DRO-LT: the batch's classes found with torch.unique / bincount for the robust loss (losses/feature.py)",
+    )
+
     def __init__(self, *, cfg, data, stage1: str = "", weight: float = 1.0, temperature: float = 1.0,
                  epsilon_init: float = 1.0, learn_epsilons: bool = True, epsilon_order: str = "official",
                  softmax_over: str = "batch", ce_weight: str = "count"):
@@ -170,8 +175,11 @@ class DROLT(_FromStage1):
 
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
                       generator: torch.Generator) -> StepResult:
-        if not bool(loss.centroids_ready):
-            self.update_centroids(model, images.device)
+        flag = loss.centroids_ready
+        if getattr(self, "_seen_ready", None) is not flag:  # read on the host until seen set, then never again
+            if not bool(flag):
+                self.update_centroids(model, images.device)
+            self._seen_ready = flag  # set once, never cleared: no host sync in later steps (issue 21)
         features, logits = forward(images)
         total = loss(logits, target)
         if self.weight:

@@ -40,6 +40,11 @@ from .base import Method, StepResult, refuse_batch_mixing
 class ELM(Method):
     """Logit-margin loss (the configured loss) plus lambda x the embedding-margin loss."""
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        'ELM: the embedding margin loss selects pairs with boolean masks and branches on them (losses/embedding_margin.py)',
+    )
+
     rebalancing = False  # the logit-margin loss states its own (logit_adjustment: True)
 
     def __init__(self, *, cfg, data, lam: float = 1.0, temperature: float = 0.1, embed_max_m: float = 0.5,

@@ -32,6 +32,11 @@ from ..losses._checks import number
 class FeatureLoss(Method):
     """L_cls(logits) + weight * L_feat(features) in one forward pass per step."""
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        "feature losses (range, lifted): the batch's classes and pairs found with torch.unique / boolean masks (losses/feature.py)",
+    )
+
     def __init__(self, *, cfg, data, feature_loss: str = "range", weight: float = 1.0,
                  feature_params: dict | None = None):
         super().__init__(cfg=cfg, data=data)

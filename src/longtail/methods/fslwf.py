@@ -62,6 +62,11 @@ class FSLwF(_FromStage1):
     exemplars (5), scale_cls (10), scale_att (10).
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        'FSLwF: the batch split into base / novel rows on the host (numpy) and by boolean masks',
+    )
+
     def __init__(self, *, cfg, data, stage1: str = "", novel_below: int = 20, episode_novel: int | None = None,
                  exemplars: int = 5, scale_cls: float = 10.0, scale_att: float = 10.0):
         super().__init__(cfg=cfg, data=data, stage1=stage1)

@@ -103,6 +103,11 @@ class GLMC(Method):
         view: the second view's pipeline (data.augment.VIEWS; official: the same crop-and-flip).
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        "GLMC: the re-balanced batch and MixUp / CutMix's lam and box drawn on the host every step",
+    )
+
     def __init__(self, *, cfg, data, contrast_weight: float = 4.0, label_weighting: float = 1.2,
                  resample_weighting: float = 0.0, mix_alpha: float = 1.0, hidden_dim: int = 128,
                  adjust_lam: bool = False, view: str = "regular"):

@@ -128,6 +128,11 @@ class LazyCovariance:
 class ISDA(Method):
     """ISDA on a linear head: the configured loss on covariance-augmented logits."""
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        "ISDA covariance update: a Python loop over the batch's classes (torch.unique, boolean selection, the seen count read as a float); a vectorised update would round differently",
+    )
+
     def __init__(self, *, cfg, data, lambda0: float = 0.5, diagonal: bool = False):
         super().__init__(cfg=cfg, data=data)
         if not isinstance(lambda0, (int, float)) or isinstance(lambda0, bool) or lambda0 < 0:

@@ -94,6 +94,11 @@ class KCL(Method):
         view: the key view's pipeline (data.augment.VIEWS; official --slaug: 'regular').
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        "KCL: the positives' count and the feature queue's pointer read on the host (methods/kcl.py, models/contrastive.py)",
+    )
+
     def __init__(self, *, cfg, data, k: int = 6, temperature: float = 0.07, dim: int = 128,
                  queue_size: int = 4096, momentum: float = 0.999, mlp: bool = False, loss_type: str = "v1",
                  view: str = "regular"):

@@ -69,7 +69,7 @@ from ..errors import ConfigError
 from ..models import Classifier
 from ..registry import METHODS
 from .base import Method, StepResult
-from .isda import LazyCovariance, isda_logits
+from .isda import ISDA, LazyCovariance, isda_logits
 
 FUSIONS = ("residual", "replace")
 AUG_TARGETS = ("part", "location")
@@ -305,6 +305,11 @@ class LCReg(Method):
         # as ISDA: updated before the loss, from the whole global batch under torchrun
         cov = self.covariance.update(samples, labels, m)
         return latent_augmentation_loss(samples, labels, out.encoded, cov, lam)
+
+    def capture_blockers(self, loss=None) -> tuple[str, ...]:
+        """ISDA's covariance update blocks capture only with the latent augmentation on."""
+        own = (ISDA.host_syncs[0],) if self.latent_aug else ()
+        return own + super().capture_blockers(loss)
 
     def state_dict(self) -> dict:
         return self.covariance.state_dict()

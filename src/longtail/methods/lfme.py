@@ -163,6 +163,11 @@ class LFME(Method):
         curriculum_clip: clamp v at 1 after epoch E (official: false).
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        "LFME: the experts' distillation weights read on the host every step",
+    )
+
     def __init__(self, *, cfg, data, experts=(), temperature: float = 2.0, distill_weight: float = 1.0,
                  decay_thresh: float = 0.3, curriculum: bool = True, curriculum_epochs: float | None = None,
                  curriculum_clip: bool = False):

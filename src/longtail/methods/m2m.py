@@ -169,6 +169,11 @@ class M2m(Method):
         oversample: class-balanced over-sampling from `start_epoch` (official default True).
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        'M2m: the seeds to translate chosen on the host (nonzero, boolean masks, counts read as ints)',
+    )
+
     rebalancing = True  # class-balanced over-sampling + minority translations (inference.py)
 
     def __init__(self, *, cfg, data, classifier: str = "", start_epoch: int | None = None, beta: float = 0.999,

@@ -115,6 +115,12 @@ class MetaSAug(ISDA):
         diagonal: diagonal covariances (as ISDA's option).
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        "ISDA covariance update: a Python loop over the batch's classes (torch.unique, boolean selection, the seen count read as a float); a vectorised update would round differently",
+        "MetaSAug: the meta batch's positions drawn on the host (numpy) every step",
+    )
+
     def __init__(self, *, cfg, data, lambda0: float = 0.75, meta_lr: float = 0.1, start_epoch: int | None = None,
                  meta_batch_size: int = 100, inner_lr: float | None = None, covariance_update: str = "after_loss",
                  pre_start_loss: str = "ce", diagonal: bool = False):

@@ -129,8 +129,11 @@ class OLTR(_FromStage1):
 
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
                       generator: torch.Generator) -> StepResult:
-        if not bool(model.head.centroids_ready):
-            self.update_centroids(model, images.device)
+        flag = model.head.centroids_ready
+        if getattr(self, "_seen_ready", None) is not flag:  # read on the host until seen set, then never again
+            if not bool(flag):
+                self.update_centroids(model, images.device)
+            self._seen_ready = flag  # set once, never cleared: no host sync in later steps (issue 21)
         features, logits = forward(images)
         total = loss(logits, target)
         if self.feature_weight:

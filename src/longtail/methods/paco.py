@@ -104,6 +104,11 @@ class PaCo(Method):
             'mocov2', its Gaussian blur left out).
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        "PaCo / GPaCo: the momentum queue's pointer read on the host (models/contrastive.py)",
+    )
+
     rebalancing = True  # the classifier is trained with + log(prior): its raw logits aim at balanced classes
     variant = "paco"
     default_temperature, default_feat_dim = 0.05, 32

@@ -307,6 +307,11 @@ class ProCo(Method):
     far). The random restarts draw from a generator seeded with (train.seed, epoch): resume is exact.
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        'ProCo: the Bessel-ratio series branches on device values in a Python loop (methods/proco.py)',
+    )
+
     def __init__(self, *, cfg, data, alpha: float = 1.0, temperature: float = 0.1, feat_dim: int = 128,
                  hidden_features: int = 512, views=("simclr", "simclr"), prior_tau: float = 1.0,
                  bessel: str = "official", joint_forward: bool = True):

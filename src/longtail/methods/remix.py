@@ -120,6 +120,11 @@ class Remix(Method):
             (BagofTricks-LT's effective loss: one batch-mean lambda_y).
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        'Remix: the label-assignment masks index the batch and are branched on, on the host',
+    )
+
     def __init__(self, *, cfg, data, alpha: float = 1.0, kappa: float = 3.0, tau: float = 0.5,
                  label_mixing: str = "per_sample"):
         super().__init__(cfg=cfg, data=data)

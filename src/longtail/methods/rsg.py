@@ -62,6 +62,11 @@ class RSG(Method):
             'channel' (the C channels at a position).
     """
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        'RSG: head / tail features split with boolean masks (models/rsg.py)',
+    )
+
     def __init__(self, *, cfg, data, head_ratio: float = 0.2, transfer_strength: float = 1.0,
                  epoch_thresh: int | None = None, cesc_weight: float = 0.1, mv_weight: float = 0.01,
                  vectors: str = "official"):

@@ -109,6 +109,11 @@ def rotation_predictions(model: torch.nn.Module, split, *, mean, std, batch_size
 class RotationPretraining(Method):
     """SSP: rotation self-supervised pre-training (4-way head); fine-tune via model.weights."""
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        "SSP: the rotated images' rows found with nonzero (methods/ssp.py)",
+    )
+
     pretext = "rotation"
 
     def __init__(self, *, cfg, data):

@@ -167,6 +167,11 @@ class SWRM(_TwoStage):
 class DySWRM(_TwoStage):
     """DySWRM: CE, then the SWRM loss on a learnable similarity vector (two-stage)."""
 
+    # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
+    host_syncs = (
+        'DySWRM: the windows are rebuilt on the host every step from the learnt projection (class order by argsort, similarity/windows.py)',
+    )
+
     def __init__(self, *, cfg, data, start_epoch: int | None = None, init_std: float = 0.1):
         super().__init__(cfg=cfg, data=data, start_epoch=start_epoch)
         if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std > 0:
