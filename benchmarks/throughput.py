@@ -55,7 +55,7 @@ from longtail.data.profiles import class_counts as profile_counts
 from longtail.errors import LongtailError
 from longtail.models import build_model
 from longtail.io import atomic_write_json
-from longtail.dist import cpu_model, resolve_device
+from longtail.dist import cpu_bf16_features, cpu_model, resolve_device
 from longtail.rundir import RunDir
 from longtail.engine.loop import Trainer
 from longtail.optim.schedule import learning_rate
@@ -458,7 +458,8 @@ def machine() -> dict:
     cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "usable_cores": cores, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_native_bf16": cpu_bf16_features()}
 
 
 def summarise(results: dict) -> None:
@@ -489,6 +490,7 @@ def render(results: dict) -> str:
     m, s = results["machine"], results["settings"]
     lines = [
         f"machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']} ({m['cpu_capability']}), "
+        f"native bf16: {', '.join(m.get('cpu_native_bf16') or []) or 'none'}, "
         f"device {s['device']}{' (' + results['device_name'] + ')' if results.get('device_name') else ''}",
         f"data: {s['data_description']}, {s['train_images']} training images, batch {s['batch_size']}, "
         + (f"{s['epochs']} timed epoch(s) of {s['steps']} steps after {s['warmup']} warm-up epoch(s) of "

@@ -156,3 +156,40 @@ def test_loss_check_every_is_validated_and_a_session_key():
     with pytest.raises(ConfigError, match="config key 'train.loss_check_every' must be >= 1, got 0"):
         config_from_dict(tiny_config(**{"train.loss_check_every": 0}))
     assert "train.loss_check_every" in SESSION_KEYS
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(tmp_path, monkeypatch, caplog):
+    """train.precision=bf16 still trains where the CPU emulates bf16, with one warning that names the
+    CPU and the missing instruction sets; on a CPU with them (or in fp32) no warning."""
+    import logging
+
+    from longtail import dist
+
+    cfg = config_from_dict(tiny_config(**{"train.epochs": 1, "train.precision": "bf16"}))
+    for features, warned in (([], True), (["amx_bf16", "avx512_bf16"], False)):
+        monkeypatch.setattr(dist, "cpu_bf16_features", lambda features=features: features)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="longtail.engine.loop"):
+            train_run(cfg, tmp_path / f"run{len(features)}", arrays=tiny_arrays())
+        hits = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+        assert len(hits) == int(warned)
+        if warned:
+            assert dist.cpu_model() in hits[0] and "AMX-BF16" in hits[0]
+
+
+def test_cpu_bf16_features_reads_the_cpu_flags(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from longtail import dist
+
+    info = tmp_path / "cpuinfo"
+    real = Path.read_text
+
+    def fake(self, *a, **k):
+        return info.read_text() if str(self) == "/proc/cpuinfo" else real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", fake)
+    info.write_text("model name\t: X\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert dist.cpu_bf16_features() == ["amx_bf16", "avx512_bf16"]
+    info.write_text("model name\t: Y\nflags\t\t: fpu sse avx2 fma\n")
+    assert dist.cpu_bf16_features() == []

@@ -167,6 +167,10 @@ class Trainer:
         self.callbacks = CallbackList(build_callbacks(cfg, self.rundir, callbacks) if self.dist.is_main else [])
         self._sync_loss_statistics = getattr(self.loss_fn, "sync_statistics", None)
         autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
+        if autocast_dtype is not None and self.device.type == "cpu" and not distributed.cpu_bf16_features():
+            log.warning("train.precision is bf16 but this CPU (%s) has no native bf16 (no AMX-BF16 or "
+                        "AVX512-BF16): autocast emulates it, about ten times slower than fp32 (docs/speed.md)",
+                        distributed.cpu_model())
         self.forward: torch.nn.Module = TrainForward(self.model, autocast_dtype=autocast_dtype)
         # on a GPU the training images live on the device when they take under a quarter of its free memory
         self._resident = (resident_split(data.train, self.device, torch.cuda.mem_get_info(self.device)[0] // 4)
