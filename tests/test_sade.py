@@ -168,7 +168,7 @@ def test_test_agnostic_eval_reports_plain_and_aggregated(tmp_path, capsys):
     from longtail.config import config_from_dict
     from longtail.runs import evaluate_test_agnostic, train_run
 
-    cfg = {"data": {"source": "digits", "imbalance_ratio": 10, "test_per_class": 12},
+    cfg = {"data": {"source": "digits", "imbalance_ratio": 10, "test_per_class": 12, "val_per_class": 2},
            "model": {"name": "resnet20", "head": "cosine",
                      "params": {"experts": {"num": 3, "widths": "ride", "scale": 30}}},
            "method": {"name": "sade", "params": {"aggregation_epochs": 2, "aggregation_batch_size": 32}},
@@ -191,6 +191,22 @@ def test_test_agnostic_eval_reports_plain_and_aggregated(tmp_path, capsys):
     on_disk = json.loads((run / "eval_test_agnostic.json").read_text(), parse_constant=pytest.fail)
     assert on_disk["distributions"]["uniform"]["aggregated"]["weights"] == \
         result["distributions"]["uniform"]["aggregated"]["weights"]
+    # one epoch: best_val.pt holds the last weights, so its aggregation is the last one's, not learnt twice
+    from longtail.rundir import RunDir
+    from longtail.runs import _same_weights
+
+    assert result["best_val"]["epoch"] == result["epoch"] == 1 and _same_weights(RunDir(run))
+    for name in names:
+        assert result["best_val"]["distributions"][name]["aggregated"] == result["distributions"][name]["aggregated"]
+    best = run / "checkpoints" / "best_val.pt"
+    state = torch.load(best, weights_only=False)
+    key = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][key] = state["model"][key] + 1
+    torch.save(state, run / "other.pt")
+    best.rename(run / "kept.pt")
+    (run / "other.pt").rename(best)
+    assert not _same_weights(RunDir(run))
+    (run / "kept.pt").replace(best)
     again = evaluate_test_agnostic(run, ["uniform"])  # seeded per distribution: the same weights alone
     assert again["distributions"]["uniform"]["aggregated"] == result["distributions"]["uniform"]["aggregated"]
     plain = evaluate_test_agnostic(run, names, aggregate=False)

@@ -409,6 +409,10 @@ def _test_time_adapter(run: RunDir, cfg: RunConfig, labels: np.ndarray, subsets:
     done: dict[str, dict] = {}
 
     def adapted(key: str) -> dict:
+        if key == "best_val_logits" and key not in done and "logits" in done and _same_weights(run):
+            log.info("%s: the best-on-validation checkpoint has the last one's weights; its aggregation "
+                     "is the last one's", run)
+            done[key] = done["logits"]
         if key not in done:
             which = "last" if key == "logits" else "best_val"
             model = load_run_model(run, which=which, device=device, cfg=cfg, info=data.info,
@@ -420,6 +424,13 @@ def _test_time_adapter(run: RunDir, cfg: RunConfig, labels: np.ndarray, subsets:
         return {name: dict(entry) for name, entry in done[key].items()}
 
     return adapted
+
+
+def _same_weights(run: RunDir) -> bool:
+    """Whether the run's best_val.pt holds exactly the weights of its last.pt (best on the last epoch)."""
+    last = run.load_checkpoint("last", warn=False)[0]["model"]
+    best = run.load_checkpoint("best_val", warn=False)[0]["model"]
+    return last.keys() == best.keys() and all(torch.equal(last[k], best[k]) for k in last)
 
 
 def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, data: LTData | None = None,
