@@ -1,5 +1,5 @@
 """The issue-24/25 methods under torchrun (2 CPU processes, gloo): each trains an epoch on tiny
-digits with the processes' weights bitwise identical after it (the loop checks every epoch and
+digits (the stage-2 ones on a stage-1 run trained first) with the processes' weights bitwise identical after it (the loop checks every epoch and
 stops with "the processes' weights diverged" otherwise), as the other methods do
 (tests/test_distributed.py)."""
 
@@ -39,6 +39,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _config(tmp_path, method: str):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = {"data": {"source": "digits", "imbalance_ratio": 2, "max_count": 40, "test_per_class": 10},
            "model": {"name": "small_cnn", "params": {"width": 8}},
            "method": {"name": method},
@@ -71,3 +72,23 @@ def test_single_process_methods_refuse_torchrun_in_one_line(tmp_path, method):
     assert proc.returncode != 0
     assert f"longtail: error: method '{method}' runs in one process only" in proc.stderr
     assert not (tmp_path / "ddp").exists()  # refused before a run folder exists
+
+
+# stage-2 methods: (the method of their stage-1 run, what STAGE1 names in it)
+STAGE2 = {"oltr": ("standard", "checkpoints/last.pt"), "lfme": ("standard", ""),
+          "ride_router": ("ride", "checkpoints/last.pt")}
+
+
+@pytest.mark.parametrize("method", sorted(STAGE2))
+def test_stage2_method_trains_under_torchrun_with_identical_ranks(tmp_path, method):
+    from longtail.cli import main
+
+    stage1 = tmp_path / "stage1"
+    first, inside = STAGE2[method]
+    assert main(["train", str(_config(tmp_path / "s1", first)), "--out", str(stage1)]) == 0
+    path = _config(tmp_path, method)
+    path.write_text(path.read_text().replace("STAGE1", str(stage1 / inside).rstrip("/")))
+    run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "longtail", "train", str(path),
+         "--out", str(tmp_path / "ddp")], tmp_path / "seen")
+    rows = [json.loads(r) for r in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["ranks_identical"] for r in rows)
