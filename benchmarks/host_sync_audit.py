@@ -158,8 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16, help="images per step")
     ap.add_argument("--json", help="save the rows to this JSON file")
     args = ap.parse_args(argv)
-    configs = [Path(c) for c in args.configs] if args.configs else \
-        [p for p in sorted(REPO.glob(DEFAULT_GLOB)) if p.name != "base.yaml"]
+    configs = MC.config_paths(args.configs)
     tic = time.time()
     logging.disable(logging.WARNING)
     try:

@@ -52,7 +52,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import platform
 import shutil
 import sys
@@ -410,14 +409,20 @@ def measure_all(configs: list[Path], *, batch: int = 16, workdir: Path | None = 
         return rows, skipped, dict(runs.notes)
 
 
+def config_paths(given: list[str] | None) -> list[Path]:
+    """The configs named on the command line, else every DEFAULT_GLOB config but base.yaml."""
+    if given:
+        return [Path(c) for c in given]
+    return [p for p in sorted(REPO.glob(DEFAULT_GLOB)) if p.name != "base.yaml"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", help=f"config files (default {DEFAULT_GLOB} less base.yaml)")
     ap.add_argument("--batch", type=int, default=16, help="images per counted step (also 2x this)")
     ap.add_argument("--json", help="save the rows to this JSON file")
     args = ap.parse_args(argv)
-    configs = [Path(c) for c in args.configs] if args.configs else \
-        [p for p in sorted(REPO.glob(DEFAULT_GLOB)) if p.name != "base.yaml"]
+    configs = config_paths(args.configs)
     tic = time.time()
     logging.disable(logging.WARNING)  # the stand-in runs' and recipes' lines; restored for the caller
     try:
