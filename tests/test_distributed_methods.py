@@ -1,7 +1,7 @@
 """The issue-24/25 methods under torchrun (2 CPU processes, gloo): each trains an epoch on tiny
-digits (the stage-2 ones on a stage-1 run trained first) with the processes' weights bitwise identical after it (the loop checks every epoch and
-stops with "the processes' weights diverged" otherwise), as the other methods do
-(tests/test_distributed.py)."""
+digits (the stage-2 ones on a stage-1 run trained first) with the processes' weights bitwise
+identical after it (the loop checks every epoch and stops with "the processes' weights diverged"
+otherwise), as the other methods do (tests/test_distributed.py)."""
 
 from __future__ import annotations
 
