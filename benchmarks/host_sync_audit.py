@@ -121,9 +121,9 @@ def _sites(records) -> dict[str, str]:
     return {site: ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())) for site, ops in sorted(out.items())}
 
 
-def audit_all(configs: list[Path], *, steps: int = 3, batch: int = 16, workdir: Path | None = None
-              ) -> tuple[list[dict], list[tuple[str, str]]]:
-    """(rows, [(config, reason)]) for `configs`."""
+def each_config(configs: list[Path], row, *, workdir: Path | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(rows, [(config, reason)]): `row(config, runs)` for every config, with one set of stand-in runs
+    (method_costs.Runs) for the runs the configs name; a config that fails is one (config, reason)."""
     rows, skipped = [], []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         runs = MC.Runs(Path(tmp))
@@ -131,10 +131,16 @@ def audit_all(configs: list[Path], *, steps: int = 3, batch: int = 16, workdir: 
             config = Path(config).resolve()
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
-                    rows.append(audit(config, runs, steps=steps, batch=batch))
-            except Exception as err:  # one line per config that cannot be audited
+                    rows.append(row(config, runs))
+            except Exception as err:  # one line per config that cannot be run
                 skipped.append((str(config), f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
     return rows, skipped
+
+
+def audit_all(configs: list[Path], *, steps: int = 3, batch: int = 16, workdir: Path | None = None
+              ) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(rows, [(config, reason)]) for `configs`."""
+    return each_config(configs, lambda config, runs: audit(config, runs, steps=steps, batch=batch), workdir=workdir)
 
 
 def table(rows: list[dict], skipped: list[tuple[str, str]]) -> str:

@@ -19,6 +19,7 @@ process so that peak memory is per pipeline:
   fastest   the same with the fastest options (--fastest; default per device below).
   nchw, bf16, compile, nondet, lazyloss   single-option variants of `default` (with --pipelines
             all); lazyloss reads the loss every 50 steps (train.loss_check_every), not every step.
+  graph     `default` with train.cuda_graph=true (CUDA only); graph_lazy adds lazyloss and nondet.
   ddp2      `default` in 2 data-parallel processes (gloo), one thread each (CPU only).
 
 Reported per pipeline: images/s (wall), images per CPU-second (process + DataLoader
@@ -78,7 +79,10 @@ VARIANTS = {
     "compile": ["train.compile=true"],
     "nondet": ["train.deterministic=false"],
     "lazyloss": ["train.loss_check_every=50"],
+    "graph": ["train.cuda_graph=true"],
+    "graph_lazy": ["train.cuda_graph=true", "train.loss_check_every=50", "train.deterministic=false"],
 }
+CUDA_ONLY = ("graph", "graph_lazy")  # train.cuda_graph (engine/graphs.py)
 # Data-parallel variants, CPU only: the default pipeline in W processes joined by a gloo
 # process group (as `torchrun --nproc_per_node W` would), one torch thread each; each process
 # takes batch / W of every global batch (docs/distributed.md). BatchNorm then normalises each
@@ -580,13 +584,15 @@ def parse_args(argv=None):
         args.epochs = 1
     known = [*CORE, *VARIANTS, *DDP]
     cpu = args.device == "cpu"
-    names = ([n for n in known if cpu or n not in DDP] if args.pipelines == "all"
+    names = ([n for n in known if (n not in CUDA_ONLY if cpu else n not in DDP)] if args.pipelines == "all"
              else [n.strip() for n in args.pipelines.split(",") if n.strip()])
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         p.error(f"unknown pipeline(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
     if not cpu and any(n in DDP for n in names):
         p.error(f"{', '.join(n for n in names if n in DDP)} runs on the CPU only (--device cpu)")
+    if cpu and any(n in CUDA_ONLY for n in names):
+        p.error(f"{', '.join(n for n in names if n in CUDA_ONLY)} needs CUDA (--device cuda)")
     for key in ("epochs", "batch_size", "warmup_steps"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")

@@ -115,6 +115,12 @@ def test_ddp_pipeline_is_cpu_only():
     assert proc.returncode == 2 and "ddp2 runs on the CPU only (--device cpu)" in proc.stderr
 
 
+def test_graph_pipelines_are_cuda_only():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--device", "cpu",
+                           "--pipelines", "default,graph_lazy"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "graph_lazy needs CUDA (--device cuda)" in proc.stderr
+
+
 def test_costs_mode_refuses_a_folder_without_metrics(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("throughput_script", REPO / "benchmarks" / "throughput.py")
     script = importlib.util.module_from_spec(spec)

@@ -125,6 +125,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory format: +36 % img/s for ResNet-32 on this CPU
     precision: str = "fp32"  # fp32 | bf16: bf16 autocast of the training forward pass (docs/speed.md)
     compile: bool = False  # torch.compile the training forward pass (docs/speed.md)
+    cuda_graph: bool = False  # CUDA: replay the network's forward/backward as CUDA graphs (docs/speed.md)
     sync_bn: bool = False  # distributed runs: SyncBatchNorm across processes
     mixup_alpha: float = 0.0  # > 0: mixup batches with lam ~ Beta(alpha, alpha) (MiSLAS stage 1: 1.0)
     cutmix_alpha: float = 0.0  # > 0: CutMix with lam ~ Beta(alpha, alpha) (official CIFAR: 1.0); not with mixup

@@ -33,7 +33,7 @@ from ..methods import Recipe, build_method, build_recipe
 from ..methods.base import TrainBatches
 from ..optim import ParamGroup, build_optimizer, learning_rate, no_decay_split, set_learning_rate
 from ..rundir import RunDir
-from . import branch
+from . import branch, graphs
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +92,22 @@ class TrainForward(torch.nn.Module):
     in fp32; parameters, gradients and optimiser state stay fp32 (master weights).
     """
 
-    def __init__(self, model: torch.nn.Module, *, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model: torch.nn.Module, *, autocast_dtype: torch.dtype | None = None,
+                 autocast_cache: bool = True):
         super().__init__()
         self.model = model
         self.autocast_dtype = autocast_dtype
+        self.autocast_cache = autocast_cache
+
+    def graph_copy(self) -> "TrainForward":
+        """The same pass over the same model for CUDA-graph capture (engine/graphs.py): autocast's
+        weight-cast cache off, as torch.cuda.make_graphed_callables requires."""
+        return TrainForward(self.model, autocast_dtype=self.autocast_dtype, autocast_cache=False)
 
     def forward(self, images: torch.Tensor):
         if self.autocast_dtype is None:
             return self._pass(images)
-        with torch.autocast(images.device.type, dtype=self.autocast_dtype):
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype, cache_enabled=self.autocast_cache):
             pooled, logits = self._pass(images)
         return pooled.float(), logits.float()
 
@@ -192,6 +199,13 @@ class Trainer:
             self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, device_ids=ids)
         if t.compile:
             self.forward = torch.compile(self.forward)  # weights stay in self.model: checkpoints are unchanged
+        self.graph: graphs.GraphedForward | None = None  # train.cuda_graph (engine/graphs.py)
+        if t.cuda_graph:
+            reason = graphs.unsupported_reason(self.device, distributed=self.dist.enabled, compiled=t.compile)
+            if reason is None:
+                self.forward = self.graph = graphs.GraphedForward(self.forward, batch_size=t.batch_size)
+            elif self.dist.is_main:
+                log.warning("train.cuda_graph is set but this run trains eager: %s", reason)
 
     def resume(self) -> None:
         """Restore model, optimiser, epoch, best-val and RNG state; drop metrics of unsaved epochs.
@@ -316,6 +330,8 @@ class Trainer:
             else:
                 images, target = self.train_batch(global_pos, gen, order)
             self.batches.epoch, self.batches.step, self.batches.global_size = epoch, step, len(global_pos)
+            if self.graph is not None:
+                self.graph.begin_step()
             step_out = self.method.training_step(self.model, self.forward, images, target, self.loss_fn, gen)
             loss = step_out.loss
             pending.append((step, len(global_pos), loss.detach().reshape(1)))
@@ -333,8 +349,11 @@ class Trainer:
         read_losses()  # the epoch's last steps
         correct = int(distributed.all_reduce_sum(correct.to(torch.float64).reshape(1)))
         seconds = time.time() - tic
-        return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),  # 1-based: epochs done
-                "train_top1": 100.0 * correct / max(seen, 1), "seconds": seconds, "images_per_s": seen / seconds}
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),  # 1-based: epochs done
+               "train_top1": 100.0 * correct / max(seen, 1), "seconds": seconds, "images_per_s": seen / seconds}
+        if self.graph is not None:  # how much of the epoch the graphs replayed (engine/graphs.py)
+            row.update({f"graph_{k}": v for k, v in self.graph.counters().items()})
+        return row
 
     def train_batch(self, global_pos: np.ndarray, generator: torch.Generator, order: np.ndarray | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:

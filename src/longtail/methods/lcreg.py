@@ -152,6 +152,12 @@ class LatentCategoryClassifier(Classifier):
         f_hat = out.reconstruction.reshape(f.shape)
         return f + f_hat if self.fusion == "residual" else f_hat
 
+    @property
+    def graph_capturable(self) -> bool:
+        """False while training passes keep the latent output for the loss: a side output that a
+        CUDA-graph replay would not set (engine/graphs.py)."""
+        return not (self.training and self.keep_latent_output)
+
     def pop_latent_output(self) -> LatentOutput:
         out, self._latent_output = self._latent_output, None
         if out is None:

@@ -197,6 +197,12 @@ class CifarResNet(ExpertNetwork, Classifier):
             out = self._rsg_hook(out)
         return self.layer3(out)
 
+    @property
+    def graph_capturable(self) -> bool:
+        """False inside rsg_pass / bilateral: the pass then reads the hook's labels or BBN's mixing
+        weight, which a CUDA-graph replay of images -> outputs would not see (engine/graphs.py)."""
+        return self._rsg_hook is None and self._bilateral_alpha is None
+
     @contextmanager
     def rsg_pass(self, hook):
         """RSG's training pass for the forwards inside the block: the layer2 maps (B, 32, h, w)
