@@ -159,6 +159,20 @@ def test_a_side_output_of_the_forward_turns_the_graphs_off(caplog):
     assert graphed.counters() == {"captures": 0, "replays": 0, "eager_calls": 3}
 
 
+def test_hooks_present_at_the_capture_turn_the_graphs_off(caplog):
+    eager, model = _forward()
+    seen = []
+    model.features[1].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    graphed = GraphedForward(eager, batch_size=16, capture=standin)
+    with caplog.at_level(logging.WARNING, logger="longtail.engine.graphs"):
+        for _ in range(3):
+            graphed.begin_step()
+            graphed(_batch())[1].sum().backward()
+    assert graphed.disabled == "features.1 has module hooks, which a replay would not run"
+    assert len(seen) == 3  # every pass ran eager and called the hook
+    assert graphed.counters() == {"captures": 0, "replays": 0, "eager_calls": 3}
+
+
 def test_a_changed_module_state_is_captured_again_up_to_max_captures(caplog):
     eager, model = _forward()
     graphed = GraphedForward(eager, batch_size=16, capture=standin, max_captures=2)

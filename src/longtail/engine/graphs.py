@@ -37,7 +37,8 @@ runs the eager module (same parameters), counted in `eager_calls`:
   the run stays eager and logs why;
 - every other attribute of every submodule is the object it was at the capture (and no attribute
   or hook was added): a changed one is a hidden input the graph would ignore, so that pass runs
-  eager (logged once, naming it). An attribute that the capture's own passes set (a side output
+  eager (logged once, naming it). Hooks present at the capture (a forward hook that collects
+  features) turn the graphs off for the run: a replay would not call them. An attribute that the capture's own passes set (a side output
   the model did not declare) turns the graphs off for the run, naming it.
 
 Outputs are cloned out of the graph's static output buffers (two small copies), so a method that
@@ -168,6 +169,10 @@ class GraphedForward(torch.nn.Module):
 
     def _capture_for(self, images: torch.Tensor) -> bool:
         """Capture the pass on `images`; False (and eager from now on) when that is not possible."""
+        hooked = _hooked(self.model)
+        if hooked is not None:
+            self._disable(f"{hooked} has module hooks, which a replay would not run")
+            return False
         if self.captures >= self.max_captures:
             self._disable(f"the module state changed after {self.captures} captures (a method that switches "
                           "train/eval flags, requires_grad or parameters every few steps)")
@@ -203,6 +208,22 @@ class GraphedForward(torch.nn.Module):
         self.disabled = reason
         self._graphed = None
         log.warning("train.cuda_graph: this run goes on eager: %s", reason)
+
+
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooked(model: torch.nn.Module) -> str | None:
+    """The first submodule with forward or backward hooks (or 'global' for torch's global module
+    hooks), None without any."""
+    from torch.nn.modules import module as nn_module
+
+    if any(getattr(nn_module, f"_global{t}", None) for t in _HOOK_TABLES):
+        return "global"
+    for name, m in model.named_modules():
+        if any(getattr(m, t, None) for t in _HOOK_TABLES):
+            return name or "model"
+    return None
 
 
 # the entries of a module's __dict__ whose change is a new module state (captured again), not a hidden input
