@@ -41,6 +41,18 @@ def test_sgd_with_one_group_is_torch_sgd_bitwise(nesterov):
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def test_fused_sgd_is_the_same_update():
+    a, b = _net(), _net()
+    opt_a = build_optimizer("sgd", [ParamGroup("model", a.parameters())], lr=0.1, weight_decay=5e-4,
+                            params={"momentum": 0.9, "fused": True})
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=False)
+    assert opt_a.defaults["fused"] is True
+    _steps(a, opt_a)
+    _steps(b, opt_b)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_adamw_with_one_group_is_torch_adamw_bitwise():
     a, b = _net(), _net()
     opt_a = build_optimizer("adamw", [ParamGroup("model", a.parameters())], lr=1e-3, weight_decay=0.05,
@@ -74,6 +86,7 @@ def test_no_decay_split_takes_norm_layers_and_biases():
 
 @pytest.mark.parametrize("name, params, match", [
     ("sgd", {"momentum": 1.5}, "momentum must be in"),
+    ("sgd", {"fused": "yes"}, "fused must be true or false"),
     ("adamw", {"betas": [0.9]}, "betas must be two numbers"),
     ("adamw", {"eps": 0}, "eps must be > 0"),
     ("adamw", {"betta": 0.9}, "has no parameter 'betta'"),

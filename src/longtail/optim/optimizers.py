@@ -32,14 +32,18 @@ def _torch_groups(groups: list[ParamGroup], *, lr: float, weight_decay: float) -
 
 @OPTIMIZERS.register("sgd")
 def sgd(groups: list[ParamGroup], *, lr: float, weight_decay: float, momentum: float = 0.9,
-        nesterov: bool = False, dampening: float = 0.0) -> torch.optim.SGD:
-    """SGD with momentum (torch.optim.SGD: buf = mu buf + (g + wd p); p -= lr buf), optional Nesterov."""
+        nesterov: bool = False, dampening: float = 0.0, fused: bool | None = None) -> torch.optim.SGD:
+    """SGD with momentum (torch.optim.SGD: buf = mu buf + (g + wd p); p -= lr buf), optional Nesterov.
+    `fused` (optimizer.params.fused): torch's fused kernel, one launch per step for all parameters
+    (the same update, rounded in another order); None: torch's default (foreach on CUDA)."""
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if not isinstance(nesterov, bool):
         raise ValueError(f"nesterov must be true or false, got {nesterov!r}")
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"fused must be true or false, got {fused!r}")
     return torch.optim.SGD(_torch_groups(groups, lr=lr, weight_decay=weight_decay), lr=lr, momentum=momentum,
-                           weight_decay=weight_decay, nesterov=nesterov, dampening=dampening)
+                           weight_decay=weight_decay, nesterov=nesterov, dampening=dampening, fused=fused)
 
 
 @OPTIMIZERS.register("adamw")
