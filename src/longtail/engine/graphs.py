@@ -263,26 +263,31 @@ class _Snapshot:
                 and list(map(len, self.sized)) == self.lens
                 and [p.requires_grad for p in self.params] == self.grads)
 
-    def first_difference(self) -> str:
-        """Where the model differs from the snapshot, in words ('layer1.0.bn1.momentum')."""
+    def _changed_entry(self) -> str | None:
+        """The name of the first attribute entry that is no longer the snapshot's object, or None."""
         for d, key, value, name in zip(self.dicts, self.keys, self.values, self.names):
             if d.get(key, _MISSING) is not value:
                 return name
-        for d, size, name in zip(self.sized, self.lens, self.sized_names):
+        return None
+
+    def first_difference(self) -> str:
+        """Where the model differs from the snapshot, in words ('layer1.0.bn1.momentum')."""
+        name = self._changed_entry()
+        if name is not None:
+            return name
+        for d, size, where in zip(self.sized, self.lens, self.sized_names):
             if len(d) != size:
                 known = {k for dd, k in zip(self.dicts, self.keys) if dd is d}
-                added = [repr(k) if name.endswith("]") or "._" in name else str(k) for k in d if k not in known]
-                return f"{name} (entries added)" if "._" in name else f"{name}.{', '.join(added)} (added)"
+                added = [repr(k) if where.endswith("]") or "._" in where else str(k) for k in d if k not in known]
+                return f"{where} (entries added)" if "._" in where else f"{where}.{', '.join(added)} (added)"
         return "a parameter's requires_grad"
 
     def kind(self) -> str:
         """'state' (train/eval flags, parameters, buffers, requires_grad: captured again) or 'attribute'."""
         if [p.requires_grad for p in self.params] != self.grads:
             return "state"
-        for d, key, value, name in zip(self.dicts, self.keys, self.values, self.names):
-            if d.get(key, _MISSING) is not value:
-                return "state" if any(f".{k}" in name for k in _STATE_KEYS) else "attribute"
-        return "attribute"
+        name = self._changed_entry()
+        return "state" if name is not None and any(f".{k}" in name for k in _STATE_KEYS) else "attribute"
 
     def restore(self) -> None:
         """Put back the attribute objects of the snapshot and drop attributes added since."""
