@@ -17,7 +17,7 @@ process so that peak memory is per pipeline:
   default   longtail's `Trainer.train_epoch` at the default config (batched augmentation on
             the training device, channels_last).
   fastest   the same with the fastest options (--fastest; default per device below).
-  nchw, bf16, compile, nondet, lazyloss   single-option variants of `default` (with --pipelines
+  nchw, bf16, auto, compile, nondet, lazyloss   single-option variants of `default` (with --pipelines
             all); lazyloss reads the loss every 50 steps (train.loss_check_every), not every step.
   graph     `default` with train.cuda_graph=true (CUDA only); graph_lazy adds lazyloss and nondet.
   ddp2      `default` in 2 data-parallel processes (gloo), one thread each (CPU only).
@@ -56,7 +56,7 @@ from longtail.data.profiles import class_counts as profile_counts
 from longtail.errors import LongtailError
 from longtail.models import build_model
 from longtail.io import atomic_write_json
-from longtail.dist import cpu_bf16_features, cpu_model, resolve_device
+from longtail.dist import cpu_bf16_features, cpu_model, resolve_device, resolve_precision
 from longtail.rundir import RunDir
 from longtail.engine.loop import Trainer
 from longtail.optim.schedule import learning_rate
@@ -65,17 +65,19 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = Path(os.environ.get("LONGTAIL_SHARED", REPO.parent / "shared")) / "data" / "cifar10-jpeg.tar.gz"
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]  # LDAM-DRW's normalisation
 
-# Options of the `fastest` pipeline per device. CPU: torch.compile (bf16 autocast is much
-# slower than fp32 on CPUs without native bf16 instructions, such as this project's AVX2 EPYC).
-# CUDA: cuDNN autotuning (train.deterministic=false), the fastest measured on an H200; compile and
-# bf16 were slower there for this small, launch-bound model (docs/speed.md, "On a GPU").
+# Options of the `fastest` pipeline per device. CPU: torch.compile and train.precision auto, which
+# is bf16 on a CPU with native bf16 (2.09x classic on the AMX Xeon) and fp32 where bf16 is emulated
+# and ten times slower (the AVX2 EPYC). CUDA: cuDNN autotuning (train.deterministic=false), the
+# fastest measured on an H200; compile and bf16 were slower there for this small, launch-bound
+# model (docs/speed.md, "On a GPU").
 FASTEST = {
-    "cpu": ["train.compile=true"],
+    "cpu": ["train.compile=true", "train.precision=auto"],
     "cuda": ["train.deterministic=false"],
 }
 VARIANTS = {
     "nchw": ["train.channels_last=false"],
     "bf16": ["train.precision=bf16"],
+    "auto": ["train.precision=auto"],
     "compile": ["train.compile=true"],
     "nondet": ["train.deterministic=false"],
     "lazyloss": ["train.loss_check_every=50"],
@@ -274,7 +276,8 @@ def measure_pipeline(name: str, overrides: list[str] | None, args) -> dict:
         "pipeline": name, "overrides": overrides, "images": images, "seconds": seconds,
         "images_per_s": images / seconds, "cpu_seconds": cpu, "images_per_cpu_s": images / cpu if cpu > 0 else None,
         "warmup_seconds": warmup_s, "threads": torch.get_num_threads(),
-        "precision": "fp32" if overrides is None else runner.cfg.train.precision,
+        # the precision the pipeline ran at (train.precision 'auto' resolved here), whose peak it is compared with
+        "precision": "fp32" if overrides is None else resolve_precision(runner.cfg.train.precision, device),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "worker_peak_rss_mib": (resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
                                 if overrides is None and args.workers else None),

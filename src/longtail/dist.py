@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -118,6 +118,40 @@ def cpu_bf16_features() -> list[str]:
         pass
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return ["avx512_bf16"] if probe is not None and probe() else []
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """The precision train.precision means on `device`: 'fp32' or 'bf16' as given, and for 'auto'
+    bf16 on a CPU with native bf16 (cpu_bf16_features non-empty) and fp32 everywhere else.
+
+    Why: on a CPU with AMX-BF16 / AVX512-BF16, bf16 autocast trained ResNet-32 2.0x as fast as
+    fp32 (its accuracy against fp32 over 3 seeds: benchmarks/RESULTS.md, "bf16 against fp32 on a
+    CPU with native bf16"); where bf16 is emulated it was about ten times slower; on an H200 it
+    was not faster for this launch-bound network (docs/speed.md, "On a GPU"), so 'auto' keeps
+    CUDA in fp32."""
+    if precision != "auto":
+        return precision
+    kind = device.type if isinstance(device, torch.device) else resolve_device(device).type
+    return "bf16" if kind == "cpu" and cpu_bf16_features() else "fp32"
+
+
+def autocast_dtype(train) -> torch.dtype | None:
+    """torch.bfloat16 when a TrainConfig's precision resolves to bf16 on its device (resolve_precision),
+    else None: what every training pass and method-owned extra pass autocasts to."""
+    return torch.bfloat16 if resolve_precision(train.precision, train.device) == "bf16" else None
+
+
+def pin_precision(cfg, *, like=None):
+    """`cfg` (a RunConfig) with train.precision 'auto' replaced by a concrete value: `like`'s
+    (the saved config of the run it continues or branches from, so a run keeps the precision it
+    started in on any machine), or this machine's choice (resolve_precision). The run folder's
+    config.yaml records the pinned value. A concrete precision is returned unchanged."""
+    t = cfg.train
+    if t.precision != "auto":
+        return cfg
+    chosen = like.train.precision if like is not None and like.train.precision != "auto" else \
+        resolve_precision("auto", t.device)
+    return replace(cfg, train=replace(t, precision=chosen))
 
 
 def cpu_model() -> str:

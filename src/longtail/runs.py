@@ -24,7 +24,7 @@ from .callbacks import check_callbacks
 from .config import SESSION_KEYS, RunConfig, absolute_paths, diff_configs
 from .data.build import LTData, build_data, stand_in_data
 from .dist import resolve_device
-from .engine.branch import source_checkpoint
+from .engine.branch import source_checkpoint, source_run_config
 from .engine.loop import check_optimizer, fit
 from .errors import ConfigError, LongtailError
 from .eval.metrics import compute_metrics
@@ -160,6 +160,7 @@ def resumed_config(cfg: RunConfig | None, saved: RunConfig, out: Path) -> tuple[
     naming any key a resumed run cannot change."""
     if cfg is None:
         return saved, {}
+    cfg = distributed.pin_precision(cfg, like=saved)  # train.precision 'auto' continues in the saved precision
     keys = diff_configs(cfg, saved)
     fixed = [k for k in keys if k != RESUME_EPOCHS_KEY and k not in RESUME_SESSION_KEYS]
     if fixed:
@@ -214,6 +215,24 @@ def _record_resume_changes(run: RunDir, cfg: RunConfig, saved: RunConfig, change
              new, done, _length_note(cfg, old, done))
 
 
+def _pin_new_run_precision(cfg: RunConfig, branch_from, *, say: bool) -> RunConfig:
+    """A new run's config with train.precision 'auto' made concrete (dist.pin_precision): the
+    source run's precision for a branch, else this machine's choice; with `say`, one log line."""
+    if cfg.train.precision != "auto":
+        return cfg
+    source = source_run_config(branch_from) if branch_from is not None else None
+    cfg = distributed.pin_precision(cfg, like=source)
+    if source is not None and source.train.precision != "auto":
+        why = "the precision of the run it branches from"
+    elif resolve_device(cfg.train.device).type != "cpu":
+        why = "fp32 on every GPU"
+    else:
+        why = f"{', '.join(distributed.cpu_bf16_features()) or 'no native bf16'} on {distributed.cpu_model()}"
+    if say:
+        log.info("train.precision auto: %s (%s); %s records it", cfg.train.precision, why, RunDir.CONFIG)
+    return cfg
+
+
 def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, lock: RunLock,
                branch_from=None, callbacks=None) -> dict:
     created, new_run, run = False, not resume, RunDir(out)
@@ -233,6 +252,7 @@ def _train_run(cfg, out: Path, *, resume: bool, evaluate: bool, arrays, ctx, loc
         if cfg is None:
             raise ConfigError("a config is required to start a new run")
         _check_new_run_dir(out)
+        cfg = _pin_new_run_precision(cfg, branch_from, say=ctx.is_main)
     data = build_data(cfg.data, arrays=arrays, progress=cfg.train.progress and ctx.is_main)
     recipe = build_run_recipe(cfg, data)
     resolve_device(cfg.train.device)

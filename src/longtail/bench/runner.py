@@ -19,6 +19,7 @@ import time
 from datetime import datetime, timezone
 
 from ..config import diff_configs
+from ..dist import pin_precision
 from ..errors import CheckpointError, ConfigError, did_you_mean
 from ..runs import evaluate_run, train_run
 from ..io import atomic_write_text
@@ -51,7 +52,7 @@ def check_cell_config(cell: Cell) -> None:
     if not cell.run.is_run():
         return
     saved = cell.run.read_config()
-    diffs = [k for k in diff_configs(cell.cfg, saved) if k not in IGNORED_KEYS]
+    diffs = [k for k in diff_configs(pin_precision(cell.cfg, like=saved), saved) if k not in IGNORED_KEYS]
     if diffs:
         raise ConfigError(f"cell {cell.key} ({cell.dir}) was run with another config ({', '.join(diffs)}): "
                           "restore the grid and overrides it was run with, or remove the cell folder")

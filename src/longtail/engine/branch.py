@@ -127,6 +127,12 @@ def write_branch_record(run: RunDir, source_ckpt: Path, epoch: int) -> None:
     run.write_json(RunDir.BRANCH, {"from": str(Path(source_ckpt).absolute()), "epoch": epoch})
 
 
+def source_run_config(source: str | Path) -> RunConfig:
+    """The config a branch source (checkpoint file or run folder) was trained with."""
+    path = source_checkpoint(source)
+    return source_config(safe_torch_load(path), path)
+
+
 def source_config(ckpt: dict, path: Path) -> RunConfig:
     if "config" not in ckpt or "epoch" not in ckpt or "optimizer" not in ckpt:
         raise CheckpointError(f"--branch-from: {path} is not a training checkpoint (no config / optimiser / epoch)")

@@ -173,8 +173,8 @@ class Trainer:
         # only rank 0 reports: the other ranks build no callback (no TensorBoard writer, no user logger)
         self.callbacks = CallbackList(build_callbacks(cfg, self.rundir, callbacks) if self.dist.is_main else [])
         self._sync_loss_statistics = getattr(self.loss_fn, "sync_statistics", None)
-        autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
-        if autocast_dtype is not None and self.device.type == "cpu" and not distributed.cpu_bf16_features():
+        autocast_dtype = distributed.autocast_dtype(t)  # train.precision 'auto' resolved on this machine
+        if t.precision == "bf16" and self.device.type == "cpu" and not distributed.cpu_bf16_features():
             log.warning("train.precision is bf16 but this CPU (%s) has no native bf16 (no AMX-BF16 or "
                         "AVX512-BF16): autocast emulates it, about ten times slower than fp32 (docs/speed.md)",
                         distributed.cpu_model())

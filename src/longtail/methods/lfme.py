@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from ..config import config_from_dict
 from ..data.build import DataInfo, Split, class_subset_index
 from ..data.samplers import Sampler, split_batch
+from ..dist import autocast_dtype
 from ..errors import CheckpointError, ConfigError, LongtailError
 from ..eval.predict import predict
 from ..losses._checks import number
@@ -199,7 +200,7 @@ class LFME(Method):
         self.expert_acc: torch.Tensor | None = None  # (K,) float64, a_k
         self.student_acc: torch.Tensor | None = None  # (K,) float64, c_k of the last epoch
         self.init_weight: torch.Tensor | None = None  # (N,) float64, v0 of the training images
-        self.bf16 = cfg.train.precision == "bf16"
+        self.bf16 = autocast_dtype(cfg.train) is not None
 
     # -- building
     def build(self, services=None):

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from ..config import config_from_dict
 from ..data.samplers import Sampler, epoch_rng
+from ..dist import autocast_dtype
 from ..errors import CheckpointError, ConfigError, LongtailError
 from ..losses._checks import number
 from ..models import Classifier
@@ -202,7 +203,7 @@ class M2m(Method):
         self.gamma = number("gamma", gamma, low=0, high=1)
         self.step_size = number("step_size", step_size, low=0, low_open=True)
         self.attack_iters, self.random_start, self.oversample = attack_iters, random_start, oversample
-        self.bf16 = t.precision == "bf16"
+        self.bf16 = autocast_dtype(t) is not None
         self.active = False
         self.g: Classifier | None = None  # the frozen ERM classifier, loaded by build()
         self.last_stats: dict = {}  # slots / accepted of the last generation step (tests, logging)

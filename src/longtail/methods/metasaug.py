@@ -47,6 +47,7 @@ from torch.func import functional_call
 
 from ..data.augment import BatchAugment
 from ..data.samplers import stream_seed
+from ..dist import autocast_dtype
 from ..errors import ConfigError
 from ..losses._checks import choice, integer, number
 from ..models import Classifier
@@ -179,7 +180,7 @@ class MetaSAug(ISDA):
         else:
             cov = self.covariance.current(num_classes, features.shape[1], features.device).to(features.dtype)
         meta_images, meta_target = self.meta_batch(images.device)
-        autocast = torch.bfloat16 if self.cfg.train.precision == "bf16" else None
+        autocast = autocast_dtype(self.cfg.train)
         cov, _ = meta_covariance_step(model, images, target, meta_images, meta_target, cov, loss=loss, lam=self.lam,
                                       inner_lr=self._inner_lr_now, meta_lr=self.meta_lr, autocast_dtype=autocast)
         if self.covariance_update == "after_loss":

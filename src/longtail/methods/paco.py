@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.augment import VIEWS
+from ..dist import autocast_dtype
 from ..errors import ConfigError
 from ..losses._checks import integer, number
 from ..models import Classifier
@@ -183,7 +184,7 @@ class PaCo(Method):
         second = self._second_view(images)
         with torch.no_grad():  # keys: the momentum encoder on the second view (train mode: its own BN statistics)
             key = model.paco_key.module
-            with torch.autocast(second.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
+            with torch.autocast(second.device.type, dtype=torch.bfloat16, enabled=autocast_dtype(self.cfg.train) is not None):
                 pooled_k = key.forward_head(key.forward_features(second), pre_logits=True)
             k = key.paco_projection(pooled_k.float())
         queued, queued_labels = model.paco_queue.contents()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import config_from_dict, diff_configs
+from ..dist import pin_precision
 from ..errors import ConfigError
 from ..report.figures import new_figure as figure, png_bytes  # noqa: F401  (re-exported for the studies)
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -80,7 +81,8 @@ def run_point(cfg: dict, run_dir: Path, *, arrays: dict | None = None) -> dict:
     run = RunDir(run_dir)
     config = config_from_dict(cfg)
     if run.is_run():
-        changed = diff_configs(config, run.read_config())  # its paths: absolute, or relative to here
+        saved = run.read_config()
+        changed = diff_configs(pin_precision(config, like=saved), saved)  # paths: absolute, or relative to here
         if changed:
             raise ConfigError(f"study point {run.path} was run with another config ({', '.join(changed[:4])}); "
                               "use another --out")
