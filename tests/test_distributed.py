@@ -50,7 +50,7 @@ def write_config(path: Path, norm: str = "batch", **train) -> Path:
     cfg = {"data": {"source": "digits", "imbalance_ratio": 2, "max_count": 60, "test_per_class": 20},
            "model": {"name": "small_cnn", "params": {"width": 8, "norm": norm}},
            "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0, "progress": False,
-                     "num_threads": 1, **train}}
+                     "num_threads": 1, "precision": "fp32", **train}}  # fp32 on every CPU: exact comparisons
     path.write_text(yaml.safe_dump(cfg))
     return path
 
