@@ -126,6 +126,7 @@ class MetaSAug(ISDA):
                  meta_batch_size: int = 100, inner_lr: float | None = None, covariance_update: str = "after_loss",
                  pre_start_loss: str = "ce", diagonal: bool = False):
         super().__init__(cfg=cfg, data=data, lambda0=lambda0, diagonal=diagonal)
+        self.autocast = autocast_dtype(cfg.train)  # resolved once, not every step
         self.meta_lr = number("meta_lr", meta_lr, low=0)
         self.start_epoch = integer("start_epoch", round(OFFICIAL_START * cfg.train.epochs) if start_epoch is None
                                    else start_epoch, low=0)
@@ -180,9 +181,8 @@ class MetaSAug(ISDA):
         else:
             cov = self.covariance.current(num_classes, features.shape[1], features.device).to(features.dtype)
         meta_images, meta_target = self.meta_batch(images.device)
-        autocast = autocast_dtype(self.cfg.train)
         cov, _ = meta_covariance_step(model, images, target, meta_images, meta_target, cov, loss=loss, lam=self.lam,
-                                      inner_lr=self._inner_lr_now, meta_lr=self.meta_lr, autocast_dtype=autocast)
+                                      inner_lr=self._inner_lr_now, meta_lr=self.meta_lr, autocast_dtype=self.autocast)
         if self.covariance_update == "after_loss":
             self.covariance.update(features, target, num_classes)
         return StepResult(loss(isda_logits(logits, model.head.weight, target, cov.to(logits.dtype), self.lam),

@@ -118,6 +118,7 @@ class PaCo(Method):
                  temperature: float | None = None, queue_size: int = 1024, feat_dim: int | None = None,
                  momentum: float = 0.999, smooth: float = 0.0, view: str = "mocov2"):
         super().__init__(cfg=cfg, data=data)
+        self.bf16 = autocast_dtype(cfg.train) is not None  # resolved once, not every step
         self.alpha = number("alpha", alpha, low=0)
         self.beta = number("beta", beta, low=0)
         self.gamma = number("gamma", gamma, low=0)
@@ -184,7 +185,7 @@ class PaCo(Method):
         second = self._second_view(images)
         with torch.no_grad():  # keys: the momentum encoder on the second view (train mode: its own BN statistics)
             key = model.paco_key.module
-            with torch.autocast(second.device.type, dtype=torch.bfloat16, enabled=autocast_dtype(self.cfg.train) is not None):
+            with torch.autocast(second.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 pooled_k = key.forward_head(key.forward_features(second), pre_logits=True)
             k = key.paco_projection(pooled_k.float())
         queued, queued_labels = model.paco_queue.contents()
