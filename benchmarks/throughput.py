@@ -76,8 +76,9 @@ FASTEST = {
 }
 VARIANTS = {
     "nchw": ["train.channels_last=false"],
+    "fp32": ["train.precision=fp32"],  # the default before train.precision auto (what earlier figures ran)
     "bf16": ["train.precision=bf16"],
-    "auto": ["train.precision=auto"],
+    "auto": ["train.precision=auto"],  # the default since the precision study
     "compile": ["train.compile=true"],
     "nondet": ["train.deterministic=false"],
     "lazyloss": ["train.loss_check_every=50"],

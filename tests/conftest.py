@@ -48,7 +48,7 @@ def tiny_config(**over) -> dict:
         "data": {"source": "arrays", "profile": "exp", "imbalance_ratio": 4, "seed": 0},
         "model": {"name": "small_cnn", "params": {"width": 4}},
         "loss": {"name": "ce"},
-        # precision fp32 on every CPU: train.precision auto (bf16 where the CPU has native bf16) may become
+        # precision fp32 on every CPU: train.precision auto (bf16 where the CPU has native bf16) is
         # the default, and a test's numbers must not depend on the machine (tests/test_precision_auto.py covers auto)
         "train": {"epochs": 2, "batch_size": 16, "lr": 0.05, "warmup_epochs": 1, "milestones": [1],
                   "progress": False, "eval_batch_size": 32, "precision": "fp32",

@@ -121,3 +121,55 @@ def test_a_grid_cell_with_auto_is_rechecked_against_its_saved_choice(tmp_path, m
     capsys.readouterr()
     assert main(["bench", str(path), "--no-progress"]) == 0
     assert "done, skipped" in capsys.readouterr().out
+
+
+def test_the_default_is_auto_and_a_run_saved_before_the_key_resumes_in_fp32(tmp_path, monkeypatch):
+    """train.precision defaults to auto since the precision study (benchmarks/RESULTS.md); a run
+    whose config.yaml predates the key trained in fp32 and must not become bf16 when resumed on a
+    CPU with native bf16 (rundir.TRAINED_WITHOUT_KEY)."""
+    assert config_from_dict({}).train.precision == "auto"
+    cfg = tiny_config(**{"train.epochs": 1})
+    train_run(config_from_dict(cfg), tmp_path / "run", arrays=tiny_arrays(), evaluate=False)
+    path = tmp_path / "run/config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    del saved["train"]["precision"]  # as a run written before train.precision existed
+    path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    _cpu(monkeypatch, NATIVE)
+    assert _saved_precision(tmp_path / "run") == "fp32"
+    train_run(None, tmp_path / "run", resume=True, arrays=tiny_arrays(), evaluate=False)
+    assert RunDir(tmp_path / "run").checkpoint_epoch("last") == 1  # nothing to add, and no refusal
+    more = {**cfg, "train": {**cfg["train"], "epochs": 2}}
+    del more["train"]["precision"]  # the user's config, silent on precision (so auto): continues in fp32
+    train_run(config_from_dict(more), tmp_path / "run", resume=True, arrays=tiny_arrays(), evaluate=False)
+    assert _saved_precision(tmp_path / "run") == "fp32" and RunDir(tmp_path / "run").checkpoint_epoch("last") == 2
+
+
+def test_a_grid_begun_in_fp32_finishes_in_fp32_on_a_cpu_with_native_bf16(tmp_path, monkeypatch, caplog):
+    """A new cell whose config says auto takes the precision of the grid's existing cells
+    (bench.runner.grid_precision): one table, one precision, wherever it is finished."""
+    from test_bench import write_grid
+
+    path = write_grid(tmp_path, [{"name": "ce"}], overrides={"train.precision": "auto"})  # seeds 0 and 1
+    _cpu(monkeypatch, EMULATED)
+    assert main(["bench", str(path), "--cell", "ce/ratio10/seed0", "--no-progress"]) == 0
+    assert _saved_precision(tmp_path / "out/ce/ratio10/seed0") == "fp32"
+    _cpu(monkeypatch, NATIVE)
+    with caplog.at_level(logging.INFO, logger="longtail.bench.runner"):
+        assert main(["bench", str(path), "--no-progress"]) == 0
+    assert _saved_precision(tmp_path / "out/ce/ratio10/seed1") == "fp32"
+    assert any(r.getMessage().endswith("train.precision auto: fp32, the precision of the grid's other cells")
+               for r in caplog.records)
+
+
+def test_a_study_begun_in_fp32_finishes_in_fp32(tmp_path, monkeypatch):
+    """Study points (studies._points.run_point) follow their siblings' precision as grid cells do."""
+    from longtail.studies._points import run_point
+
+    cfg = tiny_config(**{"train.precision": "auto", "train.epochs": 1})
+    _cpu(monkeypatch, EMULATED)
+    run_point(cfg, tmp_path / "runs/a", arrays=tiny_arrays())
+    _cpu(monkeypatch, NATIVE)
+    run_point({**cfg, "train": {**cfg["train"], "seed": 1}}, tmp_path / "runs/b", arrays=tiny_arrays())
+    assert _saved_precision(tmp_path / "runs/a") == _saved_precision(tmp_path / "runs/b") == "fp32"
+    run_point(cfg, tmp_path / "fresh/a", arrays=tiny_arrays())  # a study with no point yet: this machine's choice
+    assert _saved_precision(tmp_path / "fresh/a") == "bf16"

@@ -33,7 +33,7 @@ def _trainer(tmp_path, **over):
 
 def test_precision_and_compile_are_validated():
     assert config_from_dict(tiny_config(**{"train.precision": "bf16"})).train.precision == "bf16"
-    assert config_from_dict(tiny_config()).train.precision == "fp32"
+    assert config_from_dict({}).train.precision == "auto"  # the default (bf16 on a CPU with native bf16)
     assert config_from_dict(tiny_config()).train.compile is False
     with pytest.raises(ConfigError, match=r"'train.precision' must be one of fp32, bf16, auto, got 'fp16'"):
         config_from_dict(tiny_config(**{"train.precision": "fp16"}))

@@ -123,7 +123,7 @@ class TrainConfig:
     progress: bool = True
     deterministic: bool = True  # torch.use_deterministic_algorithms
     channels_last: bool = True  # NHWC memory format: +36 % img/s for ResNet-32 on this CPU
-    precision: str = "fp32"  # fp32 | bf16 | auto: bf16 autocast of the training passes; auto = bf16 on a CPU with native bf16 (docs/speed.md)
+    precision: str = "auto"  # fp32 | bf16 | auto (bf16 on a CPU with native bf16, fp32 elsewhere): autocast of the training passes (docs/speed.md)
     compile: bool = False  # torch.compile the training forward pass (docs/speed.md)
     cuda_graph: bool = False  # CUDA: replay the network's forward/backward as CUDA graphs (docs/speed.md)
     sync_bn: bool = False  # distributed runs: SyncBatchNorm across processes

@@ -86,6 +86,13 @@ LOGITS_TOPK_ERROR = ("{path} holds only the top-{k} logits of each image (eval.l
 DATA_KEYS = ("class_names", "class_counts", "image_shape", "channels", "mean", "std")
 
 
+# Keys whose default changed after runs were saved without them: config.yaml dumps every key, so a
+# missing one means the run predates the key and trained with the value given here, not today's
+# default. train.precision: the default became 'auto' (bf16 on a CPU with native bf16); a run
+# saved before the key existed trained in fp32 and must resume in fp32.
+TRAINED_WITHOUT_KEY = {("train", "precision"): "fp32"}
+
+
 class RunDir:
     """A run folder at `path` (which need not exist yet: a new run creates it)."""
 
@@ -184,7 +191,11 @@ class RunDir:
         applied first, as `longtail train --resume --out RUN train.epochs=300` does."""
         if not self.is_run():
             raise CheckpointError(f"not a run folder (no {self.CONFIG}): {self.path}")
-        return config_from_dict(apply_overrides(read_yaml(self.path / self.CONFIG), list(overrides or [])))
+        saved = read_yaml(self.path / self.CONFIG)
+        for (section, key), value in TRAINED_WITHOUT_KEY.items():
+            if isinstance(saved.get(section), dict) and key not in saved[section]:
+                saved[section][key] = value
+        return config_from_dict(apply_overrides(saved, list(overrides or [])))
 
     def read_config_mapping(self) -> dict:
         """config.yaml as written (a mapping, not validated against today's RunConfig: the report and

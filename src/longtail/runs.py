@@ -215,6 +215,15 @@ def _record_resume_changes(run: RunDir, cfg: RunConfig, saved: RunConfig, change
              new, done, _length_note(cfg, old, done))
 
 
+def shared_precision(run_dirs) -> str | None:
+    """The one train.precision the existing run folders among `run_dirs` were run in; None when
+    none exists yet or they differ. A new run of a set (a grid's cells, a study's points) whose
+    config says 'auto' takes it, so a set begun in fp32 (before 'auto' became the default, or on
+    a CPU without native bf16) is not finished in bf16 elsewhere: one table, one precision."""
+    seen = {RunDir(d).read_config().train.precision for d in run_dirs if RunDir(d).is_run()}
+    return seen.pop() if len(seen) == 1 else None
+
+
 def _pin_new_run_precision(cfg: RunConfig, branch_from, *, say: bool) -> RunConfig:
     """A new run's config with train.precision 'auto' made concrete (dist.pin_precision): the
     source run's precision for a branch, else this machine's choice; with `say`, one log line."""

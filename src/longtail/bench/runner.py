@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from ..config import diff_configs
 from ..dist import pin_precision
 from ..errors import CheckpointError, ConfigError, did_you_mean
-from ..runs import evaluate_run, train_run
+from ..runs import evaluate_run, shared_precision, train_run
 from ..io import atomic_write_text
 from ..rundir import RunDir
 from .grid import BENCH_RECORD, Cell, Grid
@@ -142,6 +142,9 @@ def run_grid(grid: Grid, *, methods: list[str] | None = None, cells: list[str] |
             train_run(None, cell.dir, resume=True)
         else:
             cfg = cell.cfg
+            if cfg.train.precision == "auto" and (chosen := shared_precision(c.dir for c in grid.cells)) is not None:
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=chosen))
+                log.info(f"{head}: train.precision auto: {chosen}, the precision of the grid's other cells")
             if progress is not None:
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=progress))
             train_run(cfg, cell.dir, branch_from=branch)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import config_from_dict, diff_configs
@@ -76,7 +76,7 @@ def parse_numbers(text: str, name: str, kind=float) -> list:
 
 def run_point(cfg: dict, run_dir: Path, *, arrays: dict | None = None) -> dict:
     """Train one point into run_dir (or read its finished result back); returns its eval.json."""
-    from ..runs import train_run
+    from ..runs import shared_precision, train_run
 
     run = RunDir(run_dir)
     config = config_from_dict(cfg)
@@ -88,6 +88,11 @@ def run_point(cfg: dict, run_dir: Path, *, arrays: dict | None = None) -> dict:
                               "use another --out")
         if run.has(RunDir.EVAL):
             return run.read_eval()
+    elif config.train.precision == "auto" and run.path.parent.is_dir():
+        # the precision of the study's other points, when they share one (runs.shared_precision)
+        chosen = shared_precision(d for d in run.path.parent.iterdir() if d.is_dir())
+        if chosen is not None:
+            config = replace(config, train=replace(config.train, precision=chosen))
     with warnings_only():  # the study logs one line per point, not the point's epochs
         return train_run(config, run.path, resume=run.is_run(), arrays=arrays)
 
