@@ -15,9 +15,10 @@ from conftest import REPO
 from longtail import losses, methods  # noqa: F401  (registration)
 from longtail.bench import load_grid, plan
 from longtail.cli import main
-from longtail.config import load_config, read_yaml
+from longtail.config import diff_configs, load_config, read_yaml
 from longtail.data import samplers  # noqa: F401
 from longtail.registry import LOSSES, METHODS, SAMPLERS
+from longtail.rundir import RunDir
 
 BASE = {"data": {"source": "digits", "imbalance_ratio": 10, "test_per_class": 10, "val_per_class": 2},
         "model": {"name": "small_cnn", "params": {"width": 4}},
@@ -146,13 +147,21 @@ def test_interrupted_grid_resumes_where_it_stopped(tmp_path, monkeypatch, capsys
     calls = []
 
     def recording(cfg, out, **kw):
-        calls.append((Path(out).name if cfg is None else "new", kw.get("resume", False)))
+        if kw.get("resume"):  # the saved config, with the grid's session keys only
+            changed = set(diff_configs(cfg, RunDir(out).read_config()))
+            assert "train.test_curve_from" in changed and changed <= {"train.test_curve_from", "train.progress"}
+        calls.append((Path(out).name, kw.get("resume", False)))
         return real_train_run(cfg, out, **kw)
 
     monkeypatch.setattr("longtail.bench.runner.train_run", recording)
     stamp = (ce / "eval.json").stat().st_mtime_ns
-    assert main(["bench", str(path), "--no-progress"]) == 0
+    # with a session key as an override: the finished cell is not "another config", the resumed
+    # cell takes it for its session (train.test_curve_from: test top-1 from epoch 2 on)
+    assert main(["bench", str(path), "--no-progress", "train.test_curve_from=2"]) == 0
     assert calls == [("seed0", True)]  # only bs, resumed from its saved config and checkpoint
+    rows = [json.loads(line) for line in (bs / "metrics.jsonl").read_text().splitlines()]
+    assert "test_curve_top1" not in rows[0] and rows[1]["test_curve_top1"] == json.loads((bs / "eval.json").read_text())["top1"]
+    assert RunDir(bs).read_config().train.test_curve_from == 0  # the session's only
     assert (ce / "eval.json").stat().st_mtime_ns == stamp
     assert [r["epoch"] for r in map(json.loads, (bs / "metrics.jsonl").read_text().splitlines())] == [1, 2]
     assert json.loads((bs / "eval.json").read_text())["epoch"] == 2

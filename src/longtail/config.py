@@ -120,6 +120,7 @@ class TrainConfig:
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     loss_check_every: int = 1  # read the loss (non-finite stop, logged loss) every N steps: one host sync per N on a GPU
     eval_batch_size: int = 100
+    test_curve_from: int = 0  # diagnostic, never selection: from this epoch on, test top-1 after every epoch (0: off)
     progress: bool = True
     deterministic: bool = True  # torch.use_deterministic_algorithms
     channels_last: bool = True  # NHWC memory format: +36 % img/s for ResNet-32 on this CPU
@@ -299,6 +300,7 @@ def _check_values(cfg: RunConfig) -> None:
     need(math.isfinite(t.mixup_alpha) and t.mixup_alpha >= 0, f"config key 'train.mixup_alpha' must be >= 0, got {t.mixup_alpha}")
     need(t.num_threads is None or t.num_threads >= 1, f"config key 'train.num_threads' must be >= 1, got {t.num_threads}")
     need(t.loss_check_every >= 1, f"config key 'train.loss_check_every' must be >= 1, got {t.loss_check_every}")
+    need(t.test_curve_from >= 0, f"config key 'train.test_curve_from' must be >= 0 (0: off), got {t.test_curve_from}")
     need(t.precision in PRECISIONS, f"config key 'train.precision' must be one of {', '.join(PRECISIONS)}, got '{t.precision}'{did_you_mean(t.precision, PRECISIONS)}")
     need(t.augment.crop_padding >= 0, f"config key 'train.augment.crop_padding' must be >= 0, got {t.augment.crop_padding}")
     policies = ("none", "autoaugment", "randaugment")
@@ -382,7 +384,7 @@ def absolute_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
 # Keys that change no number a run produces (how it reports, how many threads, which loggers
 # listen): a resumed run may change them for its session, and a branch may differ from its source in them.
 SESSION_KEYS = ("train.progress", "train.num_threads", "train.eval_batch_size", "train.tensorboard", "train.callbacks",
-                "train.loss_check_every")
+                "train.loss_check_every", "train.test_curve_from")
 
 
 def config_from_dict(values: dict | None) -> RunConfig:

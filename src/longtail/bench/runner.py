@@ -18,7 +18,7 @@ import logging
 import time
 from datetime import datetime, timezone
 
-from ..config import diff_configs
+from ..config import SESSION_KEYS, diff_configs
 from ..dist import pin_precision
 from ..errors import CheckpointError, ConfigError, did_you_mean
 from ..runs import evaluate_run, shared_precision, train_run
@@ -28,8 +28,11 @@ from .grid import BENCH_RECORD, Cell, Grid
 
 log = logging.getLogger(__name__)
 
-# may differ between invocations of the same cell; save_epochs only keeps extra checkpoints
-IGNORED_KEYS = ("train.progress", "train.save_epochs")
+# may differ between invocations of the same cell: save_epochs only keeps extra checkpoints, and the
+# session keys change no number (progress, threads, train.test_curve_from, ...); a resumed cell
+# takes the grid's session keys for its session (_resume_config)
+IGNORED_KEYS = ("train.save_epochs", *SESSION_KEYS)
+assert all(k.startswith("train.") for k in SESSION_KEYS)  # _resume_config sets them on cfg.train
 
 
 def _duration(seconds: float) -> str:
@@ -56,6 +59,18 @@ def check_cell_config(cell: Cell) -> None:
     if diffs:
         raise ConfigError(f"cell {cell.key} ({cell.dir}) was run with another config ({', '.join(diffs)}): "
                           "restore the grid and overrides it was run with, or remove the cell folder")
+
+
+def _resume_config(cell: Cell, progress: bool | None):
+    """The cell's saved config with the grid's session keys (SESSION_KEYS: they change no number),
+    so an override such as train.test_curve_from=150 takes effect when an interrupted cell
+    resumes; `progress` (when not None) switches the progress bar."""
+    saved, mine = cell.run.read_config(), cell.cfg.train
+    train = dataclasses.replace(saved.train, **{k.split(".", 1)[1]: getattr(mine, k.split(".", 1)[1])
+                                                for k in SESSION_KEYS})
+    if progress is not None:
+        train = dataclasses.replace(train, progress=progress)
+    return dataclasses.replace(saved, train=train)
 
 
 def select_cells(grid: Grid, methods: list[str] | None, cells: list[str] | None = None) -> list[Cell]:
@@ -139,7 +154,7 @@ def run_grid(grid: Grid, *, methods: list[str] | None = None, cells: list[str] |
         log.info(f"{head}: {'resuming' if state == 'resume' else 'training'}{stage} -> {cell.dir}")
         started = time.time()
         if state == "resume":
-            train_run(None, cell.dir, resume=True)
+            train_run(_resume_config(cell, progress), cell.dir, resume=True)
         else:
             cfg = cell.cfg
             if cfg.train.precision == "auto" and (chosen := shared_precision(c.dir for c in grid.cells)) is not None:

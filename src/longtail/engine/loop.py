@@ -270,6 +270,7 @@ class Trainer:
                         raise TrainingError(f"the processes' weights diverged in epoch {epoch + 1}")
                 if self.dist.is_main:
                     row.update(self.validate(epoch))
+                    row.update(self.test_curve(epoch))
                     self.rundir.append_metrics(row)
                     self.save(epoch)
                     self.callbacks.call("on_epoch_end", epoch + 1, dict(row), context)
@@ -277,6 +278,8 @@ class Trainer:
                 if not self.dist.is_main:
                     continue
                 val_text = f", val top1 {row['val_top1']:.2f}" if "val_top1" in row else ""
+                if "test_curve_top1" in row:
+                    val_text += f", test top1 {row['test_curve_top1']:.2f} (diagnostic)"
                 log.info(f"epoch {epoch + 1}/{t.epochs}: lr {row['lr']:.2e}, loss {row['train_loss']:.4f}, "
                          f"train top1 {row['train_top1']:.2f}{val_text}, {row['images_per_s']:.0f} img/s, "
                          f"{row['seconds']:.1f}s")  # through tqdm.write (log.setup): the bar stays intact
@@ -393,16 +396,33 @@ class Trainer:
         prints = distributed.all_gather_cat(fp.reshape(1))
         return bool((prints == prints[0]).all())
 
+    def _evaluate(self, split) -> tuple[dict, dict]:
+        """(metrics, arrays) of the model as it is now on one split, through the method's evaluate."""
+        data, t, e = self.data, self.cfg.train, self.cfg.eval
+        return self.method.evaluate(self.model, split, mean=data.mean, std=data.std, batch_size=t.eval_batch_size,
+                                    device=self.device, channels_last=t.channels_last,
+                                    many_threshold=e.many_threshold, few_threshold=e.few_threshold,
+                                    rare_threshold=e.rare_threshold, ece_bins=e.ece_bins)
+
+    def test_curve(self, epoch: int) -> dict:
+        """train.test_curve_from: the test split's top-1 (and shot groups) after this epoch, as
+        `test_curve_*` keys of metrics.jsonl. A diagnostic only: it measures how far the "best
+        epoch on the test set" that some papers report (LDAM-DRW's official code prints its
+        best_acc1 over epochs) lies above the last epoch, and nothing reads it to select a model
+        or a hyper-parameter (best_val.pt comes from the validation split alone). {} when off or
+        before the epoch it starts at."""
+        start = self.cfg.train.test_curve_from
+        if not start or epoch + 1 < start:
+            return {}
+        tm, _ = self._evaluate(self.data.test)
+        return {f"test_curve_{k}": tm[k] for k in ("top1", "many", "medium", "few")}
+
     def validate(self, epoch: int) -> dict:
         """Validation metrics; saves best_val.pt when val top-1 improves. {} without a val split."""
-        data, t, e = self.data, self.cfg.train, self.cfg.eval
+        data = self.data
         if data.val is None or not len(data.val):
             return {}
-        pkw = dict(mean=data.mean, std=data.std, batch_size=t.eval_batch_size, device=self.device,
-                   channels_last=t.channels_last)
-        mkw = dict(many_threshold=e.many_threshold, few_threshold=e.few_threshold, rare_threshold=e.rare_threshold,
-                   ece_bins=e.ece_bins)
-        vm, arrays = self.method.evaluate(self.model, data.val, **pkw, **mkw)  # SSP: its own task's metrics
+        vm, arrays = self._evaluate(data.val)  # SSP: its own task's metrics
         if self.callbacks:  # class logits only (a pretext run's arrays are of its task)
             self.callbacks.call("on_validation", epoch + 1, vm, arrays if self.method.pretext is None else {})
         if vm["top1"] > self.best["top1"]:
