@@ -311,7 +311,7 @@ def _check_values(cfg: RunConfig) -> None:
     need(t.augment.cutout >= 0, f"config key 'train.augment.cutout' must be >= 0 (0: off), got {t.augment.cutout}")
     need(math.isfinite(t.cutmix_alpha) and t.cutmix_alpha >= 0, f"config key 'train.cutmix_alpha' must be >= 0, got {t.cutmix_alpha}")
     need(0 < t.cutmix_prob <= 1, f"config key 'train.cutmix_prob' must be in (0, 1], got {t.cutmix_prob}")
-    need(not (t.cutmix_alpha > 0 and t.mixup_alpha > 0), f"config keys 'train.cutmix_alpha' and 'train.mixup_alpha' are mutually exclusive: set one of them to 0")
+    need(not (t.cutmix_alpha > 0 and t.mixup_alpha > 0), "config keys 'train.cutmix_alpha' and 'train.mixup_alpha' are mutually exclusive: set one of them to 0")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps",
          f"config key 'train.device' must be cpu, cuda, cuda:N, mps or auto, got '{t.device}'")
     schemes = ("none", "effective_number", "inverse_frequency")
