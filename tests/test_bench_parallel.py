@@ -89,6 +89,26 @@ def test_a_single_cell_runs_alone_and_an_unknown_cell_is_named(tmp_path, capsys)
     assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_chosen_cells_run_in_dependency_order_with_jobs_and_alone(tmp_path, capsys):
+    path = write_grid(tmp_path, METHODS)
+    out = tmp_path / "out"
+    # the stage-2 cell named first still runs after its stage 1; bs and the other seeds stay untouched
+    chosen = ["--cell", "crt/ratio10/seed0,ce/ratio10/seed0", "--cell", "ce/ratio10/seed1"]
+    assert main(["bench", str(path), "--list", *chosen]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in listed] == [["new", "ce/ratio10/seed0"], ["new", "crt/ratio10/seed0"],
+                                                     ["new", "ce/ratio10/seed1"]]  # the grid's order
+    assert main(["bench", str(path), *ONE_THREAD, *chosen, "--jobs", "2", "--no-progress"]) == 0
+    done = sorted(str(p.parent.relative_to(out)) for p in out.glob("*/ratio10/seed*/eval.json"))
+    assert done == ["ce/ratio10/seed0", "ce/ratio10/seed1", "crt/ratio10/seed0"]
+    assert "crt" in (out / "results.md").read_text()
+    # in this process (no --jobs): another cell; --methods with --cell is a one-line error
+    assert main(["bench", str(path), *ONE_THREAD, "--cell", "bs/ratio10/seed1", "--no-progress"]) == 0
+    assert (out / "bs" / "ratio10" / "seed1" / "eval.json").is_file() and not (out / "bs" / "ratio10" / "seed0").exists()
+    assert main(["bench", str(path), "--cell", "ce/ratio10/seed0", "--methods", "ce"]) == 2
+    assert "give --methods or --cell, not both" in capsys.readouterr().err
+
+
 def test_methods_run_at_their_own_ratios_and_tables_show_published_numbers(tmp_path):
     methods = [{"name": "ce", "published": {10: 55.5}, "published_source": "Someone et al. 2020, Table 1"},
                {"name": "bs", "overrides": {"loss.name": "balanced_softmax"}, "imbalance_ratios": [10]}]

@@ -218,8 +218,11 @@ def _cmd_bench(args) -> int:
 
     grid = load_grid(args.grid, out=args.out, overrides=args.overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    cells = [k.strip() for given in args.cell for k in given.split(",") if k.strip()] if args.cell else None
+    if methods and cells:
+        raise ConfigError("give --methods or --cell, not both")
     if args.list:
-        for cell, state in plan(grid, methods=methods):
+        for cell, state in plan(grid, methods=methods, cells=cells):
             stage = f"  ({cell.need_kind}: {cell.needs.key})" if cell.needs is not None else ""
             if cell.branch_source is not None:
                 stage = f"  (from {cell.branch_source.key} at epoch {cell.branch_epoch})"
@@ -228,8 +231,8 @@ def _cmd_bench(args) -> int:
     check_output(grid.out, folder=True, name="--out" if args.out is not None else f"the out of grid {args.grid}")
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    if args.cell:  # one cell, in this process (what --jobs starts for each cell)
-        run_grid(grid, cells=[args.cell], progress=False if args.no_progress else None)
+    if cells and args.jobs == 1:  # these cells, in this process (what --jobs starts for each cell): no tables
+        run_grid(grid, cells=cells, progress=False if args.no_progress else None)
         return 0
     summary = None
     if args.table_only:
@@ -237,7 +240,8 @@ def _cmd_bench(args) -> int:
     elif args.jobs > 1:
         from .bench.parallel import run_parallel
 
-        summary = run_parallel(grid, jobs=args.jobs, grid_arg=args.grid, overrides=args.overrides, methods=methods)
+        summary = run_parallel(grid, jobs=args.jobs, grid_arg=args.grid, overrides=args.overrides, methods=methods,
+                               cells=cells)
     else:
         run_grid(grid, methods=methods, progress=False if args.no_progress else None)
     tables = write_tables(grid)
@@ -377,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run N cells at once, each in its own process: on the CPU pinned to its own cores, on GPUs "
                         "round-robin over the visible GPUs (several per GPU when N exceeds them); default 1, in "
                         "this process")
-    b.add_argument("--cell", metavar="METHOD/ratioR/seedS", help="run this one cell only (as --list names it)")
+    b.add_argument("--cell", metavar="METHOD/ratioR/seedS", action="append",
+                   help="run only this cell (as --list names it); repeat it or separate cells by commas for "
+                        "several, run in dependency order (with --jobs N, N at once)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_cmd_bench, outputs=())  # the grid's out is checked in _cmd_bench
 

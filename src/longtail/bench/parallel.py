@@ -113,11 +113,12 @@ def _last_line(path: Path) -> str:
 
 
 def run_parallel(grid: Grid, *, jobs: int, grid_arg: str, overrides: list[str], methods: list[str] | None = None,
-                 gpus: list[str] | None = None) -> list[dict]:
-    """Run the selected cells with at most `jobs` at once (module docstring); one summary per cell,
-    {'cell', 'state' (done / new / resume / failed / skipped), 'seconds'}. `grid_arg` and
-    `overrides` are what the command line gave, handed to each cell's process unchanged."""
-    steps = plan(grid, methods=methods)
+                 cells: list[str] | None = None, gpus: list[str] | None = None) -> list[dict]:
+    """Run the selected cells (`methods`, or `cells` by key) with at most `jobs` at once (module
+    docstring); one summary per cell, {'cell', 'state' (done / new / resume / failed / skipped),
+    'seconds'}. `grid_arg` and `overrides` are what the command line gave, handed to each cell's
+    process unchanged."""
+    steps = plan(grid, methods=methods, cells=cells)
     if gpus is None:
         on_cpu = all(c.cfg.train.device == "cpu" for c, _ in steps)
         gpus = [] if on_cpu else visible_gpus()
