@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -176,6 +177,24 @@ def test_table_only_and_a_changed_grid(grid_run, tmp_path, capsys):
     assert main(["bench", str(path), "train.lr=0.05", "--table-only"]) == 2
     err = capsys.readouterr().err
     assert "cell ce/ratio10/seed0" in err and "another config (train.lr)" in err and err.count("\n") == 1
+
+
+def test_a_grid_folder_copied_elsewhere_keeps_its_stage2_cells(grid_run, tmp_path, capsys):
+    """The crt cells' configs name ce's last.pt under the old out; a copy of the whole folder (another
+    machine, benchmarks/artifacts) still tables, and a stage 1 outside the grid is still refused."""
+    path, out = grid_run
+    moved = tmp_path / "artifacts" / "grid"
+    shutil.copytree(out, moved)
+    saved = (moved / "crt" / "ratio10" / "seed0" / "config.yaml").read_text()
+    assert str(out / "ce" / "ratio10" / "seed0" / "checkpoints" / "last.pt") in saved
+    assert main(["bench", str(path), "--out", str(moved), "--table-only"]) == 0
+    assert "| crt | " in capsys.readouterr().out
+    assert main(["bench", str(path), "--out", str(moved), "--list"]) == 0
+    assert all(line.startswith("done") for line in capsys.readouterr().out.splitlines())
+    elsewhere = saved.replace(str(out / "ce" / "ratio10" / "seed0"), str(tmp_path / "mine" / "seed0"))
+    (moved / "crt" / "ratio10" / "seed0" / "config.yaml").write_text(elsewhere)
+    assert main(["bench", str(path), "--out", str(moved), "--table-only"]) == 2
+    assert "another config (method.params.stage1)" in capsys.readouterr().err
 
 
 def test_methods_filter_needs_finished_stage1(tmp_path, capsys):

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from ..config import SESSION_KEYS, diff_configs
 from ..dist import pin_precision
@@ -50,12 +51,39 @@ def cell_state(cell: Cell) -> str:
     return "new"
 
 
+# checkpoints of other cells (a stage 1, a pre-training), stored absolute in the cells' configs
+CELL_PATH_KEYS = ("method.params.stage1", "model.weights")
+
+
+def _dotted(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+    return node
+
+
+def _same_cell_file(saved, expected, out: Path) -> bool:
+    """Whether a saved CELL_PATH_KEYS value names the same cell's file as the expected one, also
+    when the grid's folder has moved since (copied to another machine, or kept in the repo as
+    benchmarks/artifacts/...): the path below the grid's out decides."""
+    if not (isinstance(saved, str) and isinstance(expected, str)):
+        return False
+    try:
+        inside = Path(expected).resolve().relative_to(out.resolve()).parts
+    except ValueError:  # not a file of this grid
+        return False
+    return Path(saved).parts[-len(inside):] == inside
+
+
 def check_cell_config(cell: Cell) -> None:
-    """A cell folder that exists must hold the cell's config; ConfigError naming the keys otherwise."""
+    """A cell folder that exists must hold the cell's config; ConfigError naming the keys otherwise.
+    A cell's checkpoint paths into its grid (CELL_PATH_KEYS) match wherever the grid's folder was."""
     if not cell.run.is_run():
         return
     saved = cell.run.read_config()
-    diffs = [k for k in diff_configs(pin_precision(cell.cfg, like=saved), saved) if k not in IGNORED_KEYS]
+    out = cell.dir.parents[2]  # OUT/<method>/ratio<R>/seed<S>
+    diffs = [k for k in diff_configs(pin_precision(cell.cfg, like=saved), saved) if k not in IGNORED_KEYS
+             and not (k in CELL_PATH_KEYS and _same_cell_file(_dotted(saved, k), _dotted(cell.cfg, k), out))]
     if diffs:
         raise ConfigError(f"cell {cell.key} ({cell.dir}) was run with another config ({', '.join(diffs)}): "
                           "restore the grid and overrides it was run with, or remove the cell folder")
