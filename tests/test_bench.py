@@ -7,6 +7,8 @@ import csv
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -340,9 +342,6 @@ def test_shipped_grids_resolve(monkeypatch):
 
 
 def test_adopting_a_run_trained_outside_the_grid(tmp_path, capsys):
-    import subprocess
-    import sys
-
     path = write_grid(tmp_path, [{"name": "ce"}, {"name": "bs", "overrides": {"loss.name": "balanced_softmax"}}],
                       seeds=[0])
     grid = load_grid(path)
@@ -363,3 +362,42 @@ def test_adopting_a_run_trained_outside_the_grid(tmp_path, capsys):
     assert info["mode"] == "adopted" and info["wall_seconds"] == 42
     assert main(["bench", str(path), "--list"]) == 0
     assert "done    ce/ratio10/seed0" in capsys.readouterr().out
+
+
+def test_keep_cells_carries_a_grid_to_a_fresh_machine(tmp_path, capsys):
+    """benchmarks/keep_cells.py: the small files of every cell and only the checkpoints still needed;
+    restored into an empty out, the grid sees the same states and runs on from them."""
+    methods = [{"name": "ce"},
+               {"name": "crt", "overrides": {"method.name": "crt", "sampler.name": "class_aware"}, "stage1": "ce"},
+               {"name": "drw", "overrides": {"reweight.scheme": "effective_number", "reweight.start_epoch": 2},
+                "branch_from": "ce", "branch_epoch": 1},
+               {"name": "bs", "overrides": {"loss.name": "balanced_softmax"}}]
+    path = write_grid(tmp_path, methods, seeds=[0], overrides={"train.epochs": 2})
+    runs, kept = tmp_path / "out", tmp_path / "repo" / "kept"
+    assert main(["bench", str(path), "--cell", "ce/ratio10/seed0,bs/ratio10/seed0", "--no-progress"]) == 0
+    (runs / "bs" / "ratio10" / "seed0" / "eval.json").unlink()  # bs: cut off, to resume
+    script = [sys.executable, str(REPO / "benchmarks/keep_cells.py"), str(path), "--from", str(runs), "--to", str(kept)]
+
+    def checkpoints(method):
+        return sorted(p.name for p in (kept / method / "ratio10" / "seed0").rglob("*.pt"))
+
+    first = subprocess.run(script, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert checkpoints("ce") == ["epoch1.pt", "last.pt"]  # crt's stage 1, drw's branch point
+    assert checkpoints("bs") == ["best_val.pt", "last.pt"]
+    assert (kept / "ce" / "ratio10" / "seed0" / "metrics.jsonl").read_text() == \
+        (runs / "ce" / "ratio10" / "seed0" / "metrics.jsonl").read_text()
+    # on a fresh machine: restored, the grid finishes from the kept cells alone
+    shutil.rmtree(runs)
+    restored = subprocess.run([*script, "--restore"], capture_output=True, text=True)
+    assert restored.returncode == 0 and "bs/ratio10/seed0: restored (resume)" in restored.stdout
+    capsys.readouterr()
+    assert main(["bench", str(path), "--list"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["done", "new", "new", "resume"]
+    assert main(["bench", str(path), "--no-progress"]) == 0
+    again = subprocess.run([*script, "--last-of", "bs"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert checkpoints("ce") == [] and checkpoints("bs") == ["last.pt"] and checkpoints("drw") == []
+    assert not list(kept.rglob(".*"))  # no staging folder left behind
+    bad = subprocess.run([*script, "--last-of", "cee"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--last-of names no method of the grid: cee" in bad.stderr
