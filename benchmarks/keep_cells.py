@@ -12,7 +12,8 @@ eval, bench.json, DLSA results, ...) and, of its checkpoints, only those still n
   evaluation needs the second);
 - a finished cell's last.pt while a cell that starts from it (a stage 2, a pre-trained start) is
   not done in RUNS, and always for the methods named by --last-of (e.g. DLSA's backbones);
-- a finished branch source's epoch<E>.pt while a cell that branches from it at epoch E is not done.
+- a branch source's epoch<E>.pt while a cell that branches from it at epoch E is not done (also
+  when the source itself is cut off past E: resumed, it would not write that file again).
 Each kept cell replaces its earlier copy whole (staged beside it, then renamed). `--restore` copies
 the kept cells that RUNS lacks into it; `longtail bench` then skips the finished ones and resumes
 the others (their configs name RUNS' paths, so restore to the folder they were kept from). `longtail
@@ -38,15 +39,16 @@ def needed_checkpoints(grid: Grid, cell: Cell, last_of: set[str]) -> list[Path]:
     state = cell_state(cell)
     if state == "new":
         return []
+    waiting = [c for c in grid.cells if cell_state(c) != "done"]
     if state == "resume":
         keep = [Path(RunDir.LAST), Path(RunDir.BEST_VAL)]
+    elif cell.method in last_of or any(c.stage1 is cell or c.weights_source is cell for c in waiting):
+        keep = [Path(RunDir.LAST)]
     else:
-        waiting = [c for c in grid.cells if cell_state(c) != "done"]
         keep = []
-        if cell.method in last_of or any(c.stage1 is cell or c.weights_source is cell for c in waiting):
-            keep.append(Path(RunDir.LAST))
-        for epoch in sorted({c.branch_epoch for c in waiting if c.branch_source is cell}):
-            keep.append(cell.run.epoch_checkpoint(epoch).relative_to(cell.dir))
+    # a cut-off source past its branch point cannot write the checkpoint again
+    for epoch in sorted({c.branch_epoch for c in waiting if c.branch_source is cell}):
+        keep.append(cell.run.epoch_checkpoint(epoch).relative_to(cell.dir))
     return [p for p in keep if (cell.dir / p).is_file()]
 
 

@@ -387,6 +387,11 @@ def test_keep_cells_carries_a_grid_to_a_fresh_machine(tmp_path, capsys):
     assert checkpoints("bs") == ["best_val.pt", "last.pt"]
     assert (kept / "ce" / "ratio10" / "seed0" / "metrics.jsonl").read_text() == \
         (runs / "ce" / "ratio10" / "seed0" / "metrics.jsonl").read_text()
+    # a source cut off past its branch point keeps that checkpoint beside its resume files
+    (runs / "ce" / "ratio10" / "seed0" / "eval.json").rename(tmp_path / "ce_eval.json")
+    assert subprocess.run([*script[:-1], str(tmp_path / "kept2")], capture_output=True).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "kept2" / "ce").rglob("*.pt")) == ["best_val.pt", "epoch1.pt", "last.pt"]
+    (tmp_path / "ce_eval.json").rename(runs / "ce" / "ratio10" / "seed0" / "eval.json")
     # on a fresh machine: restored, the grid finishes from the kept cells alone
     shutil.rmtree(runs)
     restored = subprocess.run([*script, "--restore"], capture_output=True, text=True)
