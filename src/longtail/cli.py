@@ -231,7 +231,7 @@ def _cmd_bench(args) -> int:
     check_output(grid.out, folder=True, name="--out" if args.out is not None else f"the out of grid {args.grid}")
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    if cells and args.jobs == 1:  # these cells, in this process (what --jobs starts for each cell): no tables
+    if cells and args.jobs == 1 and not args.table_only:  # these cells, in this process (what --jobs starts for each cell): no tables
         run_grid(grid, cells=cells, progress=False if args.no_progress else None)
         return 0
     summary = None
