@@ -20,6 +20,7 @@ from longtail.bench import load_grid, plan
 from longtail.cli import main
 from longtail.config import diff_configs, load_config, read_yaml
 from longtail.data import samplers  # noqa: F401
+from longtail.dist import cpu_model
 from longtail.registry import LOSSES, METHODS, SAMPLERS
 from longtail.rundir import RunDir
 
@@ -199,6 +200,38 @@ def test_a_grid_folder_copied_elsewhere_keeps_its_stage2_cells(grid_run, tmp_pat
     assert "another config (method.params.stage1)" in capsys.readouterr().err
 
 
+def test_dlsa_rows_come_from_the_cells_dlsa_results(grid_run, tmp_path, capsys):
+    """`longtail dlsa CELL --out CELL/dlsa` (benchmarks/full_protocol.sh) adds a '<method> + DLSA'
+    row: last epoch from dlsa.last, best on validation from dlsa_val_selected, over the seeds."""
+    path, out = grid_run
+    copy = tmp_path / "grid"
+    shutil.copytree(out, copy)
+    flow = ["--clusters", "8", "--depth", "2", "--flow-epochs", "2", "--flow-batch", "64", "--cls-epochs", "3"]
+    results = []
+    for seed in (0, 1):
+        cell = copy / "ce" / "ratio10" / f"seed{seed}"
+        assert main(["dlsa", str(cell), "--out", str(cell / "dlsa"), *flow]) == 0
+        results.append(json.loads((cell / "dlsa" / "dlsa.json").read_text()))
+    capsys.readouterr()
+    assert main(["bench", str(path), "--out", str(copy), "--table-only"]) == 0
+    rows = {(r["table"], r["method"]): r for r in csv.DictReader((copy / "results.csv").open())}
+    assert ("last", "bs + DLSA") not in rows
+    for table, values in (("last", [r["dlsa"]["last"]["top1"] for r in results]),
+                          ("best_val", [r["dlsa_val_selected"]["top1"] for r in results])):
+        row = rows[(table, "ce + DLSA")]
+        assert row["seeds"] == "0;1" and row["published_top1"] == ""
+        assert float(row["top1_mean"]) == pytest.approx(statistics.mean(values), abs=1e-12)
+        assert float(row["top1_std"]) == pytest.approx(statistics.stdev(values), abs=1e-12)
+    md = (copy / "results.md").read_text()
+    assert "| ce + DLSA | " in md and "dlsa/dlsa.json for the '+ DLSA' rows" in md
+    # DLSA on another checkpoint is not the row's reading: refused, naming the file
+    bad = copy / "ce" / "ratio10" / "seed1" / "dlsa" / "dlsa.json"
+    bad.write_text(json.dumps({**results[1], "checkpoint": "best_val"}))
+    assert main(["bench", str(path), "--out", str(copy), "--table-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad} is not `longtail dlsa` on the cell's last checkpoint" in err[0]
+
+
 def test_methods_filter_needs_finished_stage1(tmp_path, capsys):
     path = write_grid(tmp_path, METHODS_OF_GRID)
     assert main(["bench", str(path), "--methods", "crt"]) == 2
@@ -269,6 +302,17 @@ def test_branching_cells_share_their_sources_plain_ce_prefix(tmp_path, capsys):
     ce_rows = [json.loads(r) for r in (out / "ce/ratio10/seed0/metrics.jsonl").read_text().splitlines()]
     assert rows[0] == ce_rows[0] and rows[1]["train_loss"] != ce_rows[1]["train_loss"]
     assert "ce @ epoch 1" in (out / "results.md").read_text()
+    # the machines: the branch carries its source's session for the prefix; its own epoch is its own
+    sessions = [json.loads(r) for r in (out / "drw/ratio10/seed0/sessions.jsonl").read_text().splitlines()]
+    assert [s["start_epoch"] for s in sessions] == [0, 1]
+    label = sessions[1]["machine"]["label"]
+    assert cpu_model() in label and sessions[0]["machine"] == json.loads(
+        (out / "ce/ratio10/seed0/sessions.jsonl").read_text())["machine"]
+    assert json.loads((out / "drw/ratio10/seed0/bench.json").read_text())["machines"] == {label: 1}
+    assert json.loads((out / "ce/ratio10/seed0/bench.json").read_text())["machines"] == {
+        sessions[0]["machine"]["label"]: 2}
+    md = (out / "results.md").read_text()
+    assert f"| {label} (1 epochs) |" in md and f"| {sessions[0]['machine']['label']} (2 epochs) |" in md
 
 
 def test_a_branch_source_without_its_checkpoint_is_a_clear_error(tmp_path, capsys):

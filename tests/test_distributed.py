@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from longtail.io import safe_torch_load
+from longtail.rundir import RunDir
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
@@ -119,7 +120,10 @@ def test_matches_single_process_within_tolerance_with_batchnorm(runs):
 
 def test_only_rank_zero_wrote(runs):
     names = sorted(p.name for p in (runs / "ddp").iterdir())
-    assert names == ["checkpoints", "config.yaml", "data.json", "eval.json", "metrics.jsonl", "predictions.npz"]
+    assert names == ["checkpoints", "config.yaml", "data.json", "eval.json", "metrics.jsonl", "predictions.npz",
+                     "sessions.jsonl"]
+    sessions = RunDir(runs / "ddp").read_sessions()  # one session, written once, with both processes
+    assert len(sessions) == 1 and sessions[0]["world_size"] == 2 and sessions[0]["start_epoch"] == 0
 
 
 def test_resume_under_torchrun(runs, tmp_path):

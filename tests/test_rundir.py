@@ -71,6 +71,23 @@ def test_keep_metrics_before(tmp_path):
     assert [r["epoch"] for r in source.read_metrics()] == [1, 2, 3]
 
 
+def test_sessions_give_each_epoch_its_machine(tmp_path):
+    """A session trains from its start epoch up to the next session's start; a session resumed from
+    prev.pt (an epoch before the previous one's start) replaces that one's epochs."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    assert run.epoch_machines() == {}
+    for epoch in range(1, 6):
+        run.append_metrics({"epoch": epoch})
+    for start, label in ((0, "A"), (3, "B"), (2, "C")):
+        run.append_session({"start_epoch": start, "machine": {"label": label}})
+    assert run.epoch_machines() == {1: "A", 2: "A", 3: "C", 4: "C", 5: "C"}
+    branch = RunDir(tmp_path / "branch")
+    branch.path.mkdir()
+    branch.keep_sessions_before(3, source=run)  # the sessions that trained its first 3 epochs
+    assert [s["machine"]["label"] for s in branch.read_sessions()] == ["A", "C"]
+
+
 def test_metrics_written_0_based_before_are_read_1_based_and_rewritten_so(tmp_path):
     # files of earlier versions (and the shipped benchmarks/artifacts) count epochs from 0
     old = RunDir(tmp_path / "old")
@@ -183,7 +200,7 @@ def test_results_and_json_files(tmp_path):
 # ---------------------------------------------------------------- (b) the source scan
 
 RUN_FILE_NAMES = ("config.yaml", "data.json", "metrics.jsonl", "last.pt", "best_val.pt", "prev.pt", "eval.json",
-                  "predictions.npz", "config_history.jsonl")
+                  "predictions.npz", "config_history.jsonl", "sessions.jsonl")
 PATTERN = re.compile(r"(?<![\w])(" + "|".join(re.escape(n) for n in RUN_FILE_NAMES) + r")(?![\w])")
 
 # (module path under src/longtail, file name): why that module may spell it. Keep this short.

@@ -165,3 +165,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return name
+
+
+def machine_record(device: torch.device, precision: str) -> dict:
+    """What a training session ran on (RunDir.SESSIONS; docs/bench.md): the device's name (the GPU's,
+    or the CPU model with torch's CPU capability: an AVX2 and an AVX512 AMD EPYC share the model
+    name), torch's version, its intra-op threads, the resolved precision, and a one-line `label`
+    for tables."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        label = f"{name}, {precision}"
+    else:
+        name = f"{cpu_model()} ({capability})"
+        threads = torch.get_num_threads()
+        label = f"{name}, {threads} thread{'s' if threads != 1 else ''}, {precision}"
+    return {"device": str(device), "name": name, "cpu": cpu_model(), "cpu_capability": capability,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "precision": precision, "label": label}
+

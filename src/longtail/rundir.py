@@ -100,6 +100,7 @@ class RunDir:
     DATA = "data.json"
     METRICS = "metrics.jsonl"
     CONFIG_HISTORY = "config_history.jsonl"
+    SESSIONS = "sessions.jsonl"
     CHECKPOINTS = "checkpoints"
     LAST = "checkpoints/last.pt"
     PREV = "checkpoints/prev.pt"
@@ -213,6 +214,34 @@ class RunDir:
     def append_config_history(self, entry: dict) -> None:
         """One line of config_history.jsonl: a change of config.yaml (what, when, after which epoch)."""
         append_line(self.path / self.CONFIG_HISTORY, json.dumps(entry))
+
+    def append_session(self, entry: dict) -> None:
+        """One line of sessions.jsonl: a training session (new, resumed or branched) starting after
+        epoch `start_epoch`, with the machine it ran on (dist.machine_record)."""
+        append_line(self.path / self.SESSIONS, json.dumps(entry))
+
+    def read_sessions(self) -> list[dict]:
+        """sessions.jsonl rows, oldest first ([] for a run trained before sessions were recorded)."""
+        return self._read_jsonl(self.path / self.SESSIONS)
+
+    def keep_sessions_before(self, epoch: int, source: "RunDir") -> None:
+        """sessions.jsonl := `source`'s sessions that trained any of its first `epoch` epochs (a
+        branch's prefix, like keep_metrics_before)."""
+        rows = [r for r in source.read_sessions() if r.get("start_epoch", math.inf) < epoch]
+        atomic_write_text(self.path / self.SESSIONS, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def epoch_machines(self) -> dict[int, str]:
+        """{epoch (1-based): label of the machine that trained it}, from sessions.jsonl: a session
+        that starts after epoch S trains S+1 up to the next session's start ({} without sessions)."""
+        sessions = self.read_sessions()
+        trained = [r["epoch"] for r in self.read_metrics() if isinstance(r.get("epoch"), int)]
+        epochs = {}
+        for i, session in enumerate(sessions):  # a later session's epochs replace an earlier one's
+            start = int(session.get("start_epoch", 0))
+            end = int(sessions[i + 1].get("start_epoch", 0)) if i + 1 < len(sessions) else math.inf
+            label = str((session.get("machine") or {}).get("label", "unknown"))
+            epochs.update({e: label for e in trained if start < e <= end})
+        return epochs
 
     def read_config_history(self) -> list[dict]:
         """config_history.jsonl rows, oldest first ([] when the config never changed)."""

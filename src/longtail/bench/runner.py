@@ -42,6 +42,20 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
+def own_training(cell: Cell) -> tuple[float, dict[str, int]]:
+    """(seconds, {machine label: epochs}) of the epochs this cell trained itself, over all its
+    sessions: metrics.jsonl's rows past its branch point (a branch's prefix is its source's), the
+    machines from sessions.jsonl ('not recorded' for epochs trained before sessions were)."""
+    skip = cell.branch_epoch if cell.branch_source is not None else 0
+    rows = [r for r in cell.run.read_metrics() if isinstance(r.get("epoch"), int) and r["epoch"] > skip]
+    machines = cell.run.epoch_machines()
+    counts: dict[str, int] = {}
+    for r in rows:
+        label = machines.get(r["epoch"], "not recorded")
+        counts[label] = counts.get(label, 0) + 1
+    return sum(float(r.get("seconds", 0.0)) for r in rows), counts
+
+
 def cell_state(cell: Cell) -> str:
     """'done', 'resume' or 'new' (see the module docstring)."""
     if cell.run.has(RunDir.EVAL):
@@ -194,13 +208,14 @@ def run_grid(grid: Grid, *, methods: list[str] | None = None, cells: list[str] |
         if _la_needed(cell):
             evaluate_run(cell.dir, logit_adjust_tau=cell.logit_adjust_tau)
         seconds = time.time() - started
+        own_seconds, machines = own_training(cell)
         cell.run.write_json(BENCH_RECORD, {
             "cell": cell.key, "method": cell.method, "imbalance_ratio": cell.ratio, "seed": cell.seed,
             "config": grid.method(cell.method).config, "stage1": cell.stage1.key if cell.stage1 else None,
             "weights_from": cell.weights_source.key if cell.weights_source else None,
             "branch": f"{cell.branch_source.key}@{cell.branch_epoch}" if cell.branch_source else None,
             "mode": state, "wall_seconds": round(seconds, 3),
-            "train_seconds_all_sessions": round(sum(float(r.get("seconds", 0.0)) for r in cell.run.read_metrics()), 3),
+            "train_seconds": round(own_seconds, 3), "machines": machines,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
         log.info(f"{head}: finished in {_duration(seconds)}")

@@ -1,7 +1,11 @@
 """Paper-style tables of a grid: mean and standard deviation over seeds, from the cells' files.
 
 Rows are the grid's methods (file order), plus "<method> + post-hoc LA" where the cells
-have `eval_logit_adjusted.json`; for each imbalance ratio the columns are overall top-1
+have `eval_logit_adjusted.json` and "<method> + DLSA" where they have `dlsa/dlsa.json` (`longtail
+dlsa CELL --out CELL/dlsa`, as benchmarks/full_protocol.sh runs it: seed 002 on the cell's frozen
+last-epoch features; its last-epoch entry is DLSA at its configured depth after its last classifier
+epoch, its best-on-validation entry the depth and epoch chosen on validation, `dlsa_val_selected`,
+like a stage-2 row's best epoch on its stage 1); for each imbalance ratio the columns are overall top-1
 and many / medium / few accuracy (%), or with the grid's `groups: four` many / medium / few /
 rare from eval.json `four_group` (docs/evaluation.md). Two tables: the last epoch (eval.json
 top level) and, when any cell has one, the best-on-validation epoch (eval.json `best_val`).
@@ -27,13 +31,16 @@ import numpy as np
 
 from ..io import atomic_write_text
 from ..rundir import RunDir
-from .grid import BENCH_RECORD, Grid, is_posthoc
-from .runner import _duration, check_cell_config
+from ..errors import CheckpointError
+from .grid import BENCH_RECORD, Cell, Grid, is_posthoc
+from .runner import _duration, check_cell_config, own_training
 
 METRICS = ("top1", "many", "medium", "few")
 FOUR = ("top1", "many", "medium", "few", "rare")  # groups: four, the groups from `four_group`
 TABLES = (("last", "Last epoch, test set"), ("best_val", "Best on validation, test set"))
 LA_SUFFIX = " + post-hoc LA"
+DLSA_SUFFIX = " + DLSA"
+DLSA_RESULT = "dlsa/dlsa.json"  # below a cell's folder (benchmarks/full_protocol.sh)
 
 
 @dataclass
@@ -70,8 +77,23 @@ def _values(m: dict, metrics: tuple[str, ...]) -> dict:
     return {metric: m.get("top1") if metric == "top1" else groups.get(metric) for metric in metrics}
 
 
+def _dlsa_as_eval(cell: Cell) -> dict | None:
+    """A cell's dlsa.json in eval.json's shape: the last-epoch numbers at the top level, the
+    validation-selected ones under `best_val` (module docstring); None when absent."""
+    result = cell.run.read_optional_json(DLSA_RESULT)
+    if result is None:
+        return None
+    last = (result.get("dlsa") or {}).get("last")
+    if not isinstance(last, dict) or result.get("checkpoint") != "last":
+        raise CheckpointError(f"{cell.dir / DLSA_RESULT} is not `longtail dlsa` on the cell's last checkpoint "
+                              f"(checkpoint: {result.get('checkpoint')!r}); run `longtail dlsa {cell.dir} --out "
+                              f"{cell.dir / 'dlsa'}` again")
+    return {**last, "best_val": result.get("dlsa_val_selected")}
+
+
 def collect(grid: Grid) -> list[Entry]:
-    """Every table entry of the grid, read from the cells' eval.json / eval_logit_adjusted.json."""
+    """Every table entry of the grid, read from the cells' eval.json / eval_logit_adjusted.json /
+    dlsa/dlsa.json."""
     metrics = _metrics(grid)
     entries = []
     for table, _ in TABLES:
@@ -79,9 +101,11 @@ def collect(grid: Grid) -> list[Entry]:
             cells = grid.cells_of(spec.name)
             evals = {(c.ratio, c.seed): c.run.read_optional_json(RunDir.EVAL) for c in cells}
             las = {(c.ratio, c.seed): c.run.read_optional_json(RunDir.EVAL_LOGIT_ADJUSTED) for c in cells}
+            dlsas = {(c.ratio, c.seed): _dlsa_as_eval(c) for c in cells}
             variants = [(spec.name, evals)]
-            if any(v is not None for v in las.values()):
-                variants.append((spec.name + LA_SUFFIX, las))
+            for suffix, source in ((LA_SUFFIX, las), (DLSA_SUFFIX, dlsas)):
+                if any(v is not None for v in source.values()):
+                    variants.append((spec.name + suffix, source))
             for row, source in variants:
                 for ratio in grid.ratios:
                     seeds, values, finished = [], {m: [] for m in metrics}, 0
@@ -120,16 +144,26 @@ def _cell_text(e: Entry, metric: str) -> str:
     return text
 
 
-def _wall(grid: Grid, method: str) -> str:
-    seconds, counted = 0.0, 0
+def _training(grid: Grid, method: str) -> tuple[str, str]:
+    """(training time, machines) of a method's finished cells: the seconds of the epochs each cell
+    trained itself, over all its sessions (runner.own_training; a post-hoc cell: bench.json's
+    wall_seconds), and the machines with their epochs."""
+    seconds, counted, machines = 0.0, 0, {}
     for c in grid.cells_of(method):
-        info = c.run.read_optional_json(BENCH_RECORD)
-        if info is not None and isinstance(info.get("wall_seconds"), (int, float)):
-            seconds += float(info["wall_seconds"])
-            counted += 1
+        if not c.run.has(RunDir.EVAL):
+            continue
+        own, epochs = own_training(c)
+        if not epochs:
+            info = c.run.read_optional_json(BENCH_RECORD) or {}
+            own = float(info["wall_seconds"]) if isinstance(info.get("wall_seconds"), (int, float)) else 0.0
+        seconds += own
+        counted += 1
+        for label, n in epochs.items():
+            machines[label] = machines.get(label, 0) + n
     if not counted:
-        return "-"
-    return f"{_duration(seconds)} ({counted} cell{'s' if counted > 1 else ''})"
+        return "-", "-"
+    where = "; ".join(f"{label} ({n} epochs)" for label, n in machines.items()) or "-"
+    return f"{_duration(seconds)} ({counted} cell{'s' if counted > 1 else ''})", where
 
 
 def markdown(grid: Grid, entries: list[Entry]) -> str:
@@ -139,8 +173,9 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
     lines = [f"# {grid.name}", "",
              f"Grid `{grid.path}`, cells `{grid.out}/<method>/ratio<R>/seed<S>/`. Test-set accuracy (%): mean ± "
              f"sample standard deviation (ddof = 1) over seeds {seeds} ({', '.join(grid.seed_keys)}); one seed: "
-             f"its value. Every number is read from the cells' {RunDir.EVAL} (and {RunDir.EVAL_LOGIT_ADJUSTED} for "
-             "the '+ post-hoc LA' rows). '-': empty shot group; 'pending': no finished cell; 'n/a': no "
+             f"its value. Every number is read from the cells' {RunDir.EVAL} ({RunDir.EVAL_LOGIT_ADJUSTED} for "
+             f"the '+ post-hoc LA' rows, {DLSA_RESULT} for the '+ DLSA' rows: DLSA on the cell's last-epoch "
+             "features; best on validation: the DLSA depth and epoch chosen on validation). '-': empty shot group; 'pending': no finished cell; 'n/a': no "
              "best-on-validation numbers (post-hoc methods); 'not run': a ratio the method does not run at; "
              "[k/n]: k of n seeds finished.", ""]
     papers = any(spec.published for spec in grid.methods)
@@ -167,8 +202,12 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
         if papers:
             lines += ["Paper: the published top-1 of the method at that ratio, from " + "; ".join(
                 f"{spec.name}: {spec.published_source}" for spec in grid.methods if spec.published) + ".", ""]
-    lines += ["## Cells", "", "| method | config | stage 1 / branch | epochs | finished | wall time (bench.json) |",
-              "|---|---|---|---:|---:|---:|"]
+    lines += ["## Cells", "", "Training time: the seconds of the epochs each finished cell trained itself "
+              f"({RunDir.METRICS}, every session; a branch's shared prefix counts for its source; a post-hoc cell: "
+              f"{BENCH_RECORD}'s wall_seconds). Machines: {RunDir.SESSIONS}, with the epochs each trained ('not "
+              "recorded': epochs trained before runs recorded their machine).", "",
+              "| method | config | stage 1 / branch | epochs | finished | training time | machines |",
+              "|---|---|---|---:|---:|---:|---|"]
     for spec in grid.methods:
         cells = grid.cells_of(spec.name)
         done = sum(c.run.has(RunDir.EVAL) for c in cells)
@@ -177,8 +216,9 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
         over = f" ({', '.join(spec.overrides)})" if spec.overrides else ""
         start = spec.stage1 or (f"{spec.branch_from} @ epoch {spec.branch_epoch}" if spec.branch_from else
                                 f"weights of {spec.weights_from}" if spec.weights_from else "-")
+        time_text, machines = _training(grid, spec.name)
         lines.append(f"| {spec.name} | `{spec.config}`{over} | {start} | {epochs} | "
-                     f"{done}/{len(cells)} | {_wall(grid, spec.name)} |")
+                     f"{done}/{len(cells)} | {time_text} | {machines} |")
     lines.append("")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,7 @@ class Trainer:
         self.start_epoch = epoch
         if self.dist.is_main:
             self.rundir.keep_metrics_before(epoch, source=RunDir(path.parent.parent))  # the source run's prefix lines
+            self.rundir.keep_sessions_before(epoch, source=RunDir(path.parent.parent))  # and the machines of them
             if branch.copy_best_val(path, self.rundir, best_epoch):
                 self.best = {"epoch": best_epoch, "top1": float(ckpt["best_val_top1"])}
             branch.write_branch_record(self.rundir, path, epoch)
@@ -259,6 +261,12 @@ class Trainer:
         context = CallbackContext(run_dir=self.rundir, cfg=self.cfg, class_names=list(self.data.class_names),
                                   class_counts=[int(c) for c in self.data.class_counts], epochs=t.epochs,
                                   start_epoch=self.start_epoch)
+        if self.dist.is_main and self.start_epoch < t.epochs:
+            precision = "bf16" if distributed.autocast_dtype(t) is not None else "fp32"
+            self.rundir.append_session({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                        "start_epoch": self.start_epoch, "epochs": t.epochs,
+                                        "world_size": self.dist.world_size,
+                                        "machine": distributed.machine_record(self.device, precision)})
         try:
             self.callbacks.call("on_train_start", context)
             for epoch in range(self.start_epoch, t.epochs):
