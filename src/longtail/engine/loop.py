@@ -261,12 +261,11 @@ class Trainer:
         context = CallbackContext(run_dir=self.rundir, cfg=self.cfg, class_names=list(self.data.class_names),
                                   class_counts=[int(c) for c in self.data.class_counts], epochs=t.epochs,
                                   start_epoch=self.start_epoch)
-        if self.dist.is_main and self.start_epoch < t.epochs:
-            precision = "bf16" if distributed.autocast_dtype(t) is not None else "fp32"
-            self.rundir.append_session({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                        "start_epoch": self.start_epoch, "epochs": t.epochs,
-                                        "world_size": self.dist.world_size,
-                                        "machine": distributed.machine_record(self.device, precision)})
+        # this session's line of sessions.jsonl, written with its first epoch's metrics line
+        session = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "start_epoch": self.start_epoch,
+                   "epochs": t.epochs, "world_size": self.dist.world_size,
+                   "machine": distributed.machine_record(
+                       self.device, "bf16" if distributed.autocast_dtype(t) is not None else "fp32")}
         try:
             self.callbacks.call("on_train_start", context)
             for epoch in range(self.start_epoch, t.epochs):
@@ -279,6 +278,9 @@ class Trainer:
                 if self.dist.is_main:
                     row.update(self.validate(epoch))
                     row.update(self.test_curve(epoch))
+                    if session is not None:
+                        self.rundir.append_session(session)
+                        session = None
                     self.rundir.append_metrics(row)
                     self.save(epoch)
                     self.callbacks.call("on_epoch_end", epoch + 1, dict(row), context)
