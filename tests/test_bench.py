@@ -200,6 +200,32 @@ def test_a_grid_folder_copied_elsewhere_keeps_its_stage2_cells(grid_run, tmp_pat
     assert "another config (method.params.stage1)" in capsys.readouterr().err
 
 
+def test_best_test_epoch_table_is_the_test_curves_maximum(grid_run, tmp_path):
+    """With train.test_curve_from, a third table: each cell's highest test_curve_top1 and that
+    epoch's groups, over the seeds; rows without a curve (bs here) are left out of it."""
+    methods = [METHODS_OF_GRID[0], {**METHODS_OF_GRID[1], "overrides": {**METHODS_OF_GRID[1]["overrides"],
+                                                                      "train.test_curve_from": 0}}]
+    path = write_grid(tmp_path, methods, overrides={"train.epochs": 3, "train.test_curve_from": 2})
+    assert main(["bench", str(path), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    rows = {(r["table"], r["method"]): r for r in csv.DictReader((out / "results.csv").open())}
+    for method in ("ce",):
+        best = []
+        for seed in (0, 1):
+            metrics = [json.loads(line) for line in (out / method / "ratio10" / f"seed{seed}" / "metrics.jsonl")
+                       .read_text().splitlines()]
+            assert [m["epoch"] for m in metrics if "test_curve_top1" in m] == [2, 3]
+            best.append(max(metrics, key=lambda m: m.get("test_curve_top1", -1)))
+        row = rows[("best_test", method)]
+        assert float(row["top1_mean"]) == pytest.approx(statistics.mean(b["test_curve_top1"] for b in best), abs=1e-12)
+        assert float(row["many_mean"]) == pytest.approx(statistics.mean(b["test_curve_many"] for b in best), abs=1e-12)
+    assert ("best_test", "bs") not in rows and ("best_test", "ce + post-hoc LA") not in rows
+    md = (out / "results.md").read_text()
+    section = md.split("## Best test epoch of the test curve (diagnostic, never a selection)")[1].split("## Cells")[0]
+    assert "| ce | " in section and "| bs | " not in section and "nothing selects on it" in section
+    assert "Best test epoch" not in (grid_run[1] / "results.md").read_text()  # no test curve, no table
+
+
 def test_dlsa_rows_come_from_the_cells_dlsa_results(grid_run, tmp_path, capsys):
     """`longtail dlsa CELL --out CELL/dlsa` (benchmarks/full_protocol.sh) adds a '<method> + DLSA'
     row: last epoch from dlsa.last, best on validation from dlsa_val_selected, over the seeds."""
