@@ -168,7 +168,7 @@ def cpu_model() -> str:
 
 
 def machine_record(device: torch.device, precision: str) -> dict:
-    """What a training session ran on (RunDir.SESSIONS; docs/bench.md): the device's name (the GPU's,
+    """What a training session ran on (RunDir.SESSIONS; docs/training.md, "Run folders"): the device's name (the GPU's,
     or the CPU model with torch's CPU capability: an AVX2 and an AVX512 AMD EPYC share the model
     name), torch's version, its intra-op threads, the resolved precision, and a one-line `label`
     for tables."""
@@ -182,4 +182,3 @@ def machine_record(device: torch.device, precision: str) -> dict:
         label = f"{name}, {threads} thread{'s' if threads != 1 else ''}, {precision}"
     return {"device": str(device), "name": name, "cpu": cpu_model(), "cpu_capability": capability,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "precision": precision, "label": label}
-

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import CheckpointError
 from ..io import atomic_write_text
 from ..rundir import RunDir
-from ..errors import CheckpointError
 from .grid import BENCH_RECORD, Cell, Grid, is_posthoc
 from .runner import _duration, check_cell_config, own_training
 
@@ -194,9 +194,9 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
              f"sample standard deviation (ddof = 1) over seeds {seeds} ({', '.join(grid.seed_keys)}); one seed: "
              f"its value. Every number is read from the cells' {RunDir.EVAL} ({RunDir.EVAL_LOGIT_ADJUSTED} for "
              f"the '+ post-hoc LA' rows, {DLSA_RESULT} for the '+ DLSA' rows: DLSA on the cell's last-epoch "
-             "features; best on validation: the DLSA depth and epoch chosen on validation). '-': empty shot group; 'pending': no finished cell; 'n/a': no "
-             "best-on-validation numbers (post-hoc methods); 'not run': a ratio the method does not run at; "
-             "[k/n]: k of n seeds finished.", ""]
+             "features; best on validation: the DLSA depth and epoch chosen on validation). '-': empty shot "
+             "group; 'pending': no finished cell; 'n/a': no best-on-validation numbers (post-hoc methods); "
+             "'not run': a ratio the method does not run at; [k/n]: k of n seeds finished.", ""]
     papers = any(spec.published for spec in grid.methods)
     for table, title in TABLES:
         rows = [e for e in entries if e.table == table]
