@@ -173,12 +173,12 @@ def machine_record(device: torch.device, precision: str) -> dict:
     name), torch's version, its intra-op threads, the resolved precision, and a one-line `label`
     for tables."""
     capability = torch.backends.cpu.get_cpu_capability()
+    cpu, threads = cpu_model(), torch.get_num_threads()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         label = f"{name}, {precision}"
     else:
-        name = f"{cpu_model()} ({capability})"
-        threads = torch.get_num_threads()
+        name = f"{cpu} ({capability})"
         label = f"{name}, {threads} thread{'s' if threads != 1 else ''}, {precision}"
-    return {"device": str(device), "name": name, "cpu": cpu_model(), "cpu_capability": capability,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "precision": precision, "label": label}
+    return {"device": str(device), "name": name, "cpu": cpu, "cpu_capability": capability,
+            "torch": torch.__version__, "threads": threads, "precision": precision, "label": label}

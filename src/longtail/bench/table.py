@@ -107,25 +107,33 @@ def _best_test_epoch(cell: Cell) -> dict | None:
             **{k: best.get(f"test_curve_{k}") for k in METRICS}}
 
 
+def _row_sources(name: str, cells: list[Cell]) -> dict[str, list[tuple[str, dict]]]:
+    """Per table, the rows of one grid method and their numbers' source, {(ratio, seed): an
+    eval-like dict, or None for an unfinished cell}: last epoch and best on validation from the
+    cells' eval.json, plus the '+ post-hoc LA' and '+ DLSA' rows where any cell has their file;
+    the best test epoch from the finished cells' test curves (a cell without one is left out of
+    that table). Each file is read once."""
+    def key(c: Cell) -> tuple:
+        return (c.ratio, c.seed)
+
+    evals = {key(c): c.run.read_optional_json(RunDir.EVAL) for c in cells}
+    extra = ((name + LA_SUFFIX, {key(c): c.run.read_optional_json(RunDir.EVAL_LOGIT_ADJUSTED) for c in cells}),
+             (name + DLSA_SUFFIX, {key(c): _dlsa_as_eval(c) for c in cells}))
+    selected = [(name, evals)] + [(row, source) for row, source in extra
+                                  if any(v is not None for v in source.values())]
+    curves = {key(c): {"best_test": _best_test_epoch(c)} for c in cells if evals[key(c)] is not None}
+    return {"last": selected, "best_val": selected, "best_test": [(name, curves)]}
+
+
 def collect(grid: Grid) -> list[Entry]:
     """Every table entry of the grid, read from the cells' eval.json / eval_logit_adjusted.json /
-    dlsa/dlsa.json."""
+    dlsa/dlsa.json / metrics.jsonl (`_row_sources`)."""
     metrics = _metrics(grid)
+    rows = {spec.name: _row_sources(spec.name, grid.cells_of(spec.name)) for spec in grid.methods}
     entries = []
     for table, _ in TABLES:
         for spec in grid.methods:
-            cells = grid.cells_of(spec.name)
-            evals = {(c.ratio, c.seed): c.run.read_optional_json(RunDir.EVAL) for c in cells}
-            las = {(c.ratio, c.seed): c.run.read_optional_json(RunDir.EVAL_LOGIT_ADJUSTED) for c in cells}
-            dlsas = {(c.ratio, c.seed): _dlsa_as_eval(c) for c in cells}
-            variants = [(spec.name, evals)]
-            if table == "best_test":  # finished cells' test curves; no curve: left out of this table
-                variants = [(spec.name, {(c.ratio, c.seed): {"best_test": _best_test_epoch(c)}
-                                         for c in cells if evals[(c.ratio, c.seed)] is not None})]
-            for suffix, source in ((LA_SUFFIX, las), (DLSA_SUFFIX, dlsas)) if table != "best_test" else ():
-                if any(v is not None for v in source.values()):
-                    variants.append((spec.name + suffix, source))
-            for row, source in variants:
+            for row, source in rows[spec.name][table]:
                 for ratio in grid.ratios:
                     seeds, values, finished = [], {m: [] for m in metrics}, 0
                     for seed in grid.seeds:

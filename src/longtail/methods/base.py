@@ -451,6 +451,36 @@ def class_mean_features(model: Classifier, cfg, data, device) -> torch.Tensor:
     return sums / torch.bincount(labels, minlength=c).clamp_min(1).double()[:, None]
 
 
+class ClassMeanCentroids:
+    """Mixin for a method (OLTR's memory, DRO-LT's centroids) whose (C, D) centroids are the class
+    means of the training set's features (`class_mean_features`), computed before the first step.
+    The centroids and a bool `ready` flag are buffers of the model or the loss (`centroid_buffers`),
+    so checkpoints hold them and a resumed run does not recompute them."""
+
+    def centroid_buffers(self, model: Classifier) -> tuple[torch.Tensor, torch.Tensor]:
+        """(centroids (C, D), ready ()) of this method's model or loss."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update_centroids(self, model: Classifier, device) -> None:
+        """Centroids = class means of the eval-mode features of the un-augmented training images;
+        the model is back in train mode after."""
+        centroids, ready = self.centroid_buffers(model)
+        centroids.copy_(class_mean_features(model, self.cfg, self.data, device).to(centroids))
+        ready.fill_(True)
+        self.set_train_mode(model)
+
+    def ensure_centroids(self, model: Classifier, device) -> None:
+        """Before a step: compute the centroids unless a checkpoint or an earlier step did. The flag
+        is read on the host until it has been seen set once, never after: no host sync in later
+        steps (issue 21)."""
+        ready = self.centroid_buffers(model)[1]
+        if getattr(self, "_seen_ready", None) is not ready:
+            if not bool(ready):
+                self.update_centroids(model, device)
+            self._seen_ready = ready
+
+
 def rebuild_model(cfg, info, checkpoint: dict) -> Classifier:
     """The network of a trained run from its config, its `DataInfo` and a checkpoint dict, without
     its images, its stage-1 file or its initial weights file; the weights are loaded."""

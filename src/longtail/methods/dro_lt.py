@@ -51,7 +51,7 @@ from ..models import Classifier
 from ..optim import ParamGroup
 from ..registry import METHODS
 from ..losses._checks import number
-from .base import StepResult, class_mean_features, refuse_batch_mixing
+from .base import ClassMeanCentroids, StepResult, refuse_batch_mixing
 from .decoupled import _FromStage1, _FrozenBackbone
 
 CE_WEIGHTS = ("count", "none")
@@ -103,7 +103,7 @@ class RobustLoss(Loss):
 
 
 @METHODS.register("dro_lt")
-class DROLT(_FromStage1):
+class DROLT(ClassMeanCentroids, _FromStage1):
     """DRO-LT's feature-extractor stage on a CE stage-1 checkpoint (classifier frozen)."""
 
     # why a step reads device values on the host (issue 21; Method.capture_blockers, tests/test_host_sync.py)
@@ -165,21 +165,13 @@ class DROLT(_FromStage1):
             counts = torch.as_tensor(self.data.class_counts, dtype=torch.float32)
             loss.set_class_weight(counts / counts.max())
 
-    @torch.no_grad()
-    def update_centroids(self, model: Classifier, device) -> None:
-        """mu_c = mean eval-mode pooled feature of class c's training images; train mode after."""
-        loss = self._loss
-        loss.centroids.copy_(class_mean_features(model, self.cfg, self.data, device).to(loss.centroids))
-        loss.centroids_ready.fill_(True)
-        self.set_train_mode(model)
+    def centroid_buffers(self, model: Classifier) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu_c (C, D), kept in the loss module with the epsilons, and its ready flag."""
+        return self._loss.centroids, self._loss.centroids_ready
 
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
                       generator: torch.Generator) -> StepResult:
-        flag = loss.centroids_ready
-        if getattr(self, "_seen_ready", None) is not flag:  # read on the host until seen set, then never again
-            if not bool(flag):
-                self.update_centroids(model, images.device)
-            self._seen_ready = flag  # set once, never cleared: no host sync in later steps (issue 21)
+        self.ensure_centroids(model, images.device)
         features, logits = forward(images)
         total = loss(logits, target)
         if self.weight:

@@ -43,14 +43,14 @@ from ..models import Classifier
 from ..models.oltr import OLTRNetwork
 from ..optim import ParamGroup
 from ..registry import METHODS
-from .base import StepResult, class_mean_features, refuse_batch_mixing
+from .base import ClassMeanCentroids, StepResult, refuse_batch_mixing
 from .decoupled import _FromStage1
 
 HALLUCINATOR_INITS = ("stage1", "random")
 
 
 @METHODS.register("oltr")
-class OLTR(_FromStage1):
+class OLTR(ClassMeanCentroids, _FromStage1):
     """OLTR's dynamic meta-embedding stage on a stage-1 CE checkpoint (module doc).
 
     Parameters: stage1, feature_weight (0.01), repel_weight (0.01), margin (10), centroid_grad
@@ -119,21 +119,14 @@ class OLTR(_FromStage1):
                 ParamGroup("classifier", classifier),
                 ParamGroup("centroids", [head.centroids], lr_scale=self.centroid_lr_scale)]
 
-    @torch.no_grad()
-    def update_centroids(self, model: Classifier, device) -> None:
-        """The memory: per-class mean direct feature of the un-augmented training images (eval mode)."""
-        head = model.head
-        head.centroids.copy_(class_mean_features(model, self.cfg, self.data, device).to(head.centroids))
-        head.centroids_ready.fill_(True)
-        self.set_train_mode(model)
+    def centroid_buffers(self, model: Classifier) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory (C, D): the head's centroids parameter (trained by the centroid loss after
+        its class-mean initialisation), and its ready flag."""
+        return model.head.centroids, model.head.centroids_ready
 
     def training_step(self, model: Classifier, forward, images: torch.Tensor, target: torch.Tensor, loss,
                       generator: torch.Generator) -> StepResult:
-        flag = model.head.centroids_ready
-        if getattr(self, "_seen_ready", None) is not flag:  # read on the host until seen set, then never again
-            if not bool(flag):
-                self.update_centroids(model, images.device)
-            self._seen_ready = flag  # set once, never cleared: no host sync in later steps (issue 21)
+        self.ensure_centroids(model, images.device)
         features, logits = forward(images)
         total = loss(logits, target)
         if self.feature_weight:
