@@ -68,8 +68,8 @@ def test_table_lists_every_run_with_its_status(runs, capsys):
         assert main(["runs", str(runs)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["run", "method", "loss", "data", "epochs", "status", "top1", "many", "medium", "few",
-                                "best_val_top1"]
+    assert lines[0].split() == ["run", "method", "loss", "data", "epochs", "status", "left", "top1", "many", "medium",
+                                "few", "best_val_top1"]
     rows = {line.split()[0]: line for line in lines[1:-1]}
     assert list(rows) == ["ce", "cut", "live", "sub/cb"]  # notes/ and checkpoints/ are no runs
     ce, cb = _eval(runs / "ce"), _eval(runs / "sub" / "cb")
@@ -118,6 +118,32 @@ def test_sort_and_reverse(runs, capsys):
     assert order("--sort", "loss", "--reverse") == ["live", "sub/cb", "ce", "cut"]
     assert order("--sort", "epochs", "--reverse") == ["ce", "cut", "live", "sub/cb"]  # 2 epochs, then 1
     assert order("--sort", "data", "--reverse") == ["live", "sub/cb", "ce", "cut"]  # ratio 20 above ratio 10
+
+
+def test_time_left_is_the_median_epoch_times_the_epochs_to_go(runs, tmp_path, capsys):
+    """An unfinished run's `left`: the median `seconds` of its last 10 epochs (an epoch that held a
+    pause does not move it) times the epochs still to train; finished runs have none."""
+    run = tmp_path / "runs" / "long"
+    shutil.copytree(runs / "cut", run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"]["epochs"] = 30
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    seconds = [50.0, 50.0, 10.0, 12.0, 11.0, 13.0, 900.0, 12.0, 14.0, 11.0, 12.0, 13.0]  # 12 epochs, one paused
+    (run / "metrics.jsonl").write_text("".join(json.dumps({**row, "epoch": e + 1, "seconds": s}) + "\n"
+                                               for e, s in enumerate(seconds)))
+    assert main(["runs", str(tmp_path / "runs"), "--csv"]) == 0
+    (r,) = _csv(capsys.readouterr().out)
+    median = 12.0  # of the last 10, sorted: 10 11 11 12 12 | 12 13 13 14 900
+    assert (r["status"], r["epochs_done"], float(r["epoch_seconds"])) == ("interrupted", "12", median)
+    assert float(r["seconds_left"]) == median * 18
+    assert main(["runs", str(tmp_path / "runs")]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[6:10] == ["12/30", "interrupted", "3.6", "min"]  # 216 s
+    assert main(["runs", str(runs), "--csv"]) == 0
+    rows = {r["run"]: r for r in _csv(capsys.readouterr().out)}
+    assert rows["ce"]["seconds_left"] == rows["ce"]["epoch_seconds"] == ""  # finished
+    cut = json.loads((runs / "cut" / "metrics.jsonl").read_text())
+    assert float(rows["cut"]["seconds_left"]) == pytest.approx(cut["seconds"])  # 1 of 2 epochs to go
 
 
 def test_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):

@@ -42,6 +42,13 @@ class _Console(logging.Handler):
             self.handleError(record)
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds as a person reads them: '42.0 s', '7.5 min', '2.25 h'."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
 def bar_enabled(wanted: bool = True) -> bool:
     """Whether to draw a progress bar: `wanted` and sys.stderr (where tqdm writes) is a terminal."""
     if not wanted:

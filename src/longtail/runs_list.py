@@ -10,6 +10,10 @@ folder's own sub-folders are not searched). Per run, read through RunDir only:
   `RunDir.lock_holder`), `finished` when eval.json exists and every planned epoch is done
   (post-hoc: eval.json exists), `interrupted` otherwise (`longtail train --out RUN --resume`
   continues it), `unreadable` when config.yaml or eval.json cannot be read (a warning names it);
+- left: for a running or interrupted run, the time its remaining epochs take at the median
+  `seconds` of its last EPOCHS_FOR_ESTIMATE epochs (metrics.jsonl; a median, so an epoch that
+  held a pause or a resume's start-up does not move it), evaluation not counted; the CSV has
+  that median (`epoch_seconds`) and the estimate (`seconds_left`);
 - last-epoch top-1 and many / medium / few, and best-on-validation top-1 (the CSV also its
   many / medium / few), from eval.json; empty where there is none.
 
@@ -24,21 +28,24 @@ import io
 import logging
 import math
 import os
+import statistics
 from pathlib import Path
 
 from .errors import ConfigError, LongtailError, did_you_mean
+from .log import format_duration
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 STATUSES = ("running", "finished", "interrupted", "unreadable")
 FIELDS = ("run", "method", "loss", "sampler", "reweight", "source", "imbalance_ratio", "epochs_done",
-          "epochs_planned", "status", "top1", "many", "medium", "few", "best_val_top1", "best_val_many",
+          "epochs_planned", "status", "epoch_seconds", "seconds_left", "top1", "many", "medium", "few", "best_val_top1", "best_val_many",
           "best_val_medium", "best_val_few")
-TABLE_COLUMNS = ("run", "method", "loss", "data", "epochs", "status", "top1", "many", "medium", "few",
+TABLE_COLUMNS = ("run", "method", "loss", "data", "epochs", "status", "left", "top1", "many", "medium", "few",
                  "best_val_top1")
-SORT_KEYS = (*FIELDS, "data", "epochs")
+SORT_KEYS = (*FIELDS, "data", "epochs", "left")
 METRICS = ("top1", "many", "medium", "few")
+EPOCHS_FOR_ESTIMATE = 10
 
 
 def find_runs(root: str | Path) -> list[RunDir]:
@@ -67,10 +74,14 @@ def _name(section: dict) -> str | None:
     return section.get("name")
 
 
-def _epochs_done(run: RunDir) -> int:
-    """Epochs recorded in metrics.jsonl: one row per finished epoch (rows of epochs a resume
-    redid are dropped by the loop; counted once here either way)."""
-    return len({r["epoch"] for r in run.read_metrics() if isinstance(r.get("epoch"), int)})
+def _epochs(run: RunDir) -> tuple[int, float | None]:
+    """(epochs recorded in metrics.jsonl, the median `seconds` of the last EPOCHS_FOR_ESTIMATE of
+    them or None): one row per finished epoch (rows of epochs a resume redid are dropped by the
+    loop; counted once here either way)."""
+    rows = {r["epoch"]: r for r in run.read_metrics() if isinstance(r.get("epoch"), int)}
+    seconds = [_metric(rows[e], "seconds") for e in sorted(rows)[-EPOCHS_FOR_ESTIMATE:]]
+    seconds = [v for v in seconds if v is not None]
+    return len(rows), float(statistics.median(seconds)) if seconds else None
 
 
 def _metric(block, key: str) -> float | None:
@@ -97,13 +108,19 @@ def run_row(run: RunDir, root: Path) -> dict:
                reweight=_section(cfg, "reweight").get("scheme", "none"), source=data.get("source"),
                imbalance_ratio=data.get("imbalance_ratio"))
     posthoc = run.has(RunDir.POSTHOC)
+    epoch_seconds = None
     if not posthoc:
-        row["epochs_done"], row["epochs_planned"] = _epochs_done(run), train.get("epochs")
+        (row["epochs_done"], epoch_seconds), row["epochs_planned"] = _epochs(run), train.get("epochs")
     for key in METRICS:
         row[key] = _metric(ev, key)
         row[f"best_val_{key}"] = _metric((ev or {}).get("best_val"), key)
     done = ev is not None and (posthoc or row["epochs_done"] == row["epochs_planned"])
     row["status"] = "running" if run.lock_holder() else "finished" if done else "interrupted"
+    planned = row["epochs_planned"]
+    if row["status"] != "finished" and epoch_seconds is not None:
+        row["epoch_seconds"] = epoch_seconds
+        if isinstance(planned, int) and not isinstance(planned, bool):
+            row["seconds_left"] = epoch_seconds * max(planned - row["epochs_done"], 0)
     return row
 
 
@@ -121,6 +138,8 @@ def _sort_value(row: dict, key: str):
         return None if row["source"] is None else (str(row["source"]), _number(row["imbalance_ratio"]))
     if key == "epochs":
         return row["epochs_done"]
+    if key == "left":
+        return row["seconds_left"]
     value = row[key]
     return value if value is None or isinstance(value, (int, float)) else str(value)
 
@@ -150,6 +169,8 @@ def _cell(row: dict, column: str) -> str:
             return "-"
         planned = "?" if row["epochs_planned"] is None else row["epochs_planned"]
         return "post-hoc" if row["epochs_done"] is None else f"{row['epochs_done']}/{planned}"
+    if column == "left":
+        return "-" if row["seconds_left"] is None else format_duration(row["seconds_left"])
     value = row[column]
     if value is None:
         return "-"
@@ -160,7 +181,7 @@ def format_table(rows: list[dict]) -> str:
     """Aligned text: TABLE_COLUMNS (numbers right-aligned), then a count by status."""
     cells = [[_cell(r, c) for c in TABLE_COLUMNS] for r in rows]
     widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(TABLE_COLUMNS)]
-    numeric = [c in METRICS or c.startswith("best_val") or c == "epochs" for c in TABLE_COLUMNS]
+    numeric = [c in METRICS or c.startswith("best_val") or c in ("epochs", "left") for c in TABLE_COLUMNS]
 
     def line(values) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LongtailError
+from ..log import format_duration
 from .grid import Cell, Grid
-from .runner import _duration, _la_needed, cell_state, plan
+from .runner import _la_needed, cell_state, plan
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +165,11 @@ def run_parallel(grid: Grid, *, jobs: int, grid_arg: str, overrides: list[str], 
             seconds = time.time() - r.started
             summary[r.cell.key]["seconds"] = seconds
             if code == 0:
-                log.info(f"{r.cell.key}: finished in {_duration(seconds)}")
+                log.info(f"{r.cell.key}: finished in {format_duration(seconds)}")
             else:
                 failed.add(r.cell.key)
                 summary[r.cell.key]["state"] = "failed"
-                log.warning(f"{r.cell.key}: failed (exit {code}) after {_duration(seconds)}: "
+                log.warning(f"{r.cell.key}: failed (exit {code}) after {format_duration(seconds)}: "
                             f"{_last_line(log_path(grid, r.cell))}")
     except BaseException:
         for r in running.values():  # an interrupted grid resumes from the cells' checkpoints

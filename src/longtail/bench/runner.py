@@ -24,6 +24,7 @@ from ..dist import pin_precision
 from ..errors import CheckpointError, ConfigError, did_you_mean
 from ..runs import evaluate_run, shared_precision, train_run
 from ..io import atomic_write_text
+from ..log import format_duration
 from ..rundir import RunDir
 from .grid import BENCH_RECORD, Cell, Grid
 
@@ -34,12 +35,6 @@ log = logging.getLogger(__name__)
 # takes the grid's session keys for its session (_resume_config)
 IGNORED_KEYS = ("train.save_epochs", *SESSION_KEYS)
 assert all(k.startswith("train.") for k in SESSION_KEYS)  # _resume_config sets them on cfg.train
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:.2f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def own_training(cell: Cell) -> tuple[float, dict[str, int]]:
@@ -218,6 +213,6 @@ def run_grid(grid: Grid, *, methods: list[str] | None = None, cells: list[str] |
             "train_seconds": round(own_seconds, 3), "machines": machines,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
-        log.info(f"{head}: finished in {_duration(seconds)}")
+        log.info(f"{head}: finished in {format_duration(seconds)}")
         summary.append({"cell": cell.key, "state": state, "seconds": seconds})
     return summary

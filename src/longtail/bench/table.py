@@ -33,9 +33,10 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..io import atomic_write_text
+from ..log import format_duration
 from ..rundir import RunDir
 from .grid import BENCH_RECORD, Cell, Grid, is_posthoc
-from .runner import _duration, check_cell_config, own_training
+from .runner import check_cell_config, own_training
 
 METRICS = ("top1", "many", "medium", "few")
 FOUR = ("top1", "many", "medium", "few", "rare")  # groups: four, the groups from `four_group`
@@ -190,7 +191,7 @@ def _training(grid: Grid, method: str) -> tuple[str, str]:
     if not counted:
         return "-", "-"
     where = "; ".join(f"{label} ({n} epochs)" for label, n in machines.items()) or "-"
-    return f"{_duration(seconds)} ({counted} cell{'s' if counted > 1 else ''})", where
+    return f"{format_duration(seconds)} ({counted} cell{'s' if counted > 1 else ''})", where
 
 
 def markdown(grid: Grid, entries: list[Entry]) -> str:
