@@ -21,6 +21,7 @@ from longtail.cli import main
 from longtail.config import diff_configs, load_config, read_yaml
 from longtail.data import samplers  # noqa: F401
 from longtail.dist import cpu_model
+from longtail.log import format_duration
 from longtail.registry import LOSSES, METHODS, SAMPLERS
 from longtail.rundir import RunDir
 
@@ -147,7 +148,10 @@ def test_interrupted_grid_resumes_where_it_stopped(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(Trainer, "save", save)
     capsys.readouterr()
     assert main(["bench", str(path), "--list"]) == 0
-    assert capsys.readouterr().out.split() == ["done", "ce/ratio10/seed0", "resume", "bs/ratio10/seed0"]
+    done, resume = capsys.readouterr().out.splitlines()
+    assert done.split() == ["done", "ce/ratio10/seed0"]
+    left = json.loads((bs / "metrics.jsonl").read_text())["seconds"]  # one epoch to go, at its one epoch's time
+    assert resume == f"resume  bs/ratio10/seed0  [1/2 epochs, interrupted, {format_duration(left)} left]"
     calls = []
 
     def recording(cfg, out, **kw):

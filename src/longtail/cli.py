@@ -222,11 +222,14 @@ def _cmd_bench(args) -> int:
     if methods and cells:
         raise ConfigError("give --methods or --cell, not both")
     if args.list:
+        from .runs_list import progress_text
+
         for cell, state in plan(grid, methods=methods, cells=cells):
             stage = f"  ({cell.need_kind}: {cell.needs.key})" if cell.needs is not None else ""
             if cell.branch_source is not None:
                 stage = f"  (from {cell.branch_source.key} at epoch {cell.branch_epoch})"
-            print(f"{state:<7} {cell.key}{stage}")
+            progress = f"  [{progress_text(cell.run)}]" if state == "resume" else ""
+            print(f"{state:<7} {cell.key}{stage}{progress}")
         return 0
     check_output(grid.out, folder=True, name="--out" if args.out is not None else f"the out of grid {args.grid}")
     if args.jobs < 1:
@@ -376,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="folder of the cells and tables (default: the grid's out)")
     b.add_argument("--methods", help="comma-separated methods of the grid to run (default: all)")
     b.add_argument("--table-only", action="store_true", help="only rebuild results.md / results.csv")
-    b.add_argument("--list", action="store_true", help="print every cell and its state (done, resume, new)")
+    b.add_argument("--list", action="store_true", help="print every cell and its state (done, resume, new); a cell to resume with its "
+                        "epochs, whether it is running, and its time left")
     b.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N cells at once, each in its own process: on the CPU pinned to its own cores, on GPUs "
                         "round-robin over the visible GPUs (several per GPU when N exceeds them); default 1, in "

@@ -124,6 +124,15 @@ def run_row(run: RunDir, root: Path) -> dict:
     return row
 
 
+def progress_text(run: RunDir) -> str:
+    """One unfinished run's progress for a line of text: '12/200 epochs, running, 2.36 h left'."""
+    row = run_row(run, run.path)
+    parts = [f"{_cell(row, 'epochs')} epochs", row["status"]]
+    if row["seconds_left"] is not None:
+        parts.append(f"{_cell(row, 'left')} left")
+    return ", ".join(parts)
+
+
 def list_runs(root: str | Path = "runs", *, sort: str = "run", reverse: bool = False) -> list[dict]:
     """The rows of every run folder under `root` (module docstring), sorted by `sort`."""
     if sort not in SORT_KEYS:
