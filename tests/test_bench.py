@@ -413,6 +413,13 @@ def test_shipped_grids_resolve(monkeypatch):
     ssp_drw = next(c for c in full.cells if c.method == "ssp_drw")
     assert ssp_drw.weights_source.method == "ssp" and ssp_drw.cfg.model.weights == str(ssp_drw.weights_source.run.last)
     assert full.method("ce").published == {100.0: 70.4, 10.0: 86.4}
+    fp32 = load_grid("configs/grids/cifar10_lt_full_fp32.yaml", out="/nonexistent/fp32")
+    assert fp32.ratios == [100] and fp32.seeds == [0]
+    for c in fp32.cells:  # the bf16 cell's config, only the precision pinned to fp32
+        twin = next(t for t in full.cells if (t.method, t.ratio, t.seed) == (c.method[:-len("_fp32")], 100, 0))
+        extra = {"train.save_epochs"} if c.method == "ce_fp32" else set()  # the twin saves epoch 160 for branches
+        assert set(diff_configs(c.cfg, twin.cfg)) == {"train.precision"} | extra, c.method
+        assert (c.cfg.train.precision, twin.cfg.train.precision) == ("fp32", "auto")
 
 
 def test_adopting_a_run_trained_outside_the_grid(tmp_path, capsys):
