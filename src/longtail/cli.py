@@ -379,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="folder of the cells and tables (default: the grid's out)")
     b.add_argument("--methods", help="comma-separated methods of the grid to run (default: all)")
     b.add_argument("--table-only", action="store_true", help="only rebuild results.md / results.csv")
-    b.add_argument("--list", action="store_true", help="print every cell and its state (done, resume, new); a cell to resume with its "
-                        "epochs, whether it is running, and its time left")
+    b.add_argument("--list", action="store_true",
+                   help="print every cell and its state (done, resume, new); a cell to resume with its epochs, "
+                        "whether it is running, and its time left")
     b.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N cells at once, each in its own process: on the CPU pinned to its own cores, on GPUs "
                         "round-robin over the visible GPUs (several per GPU when N exceeds them); default 1, in "

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("running", "finished", "interrupted", "unreadable")
 FIELDS = ("run", "method", "loss", "sampler", "reweight", "source", "imbalance_ratio", "epochs_done",
-          "epochs_planned", "status", "epoch_seconds", "seconds_left", "top1", "many", "medium", "few", "best_val_top1", "best_val_many",
-          "best_val_medium", "best_val_few")
+          "epochs_planned", "status", "epoch_seconds", "seconds_left", "top1", "many", "medium", "few",
+          "best_val_top1", "best_val_many", "best_val_medium", "best_val_few")
 TABLE_COLUMNS = ("run", "method", "loss", "data", "epochs", "status", "left", "top1", "many", "medium", "few",
                  "best_val_top1")
 SORT_KEYS = (*FIELDS, "data", "epochs", "left")
