@@ -146,6 +146,33 @@ def test_time_left_is_the_median_epoch_times_the_epochs_to_go(runs, tmp_path, ca
     assert float(rows["cut"]["seconds_left"]) == pytest.approx(cut["seconds"])  # 1 of 2 epochs to go
 
 
+def test_time_left_leaves_out_each_sessions_first_epoch(runs, tmp_path, capsys):
+    """A session's first epoch holds its start-up: with sessions.jsonl it is left out of the median
+    while other epochs remain (two epochs, 658 s and 41 s: 41 s an epoch, not their mean)."""
+    run = tmp_path / "runs" / "long"
+    shutil.copytree(runs / "cut", run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"]["epochs"] = 200
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+
+    def write(seconds, starts):
+        (run / "metrics.jsonl").write_text("".join(json.dumps({**row, "epoch": e + 1, "seconds": s}) + "\n"
+                                                   for e, s in enumerate(seconds)))
+        (run / "sessions.jsonl").write_text("".join(json.dumps({"start_epoch": s}) + "\n" for s in starts))
+        assert main(["runs", str(tmp_path / "runs"), "--csv"]) == 0
+        (r,) = _csv(capsys.readouterr().out)
+        return float(r["epoch_seconds"]), float(r["seconds_left"])
+
+    assert write([658.0, 41.0], [0]) == (41.0, 41.0 * 198)
+    assert write([658.0], [0]) == (658.0, 658.0 * 199)  # nothing else to go by
+    # resumed after epoch 3: epochs 1 and 4 are first epochs; the median of 40 42 44 is 42
+    assert write([300.0, 40.0, 42.0, 500.0, 44.0], [0, 3]) == (42.0, 42.0 * 195)
+    (run / "sessions.jsonl").unlink()  # a run trained before sessions were recorded: every epoch counts
+    assert main(["runs", str(tmp_path / "runs"), "--csv"]) == 0
+    assert float(_csv(capsys.readouterr().out)[0]["epoch_seconds"]) == 44.0  # median of 300 40 42 500 44
+
+
 def test_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
     cases = ((["runs", str(tmp_path / "missing")], f"folder not found: {tmp_path / 'missing'}"),
              (["runs", str(runs / "notes" / "todo.txt")], "not a folder: "),

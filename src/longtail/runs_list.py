@@ -12,8 +12,10 @@ folder's own sub-folders are not searched). Per run, read through RunDir only:
   continues it), `unreadable` when config.yaml or eval.json cannot be read (a warning names it);
 - left: for a running or interrupted run, the time its remaining epochs take at the median
   `seconds` of its last EPOCHS_FOR_ESTIMATE epochs (metrics.jsonl; a median, so an epoch that
-  held a pause or a resume's start-up does not move it), evaluation not counted; the CSV has
-  that median (`epoch_seconds`) and the estimate (`seconds_left`);
+  held a pause does not move it), evaluation not counted; the first epoch of each training
+  session (sessions.jsonl: a new run's epoch 1, a resume's first epoch) is left out while other
+  epochs remain, since it holds the session's start-up (with two epochs done the median would be
+  their mean); the CSV has that median (`epoch_seconds`) and the estimate (`seconds_left`);
 - last-epoch top-1 and many / medium / few, and best-on-validation top-1 (the CSV also its
   many / medium / few), from eval.json; empty where there is none.
 
@@ -77,9 +79,11 @@ def _name(section: dict) -> str | None:
 def _epochs(run: RunDir) -> tuple[int, float | None]:
     """(epochs recorded in metrics.jsonl, the median `seconds` of the last EPOCHS_FOR_ESTIMATE of
     them or None): one row per finished epoch (rows of epochs a resume redid are dropped by the
-    loop; counted once here either way)."""
+    loop; counted once here either way). A session's first epoch counts only when nothing else does."""
     rows = {r["epoch"]: r for r in run.read_metrics() if isinstance(r.get("epoch"), int)}
-    seconds = [_metric(rows[e], "seconds") for e in sorted(rows)[-EPOCHS_FOR_ESTIMATE:]]
+    firsts = {s["start_epoch"] + 1 for s in run.read_sessions() if isinstance(s.get("start_epoch"), int)}
+    epochs = [e for e in sorted(rows) if e not in firsts] or sorted(rows)
+    seconds = [_metric(rows[e], "seconds") for e in epochs[-EPOCHS_FOR_ESTIMATE:]]
     seconds = [v for v in seconds if v is not None]
     return len(rows), float(statistics.median(seconds)) if seconds else None
 
