@@ -230,6 +230,31 @@ def test_best_test_epoch_table_is_the_test_curves_maximum(grid_run, tmp_path):
     assert "Best test epoch" not in (grid_run[1] / "results.md").read_text()  # no test curve, no table
 
 
+def test_a_pretraining_cell_is_tabled_as_its_pretext_task(tmp_path):
+    """SSP's cell scores 4-way rotations (eval.json `task`): its row says so and holds that top-1
+    only, in every table (the test curve's too), never shot groups of rotations; its fine-tuning
+    cell is an ordinary row."""
+    methods = [{"name": "ssp", "overrides": {"method.name": "ssp", "train.test_curve_from": 1}},
+               {"name": "ssp_ce", "weights_from": "ssp"}]
+    path = write_grid(tmp_path, methods, seeds=[0])
+    assert main(["bench", str(path), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    rows = {(r["table"], r["method"]): r for r in csv.DictReader((out / "results.csv").open())}
+    ev = json.loads((out / "ssp" / "ratio10" / "seed0" / "eval.json").read_text())
+    curve = [json.loads(line) for line in (out / "ssp" / "ratio10" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert ev["task"] == "rotation"
+    row = "ssp (rotation pre-training task)"
+    for table, top1 in (("last", ev["top1"]), ("best_val", ev["best_val"]["top1"]),
+                        ("best_test", max(r["test_curve_top1"] for r in curve))):
+        r = rows[(table, row)]
+        assert float(r["top1_mean"]) == top1 and r["many_mean"] == r["medium_mean"] == r["few_mean"] == ""
+    assert ("last", "ssp") not in rows and ("best_test", "ssp_ce") not in rows
+    ft = json.loads((out / "ssp_ce" / "ratio10" / "seed0" / "eval.json").read_text())
+    assert float(rows[("last", "ssp_ce")]["top1_mean"]) == ft["top1"] and rows[("last", "ssp_ce")]["many_mean"]
+    md = (out / "results.md").read_text()
+    assert f"| {row} | {ev['top1']:.2f} | - | - | - |" in md and "scored on its pretext task" in md
+
+
 def test_dlsa_rows_come_from_the_cells_dlsa_results(grid_run, tmp_path, capsys):
     """`longtail dlsa CELL --out CELL/dlsa` (benchmarks/full_protocol.sh) adds a '<method> + DLSA'
     row: last epoch from dlsa.last, best on validation from dlsa_val_selected, over the seeds."""

@@ -212,3 +212,18 @@ def test_a_post_hoc_run_trains_no_epochs(runs, tmp_path, capsys):
     assert main(["runs", str(tmp_path / "found"), "--csv"]) == 0
     (r,) = _csv(capsys.readouterr().out)
     assert (r["epochs_done"], r["epochs_planned"], r["status"]) == ("", "", "finished")
+
+
+def test_a_pretraining_run_shows_its_pretext_task(tmp_path, capsys):
+    """An SSP pre-training run (eval.json task 'rotation'): its method names the task, top-1 is the
+    rotation accuracy, and no shot groups of rotations are shown."""
+    config = _config(tmp_path / "ssp.yaml", **{"method.name": "ssp", "train.epochs": 1, "data.val_per_class": 5})
+    assert main(["train", config, "--out", str(tmp_path / "found" / "ssp"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["runs", str(tmp_path / "found"), "--csv"]) == 0
+    (r,) = _csv(capsys.readouterr().out)
+    ev = _eval(tmp_path / "found" / "ssp")
+    assert ev["task"] == "rotation" and ev["many"] is not None
+    assert (r["method"], float(r["top1"]), float(r["best_val_top1"])) == ("ssp (rotation task)", ev["top1"],
+                                                                        ev["best_val"]["top1"])
+    assert r["many"] == r["medium"] == r["few"] == r["best_val_many"] == ""

@@ -17,7 +17,9 @@ folder's own sub-folders are not searched). Per run, read through RunDir only:
   epochs remain, since it holds the session's start-up (with two epochs done the median would be
   their mean); the CSV has that median (`epoch_seconds`) and the estimate (`seconds_left`);
 - last-epoch top-1 and many / medium / few, and best-on-validation top-1 (the CSV also its
-  many / medium / few), from eval.json; empty where there is none.
+  many / medium / few), from eval.json; empty where there is none. A pre-training run scored on
+  its pretext task (eval.json `task`, SSP's rotation) shows that task's top-1, no shot groups,
+  and its method as e.g. `ssp (rotation task)`.
 
 Rows sort by any column (`--sort KEY`, `--reverse`; empty values last either way) and print
 as a table or as CSV (`--csv`, `--format csv`) with every field in its own column.
@@ -118,6 +120,10 @@ def run_row(run: RunDir, root: Path) -> dict:
     for key in METRICS:
         row[key] = _metric(ev, key)
         row[f"best_val_{key}"] = _metric((ev or {}).get("best_val"), key)
+    task = (ev or {}).get("task")
+    if task:  # a pretext task (SSP's rotation): its top-1, no shot groups of its labels
+        row["method"] = f"{row['method']} ({task} task)"
+        row.update({k: None for k in FIELDS if k.endswith(("many", "medium", "few"))})
     done = ev is not None and (posthoc or row["epochs_done"] == row["epochs_planned"])
     row["status"] = "running" if run.lock_holder() else "finished" if done else "interrupted"
     planned = row["epochs_planned"]

@@ -11,6 +11,9 @@ rare from eval.json `four_group` (docs/evaluation.md). Three tables: the last ep
 top level), when any cell has one, the best-on-validation epoch (eval.json `best_val`), and when
 any cell has a test curve (train.test_curve_from), its best test epoch, a diagnostic of the
 papers' selection on the test set (metrics.jsonl `test_curve_*`; rows without a curve left out).
+A pre-training cell scored on its pretext task (eval.json `task`, e.g. SSP's 4-way rotation) is
+the row "<method> (<task> pre-training task)" with that task's top-1 only: its shot groups are
+over the task's labels, not the grid's classes, so they are left empty.
 
 Each entry is the mean over the finished seeds and the *sample* standard deviation
 (numpy `ddof=1`); with one seed only the value is shown. A group that is empty (null in
@@ -108,6 +111,15 @@ def _best_test_epoch(cell: Cell) -> dict | None:
             **{k: best.get(f"test_curve_{k}") for k in METRICS}}
 
 
+def _pretext_only(ev: dict | None, task: str) -> dict | None:
+    """An eval-like dict of a pretext-task cell reduced to its top-1 (module docstring), its
+    best-on-validation / best-test part likewise; `task` kept to name the row."""
+    if ev is None:
+        return None
+    return {"top1": ev.get("top1"), "task": task,
+            **{k: _pretext_only(ev.get(k), task) for k in ("best_val", "best_test") if ev.get(k) is not None}}
+
+
 def _row_sources(name: str, cells: list[Cell]) -> dict[str, list[tuple[str, dict]]]:
     """Per table, the rows of one grid method and their numbers' source, {(ratio, seed): an
     eval-like dict, or None for an unfinished cell}: last epoch and best on validation from the
@@ -123,6 +135,12 @@ def _row_sources(name: str, cells: list[Cell]) -> dict[str, list[tuple[str, dict
     selected = [(name, evals)] + [(row, source) for row, source in extra
                                   if any(v is not None for v in source.values())]
     curves = {key(c): {"best_test": _best_test_epoch(c)} for c in cells if evals[key(c)] is not None}
+    task = next((ev["task"] for ev in evals.values() if ev is not None and ev.get("task")), None)
+    if task is not None:  # a pretext task: its own top-1, under a row name that says so
+        row = f"{name} ({task} pre-training task)"
+        selected = [(row, {k: _pretext_only(ev, task) for k, ev in evals.items()})]
+        curves = {k: _pretext_only(ev, task) for k, ev in curves.items()}
+        return {"last": selected, "best_val": selected, "best_test": [(row, curves)]}
     return {"last": selected, "best_val": selected, "best_test": [(name, curves)]}
 
 
@@ -205,7 +223,9 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
              f"the '+ post-hoc LA' rows, {DLSA_RESULT} for the '+ DLSA' rows: DLSA on the cell's last-epoch "
              "features; best on validation: the DLSA depth and epoch chosen on validation). '-': empty shot "
              "group; 'pending': no finished cell; 'n/a': no best-on-validation numbers (post-hoc methods); "
-             "'not run': a ratio the method does not run at; [k/n]: k of n seeds finished.", ""]
+             "'not run': a ratio the method does not run at; [k/n]: k of n seeds finished. A row '<method> "
+             "(<task> pre-training task)' is a pre-training cell scored on its pretext task (eval.json `task`, "
+             "e.g. SSP's 4-way rotation), not on the grid's classes: its top-1 only.", ""]
     papers = any(spec.published for spec in grid.methods)
     for table, title in TABLES:
         rows = [e for e in entries if e.table == table]
