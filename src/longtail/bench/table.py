@@ -224,7 +224,7 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
              "features; best on validation: the DLSA depth and epoch chosen on validation). '-': empty shot "
              "group; 'pending': no finished cell; 'n/a': no best-on-validation numbers (post-hoc methods); "
              "'not run': a ratio the method does not run at; [k/n]: k of n seeds finished. A row '<method> "
-             "(<task> pre-training task)' is a pre-training cell scored on its pretext task (eval.json `task`, "
+             f"(<task> pre-training task)' is a pre-training cell scored on its pretext task ({RunDir.EVAL} `task`, "
              "e.g. SSP's 4-way rotation), not on the grid's classes: its top-1 only.", ""]
     papers = any(spec.published for spec in grid.methods)
     for table, title in TABLES:
