@@ -120,18 +120,28 @@ def test_sort_and_reverse(runs, capsys):
     assert order("--sort", "data", "--reverse") == ["live", "sub/cb", "ce", "cut"]  # ratio 20 above ratio 10
 
 
+def _long_run(runs, tmp_path, *, epochs: int, seconds: list[float], starts: list[int] | None = None):
+    """runs/cut copied to tmp_path/runs/long with train.epochs `epochs`, one metrics row per entry of
+    `seconds` and, with `starts`, a sessions.jsonl row per session start; returns its folder."""
+    run = tmp_path / "runs" / "long"
+    if not run.exists():
+        shutil.copytree(runs / "cut", run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"]["epochs"] = epochs
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    row = json.loads((runs / "cut" / "metrics.jsonl").read_text().splitlines()[0])
+    (run / "metrics.jsonl").write_text("".join(json.dumps({**row, "epoch": e + 1, "seconds": s}) + "\n"
+                                               for e, s in enumerate(seconds)))
+    if starts is not None:
+        (run / "sessions.jsonl").write_text("".join(json.dumps({"start_epoch": s}) + "\n" for s in starts))
+    return run
+
+
 def test_time_left_is_the_median_epoch_times_the_epochs_to_go(runs, tmp_path, capsys):
     """An unfinished run's `left`: the median `seconds` of its last 10 epochs (an epoch that held a
     pause does not move it) times the epochs still to train; finished runs have none."""
-    run = tmp_path / "runs" / "long"
-    shutil.copytree(runs / "cut", run)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["train"]["epochs"] = 30
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     seconds = [50.0, 50.0, 10.0, 12.0, 11.0, 13.0, 900.0, 12.0, 14.0, 11.0, 12.0, 13.0]  # 12 epochs, one paused
-    (run / "metrics.jsonl").write_text("".join(json.dumps({**row, "epoch": e + 1, "seconds": s}) + "\n"
-                                               for e, s in enumerate(seconds)))
+    _long_run(runs, tmp_path, epochs=30, seconds=seconds)
     assert main(["runs", str(tmp_path / "runs"), "--csv"]) == 0
     (r,) = _csv(capsys.readouterr().out)
     median = 12.0  # of the last 10, sorted: 10 11 11 12 12 | 12 13 13 14 900
@@ -149,17 +159,8 @@ def test_time_left_is_the_median_epoch_times_the_epochs_to_go(runs, tmp_path, ca
 def test_time_left_leaves_out_each_sessions_first_epoch(runs, tmp_path, capsys):
     """A session's first epoch holds its start-up: with sessions.jsonl it is left out of the median
     while other epochs remain (two epochs, 658 s and 41 s: 41 s an epoch, not their mean)."""
-    run = tmp_path / "runs" / "long"
-    shutil.copytree(runs / "cut", run)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["train"]["epochs"] = 200
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-
     def write(seconds, starts):
-        (run / "metrics.jsonl").write_text("".join(json.dumps({**row, "epoch": e + 1, "seconds": s}) + "\n"
-                                                   for e, s in enumerate(seconds)))
-        (run / "sessions.jsonl").write_text("".join(json.dumps({"start_epoch": s}) + "\n" for s in starts))
+        _long_run(runs, tmp_path, epochs=200, seconds=seconds, starts=starts)
         assert main(["runs", str(tmp_path / "runs"), "--csv"]) == 0
         (r,) = _csv(capsys.readouterr().out)
         return float(r["epoch_seconds"]), float(r["seconds_left"])
@@ -168,7 +169,7 @@ def test_time_left_leaves_out_each_sessions_first_epoch(runs, tmp_path, capsys):
     assert write([658.0], [0]) == (658.0, 658.0 * 199)  # nothing else to go by
     # resumed after epoch 3: epochs 1 and 4 are first epochs; the median of 40 42 44 is 42
     assert write([300.0, 40.0, 42.0, 500.0, 44.0], [0, 3]) == (42.0, 42.0 * 195)
-    (run / "sessions.jsonl").unlink()  # a run trained before sessions were recorded: every epoch counts
+    (tmp_path / "runs" / "long" / "sessions.jsonl").unlink()  # a run trained before sessions were recorded: every epoch counts
     assert main(["runs", str(tmp_path / "runs"), "--csv"]) == 0
     assert float(_csv(capsys.readouterr().out)[0]["epoch_seconds"]) == 44.0  # median of 300 40 42 500 44
 

@@ -111,13 +111,13 @@ def _best_test_epoch(cell: Cell) -> dict | None:
             **{k: best.get(f"test_curve_{k}") for k in METRICS}}
 
 
-def _pretext_only(ev: dict | None, task: str) -> dict | None:
+def _pretext_only(ev: dict | None) -> dict | None:
     """An eval-like dict of a pretext-task cell reduced to its top-1 (module docstring), its
-    best-on-validation / best-test part likewise; `task` kept to name the row."""
+    best-on-validation / best-test part likewise."""
     if ev is None:
         return None
-    return {"top1": ev.get("top1"), "task": task,
-            **{k: _pretext_only(ev.get(k), task) for k in ("best_val", "best_test") if ev.get(k) is not None}}
+    return {"top1": ev.get("top1"),
+            **{k: _pretext_only(ev.get(k)) for k in ("best_val", "best_test") if ev.get(k) is not None}}
 
 
 def _row_sources(name: str, cells: list[Cell]) -> dict[str, list[tuple[str, dict]]]:
@@ -138,8 +138,8 @@ def _row_sources(name: str, cells: list[Cell]) -> dict[str, list[tuple[str, dict
     task = next((ev["task"] for ev in evals.values() if ev is not None and ev.get("task")), None)
     if task is not None:  # a pretext task: its own top-1, under a row name that says so
         row = f"{name} ({task} pre-training task)"
-        selected = [(row, {k: _pretext_only(ev, task) for k, ev in evals.items()})]
-        curves = {k: _pretext_only(ev, task) for k, ev in curves.items()}
+        selected = [(row, {k: _pretext_only(ev) for k, ev in evals.items()})]
+        curves = {k: _pretext_only(ev) for k, ev in curves.items()}
         return {"last": selected, "best_val": selected, "best_test": [(row, curves)]}
     return {"last": selected, "best_val": selected, "best_test": [(name, curves)]}
 
