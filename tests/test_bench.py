@@ -236,7 +236,7 @@ def test_a_pretraining_cell_is_tabled_as_its_pretext_task(tmp_path):
     cell is an ordinary row."""
     methods = [{"name": "ssp", "overrides": {"method.name": "ssp", "train.test_curve_from": 1}},
                {"name": "ssp_ce", "weights_from": "ssp"}]
-    path = write_grid(tmp_path, methods, seeds=[0])
+    path = write_grid(tmp_path, methods, seeds=[0], baseline="ssp_ce")
     assert main(["bench", str(path), "--no-progress"]) == 0
     out = tmp_path / "out"
     rows = {(r["table"], r["method"]): r for r in csv.DictReader((out / "results.csv").open())}
@@ -249,10 +249,63 @@ def test_a_pretraining_cell_is_tabled_as_its_pretext_task(tmp_path):
         r = rows[(table, row)]
         assert float(r["top1_mean"]) == top1 and r["many_mean"] == r["medium_mean"] == r["few_mean"] == ""
     assert ("last", "ssp") not in rows and ("best_test", "ssp_ce") not in rows
+    assert not [key for key in rows if key[0] == "gain"]  # rotations are no gain over a classifier
     ft = json.loads((out / "ssp_ce" / "ratio10" / "seed0" / "eval.json").read_text())
     assert float(rows[("last", "ssp_ce")]["top1_mean"]) == ft["top1"] and rows[("last", "ssp_ce")]["many_mean"]
     md = (out / "results.md").read_text()
     assert f"| {row} | {ev['top1']:.2f} | - | - | - |" in md and "scored on its pretext task" in md
+
+
+def test_gain_table_subtracts_the_baseline_cell_of_each_seed(grid_run, tmp_path):
+    """`baseline: ce`: a fourth table of each method's last-epoch numbers minus ce's of the same
+    seed (mean and sample std of the paired differences), the paper's gain beside it."""
+    path, out = grid_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    methods = [dict(m) for m in METHODS_OF_GRID]
+    methods[1].update(published={10: 75.0}, published_baseline={10: 71.5}, published_source="Paper, Table 1")
+    gain_grid = write_grid(tmp_path, methods, baseline="ce")
+    assert main(["bench", str(gain_grid), "--out", str(copy), "--table-only"]) == 0
+    rows = {(r["table"], r["method"]): r for r in csv.DictReader((copy / "results.csv").open())}
+    ce = [json.loads((out / "ce" / "ratio10" / f"seed{s}" / "eval.json").read_text()) for s in (0, 1)]
+    assert {m for t, m in rows if t == "gain"} == {"ce + post-hoc LA", "bs", "crt"}  # not ce itself
+    la = [json.loads((out / "ce" / "ratio10" / f"seed{s}" / "eval_logit_adjusted.json").read_text()) for s in (0, 1)]
+    assert float(rows[("gain", "ce + post-hoc LA")]["top1_mean"]) == pytest.approx(
+        statistics.mean(a["top1"] - c["top1"] for a, c in zip(la, ce)), abs=1e-12)
+    for method in ("bs", "crt"):
+        ev = [json.loads((out / method / "ratio10" / f"seed{s}" / "eval.json").read_text()) for s in (0, 1)]
+        row = rows[("gain", method)]
+        for metric in ("top1", "many"):
+            diffs = [e[metric] - c[metric] for e, c in zip(ev, ce)]
+            assert float(row[f"{metric}_mean"]) == pytest.approx(statistics.mean(diffs), abs=1e-12)
+            assert float(row[f"{metric}_std"]) == pytest.approx(statistics.stdev(diffs), abs=1e-12)
+    assert float(rows[("gain", "bs")]["published_top1"]) == pytest.approx(3.5)
+    assert rows[("gain", "crt")]["published_top1"] == "" and rows[("last", "bs")]["published_top1"] == "75.0"
+    md = (copy / "results.md").read_text()
+    section = md.split("## Gain over ce (last epoch), beside the paper's own gain")[1].split("## Cells")[0]
+    assert "| bs | " in section and " | +3.50 | " in section and "| ce | " not in section
+    assert "Gain over" not in (out / "results.md").read_text()  # no baseline, no gain table
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"baseline": "cee"}, "grid key 'baseline': 'cee' is not a method of the grid (did you mean 'ce'?)"),
+    ({"methods": [{"name": "ce", "published": {10: 70.0}, "published_source": "P, T1",
+                   "published_baseline": {10: 69.0}}]},
+     "grid method 'ce': published_baseline needs the grid key 'baseline'"),
+    ({"baseline": "ce", "methods": [{"name": "ce", "published_baseline": {10: 69.0}}]},
+     "grid method 'ce': published_baseline at ratio 10 needs the method's own published number there"),
+    ({"methods": [{"name": "ce", "published": {10: 170.0}, "published_source": "P"}]},
+     "grid method 'ce': published must map imbalance ratios to top-1 percentages"),
+])
+def test_bad_published_baselines_are_one_line_errors(tmp_path, capsys, change, message):
+    path = write_grid(tmp_path, [{"name": "ce"}])
+    grid = yaml.safe_load(path.read_text())
+    grid.update(change)
+    path.write_text(yaml.safe_dump(grid))
+    assert main(["bench", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longtail: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_dlsa_rows_come_from_the_cells_dlsa_results(grid_run, tmp_path, capsys):
@@ -445,6 +498,16 @@ def test_shipped_grids_resolve(monkeypatch):
         extra = {"train.save_epochs"} if c.method == "ce_fp32" else set()  # the twin saves epoch 160 for branches
         assert set(diff_configs(c.cfg, twin.cfg)) == {"train.precision"} | extra, c.method
         assert (c.cfg.train.precision, twin.cfg.train.precision) == ("fp32", "auto")
+    wd = load_grid("configs/grids/cifar10_lt_full_wd5e4.yaml", out="/nonexistent/wd")
+    assert wd.ratios == [100] and wd.seeds == [0] and len(wd.cells) == 3
+    for c in wd.cells:  # the main grid's cell, only the weight decay (both stages) and the precision pinned
+        twin = next(t for t in full.cells if (t.method, t.ratio, t.seed) == (c.method[:-len("_wd5e4")], 100, 0))
+        extra = {"train.save_epochs"} if c.method == "ce_wd5e4" else set()
+        extra |= {"method.params.stage1"} if c.stage1 is not None else set()  # its own stage 1's last.pt
+        assert set(diff_configs(c.cfg, twin.cfg)) == {"train.weight_decay", "train.precision"} | extra, c.method
+        assert (c.cfg.train.weight_decay, twin.cfg.train.weight_decay) == (5e-4, 2e-4)
+        assert c.cfg.train.precision == "bf16"
+    assert wd.method("mislas_wd5e4").stage1 == "mislas_stage1_wd5e4"
 
 
 def test_adopting_a_run_trained_outside_the_grid(tmp_path, capsys):

@@ -9,6 +9,7 @@ A grid file (YAML)::
     seeds: [0, 1, 2]                               # sets every key of seed_keys per cell
     seed_keys: [train.seed]                        # optional; default [train.seed]
     overrides: {train.epochs: 30}                  # optional, every cell ({key: value} or ["k=v"])
+    baseline: ce                                   # optional: the method the gain table subtracts
     groups: three                                  # optional: table columns many / medium / few
                                                    #   (three, default) or many / medium / few / rare
                                                    #   (four: eval.json four_group, docs/evaluation.md)
@@ -31,6 +32,8 @@ A grid file (YAML)::
         weights_from: ssp                          # optional: model.weights = ssp's cell's last.pt
         published: {100: 72.1}                     # optional: the paper's top-1 per ratio, and
         published_source: "Paper et al., Table 2"  #   where it is printed (a table column)
+        published_baseline: {100: 70.4}            # optional: the same table's number of the
+                                                   #   grid's `baseline` (the paper's own gain)
 
 Paths of the grid file (`base`, `config`, `out`) are relative to the folder `longtail bench`
 runs in, like command-line arguments and overrides; paths inside a method's config (`data.root`)
@@ -46,6 +49,11 @@ same ratio and seed's NAME cell at epoch E (`longtail train --branch-from`,
 docs/training.md): the NAME cells get `train.save_epochs` with E so they keep
 `checkpoints/epoch<E>.pt`, and whether the two configs really share that plain-CE prefix
 is checked when the cell starts.
+
+With `baseline: NAME`, the tables add each method's gain over the NAME cell of the same ratio
+and seed; a method's `published_baseline` is the paper's number of that baseline in the table
+its `published` comes from, so the paper's own gain (published - published_baseline) stands
+beside the measured one (bench/table.py).
 """
 
 from __future__ import annotations
@@ -58,10 +66,11 @@ from ..config import RunConfig, apply_overrides, config_from_dict, read_config_f
 from ..errors import ConfigError, did_you_mean
 from ..rundir import RunDir
 
-GRID_KEYS = ("name", "base", "out", "imbalance_ratios", "seeds", "seed_keys", "overrides", "groups", "methods")
+GRID_KEYS = ("name", "base", "out", "imbalance_ratios", "seeds", "seed_keys", "overrides", "baseline", "groups",
+             "methods")
 GROUPS = ("three", "four")
 METHOD_KEYS = ("name", "config", "overrides", "stage1", "logit_adjust_tau", "branch_from", "branch_epoch",
-               "imbalance_ratios", "published", "published_source", "weights_from")
+               "imbalance_ratios", "published", "published_source", "published_baseline", "weights_from")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 GRID_SET_KEYS = ("data.imbalance_ratio", "method.params.stage1", "train.save_epochs")  # set per cell by the grid
 
@@ -80,6 +89,7 @@ class MethodSpec:
     ratios: list[float] | None = None  # the ratios this method runs at (None: all of the grid's)
     published: dict[float, float] = field(default_factory=dict)  # ratio -> the paper's top-1
     published_source: str | None = None
+    published_baseline: dict[float, float] = field(default_factory=dict)  # ratio -> that table's baseline top-1
     weights_from: str | None = None  # name of the grid method whose last.pt initialises this one's model
 
     @property
@@ -144,6 +154,7 @@ class Grid:
     methods: list[MethodSpec]  # the file's order (the tables' rows)
     cells: list[Cell]  # by seed, then ratio, then method with each stage 1 before its stage 2
     groups: str = "three"  # shot groups of the tables: "three" (many/medium/few) or "four" (+ rare)
+    baseline: str | None = None  # the method whose cells the gain table subtracts (grid key `baseline`)
 
     def method(self, name: str) -> MethodSpec:
         return next(m for m in self.methods if m.name == name)
@@ -252,11 +263,11 @@ def _method_spec(entry, index: int, base: str | None) -> MethodSpec:
     ratios = entry.get("imbalance_ratios")
     _need(ratios is None or _ratio_list(ratios), f"{where}: imbalance_ratios must be a non-empty list of numbers "
                                                  f">= 1, got {ratios!r}")
-    published = entry.get("published") or {}
-    _need(isinstance(published, dict) and all(_ratio_list([r]) and isinstance(v, (int, float))
-                                              and not isinstance(v, bool) and 0 <= v <= 100
-                                              for r, v in published.items()),
-          f"{where}: published must map imbalance ratios to top-1 percentages, e.g. {{100: 70.4}}, got {published!r}")
+    published = _percentages(entry, "published", where)
+    baseline = _percentages(entry, "published_baseline", where)
+    for r in baseline:
+        _need(r in published, f"{where}: published_baseline at ratio {r:g} needs the method's own published number "
+                              "there (both from one table)")
     source = entry.get("published_source")
     _need(source is None or (isinstance(source, str) and source.strip()),
           f"{where}: published_source must be a text naming the paper and table, got {source!r}")
@@ -264,8 +275,17 @@ def _method_spec(entry, index: int, base: str | None) -> MethodSpec:
     return MethodSpec(name=name, config=config, overrides=_overrides(entry.get("overrides"), f"{where} overrides"),
                       stage1=stage1, logit_adjust_tau=None if tau is None else float(tau), branch_from=branch_from,
                       branch_epoch=branch_epoch, ratios=None if ratios is None else [float(r) for r in ratios],
-                      published={float(r): float(v) for r, v in published.items()}, published_source=source,
+                      published=published, published_source=source, published_baseline=baseline,
                       weights_from=weights_from)
+
+
+def _percentages(entry: dict, key: str, where: str) -> dict[float, float]:
+    """A method's `published` / `published_baseline`: {ratio: top-1 %}, validated."""
+    value = entry.get(key) or {}
+    _need(isinstance(value, dict) and all(_ratio_list([r]) and isinstance(v, (int, float))
+                                          and not isinstance(v, bool) and 0 <= v <= 100 for r, v in value.items()),
+          f"{where}: {key} must map imbalance ratios to top-1 percentages, e.g. {{100: 70.4}}, got {value!r}")
+    return {float(r): float(v) for r, v in value.items()}
 
 
 def _ratio_list(value) -> bool:
@@ -365,6 +385,14 @@ def load_grid(path: str | Path, *, out: str | Path | None = None, overrides: lis
         for r in [*(s.ratios or []), *s.published]:
             _need(r in grid_ratios, f"grid method '{s.name}': ratio {r:g} is not one of the grid's imbalance_ratios "
                                     f"{ratios!r}")
+    baseline = raw.get("baseline")
+    if baseline is not None:
+        _need(isinstance(baseline, str) and baseline in names,
+              f"grid key 'baseline': {baseline!r} is not a method of the grid{did_you_mean(str(baseline), names)}")
+    for s in specs:
+        _need(not s.published_baseline or baseline is not None,
+              f"grid method '{s.name}': published_baseline needs the grid key 'baseline' (the method it is the "
+              "paper's number of)")
     by_name = {s.name: s for s in specs}
     for s in specs:
         if s.needs is not None:
@@ -426,7 +454,7 @@ def load_grid(path: str | Path, *, out: str | Path | None = None, overrides: lis
     name = raw.get("name") or path.stem
     _need(isinstance(name, str), f"grid key 'name' must be a string, got {name!r}")
     return Grid(path=path, name=name, base=base, out=out, ratios=[float(r) for r in ratios], seeds=list(seeds),
-                seed_keys=list(seed_keys), methods=specs, cells=cells, groups=groups)
+                seed_keys=list(seed_keys), methods=specs, cells=cells, groups=groups, baseline=baseline)
 
 
 def _ratios_of(spec: MethodSpec, grid_ratios) -> list[float]:

@@ -11,6 +11,11 @@ rare from eval.json `four_group` (docs/evaluation.md). Three tables: the last ep
 top level), when any cell has one, the best-on-validation epoch (eval.json `best_val`), and when
 any cell has a test curve (train.test_curve_from), its best test epoch, a diagnostic of the
 papers' selection on the test set (metrics.jsonl `test_curve_*`; rows without a curve left out).
+With the grid's `baseline: NAME`, a fourth table, the gain over NAME: each method's last-epoch
+numbers minus the NAME cell's of the same ratio and seed, over the seeds both finished, beside
+the paper's own gain (`published` - `published_baseline`, one table of the paper). A gap to a
+published number that the gains do not show lies in what every row shares with the baseline
+(data, selection, seed, precision); a gap in the gain is the method's own.
 A pre-training cell scored on its pretext task (eval.json `task`, e.g. SSP's 4-way rotation) is
 the row "<method> (<task> pre-training task)" with that task's top-1 only: its shot groups are
 over the task's labels, not the grid's classes, so they are left empty.
@@ -23,7 +28,8 @@ numbers (post-hoc methods) 'n/a', a ratio the method does not run at (its own
 `imbalance_ratios`) 'not run'; `[k/n]` after the top-1 entry marks k of n seeds finished.
 Where a method states `published` numbers, each ratio gets a 'paper' column beside its top-1
 and the table is followed by each method's `published_source`. `results.md` and `results.csv` are written atomically into the grid's folder;
-the CSV has the full-precision mean and std of every entry.
+the CSV has the full-precision mean and std of every entry (table `gain`: the gains, and in
+`published_top1` the paper's gain).
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ from .runner import check_cell_config, own_training
 METRICS = ("top1", "many", "medium", "few")
 FOUR = ("top1", "many", "medium", "few", "rare")  # groups: four, the groups from `four_group`
 TABLES = (("last", "Last epoch, test set"), ("best_val", "Best on validation, test set"),
-          ("best_test", "Best test epoch of the test curve (diagnostic, never a selection)"))
+          ("best_test", "Best test epoch of the test curve (diagnostic, never a selection)"),
+          ("gain", "Gain over the baseline"))
 LA_SUFFIX = " + post-hoc LA"
 DLSA_SUFFIX = " + DLSA"
 DLSA_RESULT = "dlsa/dlsa.json"  # below a cell's folder (benchmarks/full_protocol.sh)
@@ -63,7 +70,7 @@ class Entry:
     finished: int  # finished cells (eval.json present), with or without this table's numbers
     values: dict[str, list]  # metric -> one value (or None for an empty group) per seed in `seeds`
     planned: bool = True  # False: the method does not run at this ratio
-    published: float | None = None  # the paper's top-1 at this ratio (grid `published`)
+    published: float | None = None  # the paper's top-1 at this ratio (grid `published`); gain table: its gain
 
     def mean(self, metric: str) -> float | None:
         vals = [v for v in self.values[metric] if v is not None]
@@ -150,7 +157,7 @@ def collect(grid: Grid) -> list[Entry]:
     metrics = _metrics(grid)
     rows = {spec.name: _row_sources(spec.name, grid.cells_of(spec.name)) for spec in grid.methods}
     entries = []
-    for table, _ in TABLES:
+    for table in rows[grid.methods[0].name]:  # the tables read from files; the gain table derives from "last"
         for spec in grid.methods:
             for row, source in rows[spec.name][table]:
                 for ratio in grid.ratios:
@@ -171,7 +178,36 @@ def collect(grid: Grid) -> list[Entry]:
                     entries.append(Entry(table=table, row=row, method=spec.name, ratio=ratio,
                                          seeds_total=len(grid.seeds), seeds=seeds, finished=finished, values=values,
                                          planned=planned, published=published))
-    return entries
+    return entries + _gains(grid, entries)
+
+
+def _gains(grid: Grid, entries: list[Entry]) -> list[Entry]:
+    """The gain table (module docstring): per last-epoch row but the baseline's own and a pretext
+    task's, and per ratio, the per-seed differences row - baseline of the last-epoch numbers over
+    the seeds both finished (None where either group is empty); `published` is the paper's gain
+    where the method states both numbers (its own row only, not its '+ post-hoc LA' / '+ DLSA')."""
+    if grid.baseline is None:
+        return []
+    base = {e.ratio: e for e in entries if e.table == "last" and e.row == grid.baseline}
+    gains = []
+    for e in entries:
+        spec = grid.method(e.method)
+        if e.table != "last" or e.row == grid.baseline or e.row not in (
+                spec.name, spec.name + LA_SUFFIX, spec.name + DLSA_SUFFIX):
+            continue
+        b = base[e.ratio]
+        seeds = [s for s in e.seeds if s in b.seeds]
+        values = {m: [] for m in e.values}
+        for seed in seeds:
+            for m in values:
+                x, y = e.values[m][e.seeds.index(seed)], b.values[m][b.seeds.index(seed)]
+                values[m].append(None if x is None or y is None else x - y)
+        paper = (spec.published[e.ratio] - spec.published_baseline[e.ratio]
+                 if e.row == spec.name and e.ratio in spec.published_baseline else None)
+        gains.append(Entry(table="gain", row=e.row, method=e.method, ratio=e.ratio, seeds_total=e.seeds_total,
+                           seeds=seeds, finished=len(seeds), values=values, planned=e.planned and b.planned,
+                           published=paper))
+    return gains
 
 
 def _cell_text(e: Entry, metric: str) -> str:
@@ -184,7 +220,8 @@ def _cell_text(e: Entry, metric: str) -> str:
     mean, std = e.mean(metric), e.std(metric)
     if mean is None:
         return "-"
-    text = f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    sign = "+" if e.table == "gain" else ""
+    text = f"{mean:{sign}.2f}" if std is None else f"{mean:{sign}.2f} ± {std:.2f}"
     if metric == "top1" and len(e.seeds) < e.seeds_total:
         text += f" [{len(e.seeds)}/{e.seeds_total}]"
     return text
@@ -234,6 +271,8 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
                 continue
             if table == "best_test":  # only the rows with a test curve
                 rows = [e for e in rows if any(x.seeds for x in rows if x.row == e.row)]
+        if table == "gain":
+            title = f"Gain over {grid.baseline} (last epoch), beside the paper's own gain"
         lines += [f"## {title}", ""]
         if table == "best_test":
             lines += ["The highest test top-1 over the epochs with a test curve (`train.test_curve_from`: each "
@@ -241,6 +280,13 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
                       "cells that have one. The papers whose official code prints the best test epoch "
                       "(LDAM-DRW's `best_acc1`) report this selection; it is here to measure that part of the "
                       "gap to the published numbers, and nothing selects on it.", ""]
+        if table == "gain":
+            lines += [f"Each row's last-epoch top-1 and shot groups minus those of the {grid.baseline} cell of "
+                      "the same ratio and seed, mean ± std over the seeds both finished. Paper: the paper's own "
+                      f"gain, its published number minus the same table's {grid.baseline} number "
+                      "(`published_baseline`). A gap to the published number that the gain does not show lies in "
+                      f"what every row shares with {grid.baseline} (data, the papers' test-set selection, seed, "
+                      "precision); a gap in the gain is the method's own.", ""]
         header = ["method"]
         for ratio in grid.ratios:
             header += [f"ratio {ratio:g} top-1", *(["paper"] if papers else []), *metrics[1:]]
@@ -252,11 +298,11 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
                 e = next(x for x in rows if x.row == row and x.ratio == ratio)
                 texts = [_cell_text(e, m) for m in metrics]
                 if papers:
-                    texts.insert(1, "" if e.published is None else f"{e.published:.2f}")
+                    texts.insert(1, "" if e.published is None else f"{e.published:{'+' if table == 'gain' else ''}.2f}")
                 cells += texts
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        if papers:
+        if papers and table != "gain":
             lines += ["Paper: the published top-1 of the method at that ratio, from " + "; ".join(
                 f"{spec.name}: {spec.published_source}" for spec in grid.methods if spec.published) + ".", ""]
     lines += ["## Cells", "", "Training time: the seconds of the epochs each finished cell trained itself "
