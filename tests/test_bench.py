@@ -287,27 +287,6 @@ def test_gain_table_subtracts_the_baseline_cell_of_each_seed(grid_run, tmp_path)
     assert "Gain over" not in (out / "results.md").read_text()  # no baseline, no gain table
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"baseline": "cee"}, "grid key 'baseline': 'cee' is not a method of the grid (did you mean 'ce'?)"),
-    ({"methods": [{"name": "ce", "published": {10: 70.0}, "published_source": "P, T1",
-                   "published_baseline": {10: 69.0}}]},
-     "grid method 'ce': published_baseline needs the grid key 'baseline'"),
-    ({"baseline": "ce", "methods": [{"name": "ce", "published_baseline": {10: 69.0}}]},
-     "grid method 'ce': published_baseline at ratio 10 needs the method's own published number there"),
-    ({"methods": [{"name": "ce", "published": {10: 170.0}, "published_source": "P"}]},
-     "grid method 'ce': published must map imbalance ratios to top-1 percentages"),
-])
-def test_bad_published_baselines_are_one_line_errors(tmp_path, capsys, change, message):
-    path = write_grid(tmp_path, [{"name": "ce"}])
-    grid = yaml.safe_load(path.read_text())
-    grid.update(change)
-    path.write_text(yaml.safe_dump(grid))
-    assert main(["bench", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("longtail: error: ") and message in err and err.count("\n") == 1
-    assert not (tmp_path / "out").exists()
-
-
 def test_dlsa_rows_come_from_the_cells_dlsa_results(grid_run, tmp_path, capsys):
     """`longtail dlsa CELL --out CELL/dlsa` (benchmarks/full_protocol.sh) adds a '<method> + DLSA'
     row: last epoch from dlsa.last, best on validation from dlsa_val_selected, over the seeds."""
@@ -381,6 +360,14 @@ def test_methods_filter_needs_finished_stage1(tmp_path, capsys):
     ({"seeds": [0, 0]}, "grid key 'seeds' repeats a value"),
     ({"imbalance_ratios": [0.5]}, "grid key 'imbalance_ratios' must be a non-empty list of numbers >= 1"),
     ({"methods": [{"name": "x/y"}]}, "name must be letters, digits"),
+    ({"baseline": "cee"}, "grid key 'baseline': 'cee' is not a method of the grid (did you mean 'ce'?)"),
+    ({"methods": [{"name": "ce", "published": {10: 70.0}, "published_source": "P, T1",
+                   "published_baseline": {10: 69.0}}]},
+     "grid method 'ce': published_baseline needs the grid key 'baseline'"),
+    ({"baseline": "ce", "methods": [{"name": "ce", "published_baseline": {10: 69.0}}]},
+     "grid method 'ce': published_baseline at ratio 10 needs the method's own published number there"),
+    ({"methods": [{"name": "ce", "published": {10: 170.0}, "published_source": "P"}]},
+     "grid method 'ce': published must map imbalance ratios to top-1 percentages"),
 ])
 def test_bad_grids_are_one_line_errors(tmp_path, capsys, change, message):
     path = write_grid(tmp_path, [{"name": "ce"}])
@@ -491,6 +478,9 @@ def test_shipped_grids_resolve(monkeypatch):
     ssp_drw = next(c for c in full.cells if c.method == "ssp_drw")
     assert ssp_drw.weights_source.method == "ssp" and ssp_drw.cfg.model.weights == str(ssp_drw.weights_source.run.last)
     assert full.method("ce").published == {100.0: 70.4, 10.0: 86.4}
+    assert full.baseline == "ce" and full.method("mislas").published_baseline == {100.0: 70.4, 10.0: 86.4}
+    for spec in full.methods:  # each paper's CE row of the table its published number comes from
+        assert set(spec.published_baseline) == (set(spec.published) if spec.name != "ce" else set()), spec.name
     fp32 = load_grid("configs/grids/cifar10_lt_full_fp32.yaml", out="/nonexistent/fp32")
     assert fp32.ratios == [100] and fp32.seeds == [0]
     for c in fp32.cells:  # the bf16 cell's config, only the precision pinned to fp32
