@@ -250,6 +250,9 @@ def test_a_pretraining_cell_is_tabled_as_its_pretext_task(tmp_path):
         assert float(r["top1_mean"]) == top1 and r["many_mean"] == r["medium_mean"] == r["few_mean"] == ""
     assert ("last", "ssp") not in rows and ("best_test", "ssp_ce") not in rows
     assert not [key for key in rows if key[0] == "gain"]  # rotations are no gain over a classifier
+    path = write_grid(tmp_path, methods, seeds=[0], baseline="ssp")  # nor a classifier's over rotations
+    assert main(["bench", str(path), "--table-only"]) == 0
+    assert not [r for r in csv.DictReader((out / "results.csv").open()) if r["table"] == "gain"]
     ft = json.loads((out / "ssp_ce" / "ratio10" / "seed0" / "eval.json").read_text())
     assert float(rows[("last", "ssp_ce")]["top1_mean"]) == ft["top1"] and rows[("last", "ssp_ce")]["many_mean"]
     md = (out / "results.md").read_text()
