@@ -157,7 +157,7 @@ def collect(grid: Grid) -> list[Entry]:
     metrics = _metrics(grid)
     rows = {spec.name: _row_sources(spec.name, grid.cells_of(spec.name)) for spec in grid.methods}
     entries = []
-    for table in rows[grid.methods[0].name]:  # the tables read from files; the gain table derives from "last"
+    for table in (t for t, _ in TABLES if t != "gain"):  # read from files; the gains derive from "last"
         for spec in grid.methods:
             for row, source in rows[spec.name][table]:
                 for ratio in grid.ratios:
@@ -212,6 +212,11 @@ def _gains(grid: Grid, entries: list[Entry]) -> list[Entry]:
     return gains
 
 
+def _number(value: float, table: str) -> str:
+    """A table entry's value: two decimals, signed in the gain table."""
+    return f"{value:+.2f}" if table == "gain" else f"{value:.2f}"
+
+
 def _cell_text(e: Entry, metric: str) -> str:
     if not e.planned:
         return "not run"
@@ -222,8 +227,7 @@ def _cell_text(e: Entry, metric: str) -> str:
     mean, std = e.mean(metric), e.std(metric)
     if mean is None:
         return "-"
-    sign = "+" if e.table == "gain" else ""
-    text = f"{mean:{sign}.2f}" if std is None else f"{mean:{sign}.2f} ± {std:.2f}"
+    text = _number(mean, e.table) if std is None else f"{_number(mean, e.table)} ± {std:.2f}"
     if metric == "top1" and len(e.seeds) < e.seeds_total:
         text += f" [{len(e.seeds)}/{e.seeds_total}]"
     return text
@@ -298,7 +302,7 @@ def markdown(grid: Grid, entries: list[Entry]) -> str:
                 e = next(x for x in rows if x.row == row and x.ratio == ratio)
                 texts = [_cell_text(e, m) for m in metrics]
                 if papers:
-                    texts.insert(1, "" if e.published is None else f"{e.published:{'+' if table == 'gain' else ''}.2f}")
+                    texts.insert(1, "" if e.published is None else _number(e.published, table))
                 cells += texts
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
