@@ -3,8 +3,8 @@
 A network trained with mixup keeps BatchNorm running statistics of *mixed* images, and is
 tested on clean ones. This prints, per run, the test top-1 (and many / medium / few) of its
 checkpoint as saved, then again after the running mean and variance of every BatchNorm layer
-are re-estimated on the run's own clean training images (a cumulative average over one pass,
-`momentum=None`; no weight changes, no gradient), in two ways: with the run's train-time crop
+are re-estimated on the run's own clean training images (a cumulative average over one pass in
+a random order, `momentum=None`; no weight changes, no gradient), in two ways: with the run's train-time crop
 and flip (`aug`: what a CE run's statistics see) and without augmentation (`plain`). A run
 whose top-1 rises here has statistics that do not fit its test images; a plain CE run should
 move by noise only. Nothing is selected on the test set: all rows are printed.
@@ -54,9 +54,11 @@ def _test_row(model, data, cfg) -> dict:
 def recalibrate(model: torch.nn.Module, data, cfg, *, augment: bool, seed: int = 0) -> int:
     """Re-estimate every BatchNorm layer's running statistics on the training split, in place.
 
-    One pass in the split's order, batches of train.batch_size, the run's crop / flip when
-    `augment` (drawn from a generator seeded with `seed`), a cumulative average over batches
-    (`momentum=None`). Returns the number of BatchNorm layers reset (0: nothing to do)."""
+    One pass over the split in a random order (a split is stored class by class, and batches of
+    one class would estimate the within-class variance only), batches of train.batch_size, the
+    run's crop / flip when `augment`, order and augmentation drawn from a generator seeded with
+    `seed`; a cumulative average over batches (`momentum=None`). Returns the number of BatchNorm
+    layers reset (0: nothing to do)."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
@@ -71,8 +73,9 @@ def recalibrate(model: torch.nn.Module, data, cfg, *, augment: bool, seed: int =
     model.train()
     try:
         split, size = data.train, cfg.train.batch_size
+        order = torch.randperm(len(split), generator=generator).numpy()
         for start in range(0, len(split), size):
-            pos = np.arange(start, min(start + size, len(split)))
+            pos = np.sort(order[start:start + size])
             model(transform(torch.from_numpy(split.batch(pos)), generator))
     finally:
         for m, momentum in saved:

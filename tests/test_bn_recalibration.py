@@ -37,6 +37,23 @@ def test_one_batch_gives_the_batch_mean_and_unbiased_variance():
     assert norm.momentum == 0.3 and not model.training  # restored: its momentum, eval mode
 
 
+def test_batches_mix_the_classes_of_a_split_stored_class_by_class():
+    # tiny_arrays sets the brightness by class: the variance is mostly between the classes, and a
+    # pass in the stored order (batches of one class) would estimate the within-class part only
+    cfg = config_from_dict(tiny_config(**{"train.batch_size": 8}))
+    data = build_data(cfg.data, arrays=tiny_arrays())
+    labels = np.asarray(data.train.labels)
+    assert (np.diff(labels) >= 0).all()  # the premise: stored class by class
+    norm = torch.nn.BatchNorm2d(3)
+    _script().recalibrate(torch.nn.Sequential(norm), data, cfg, augment=False)
+    x = BatchAugment(mean=data.mean, std=data.std)(torch.from_numpy(data.train.batch(np.arange(len(labels)))))
+    total = x.permute(1, 0, 2, 3).reshape(3, -1).double().var(1)
+    within = torch.stack([x[labels == c].permute(1, 0, 2, 3).reshape(3, -1).double().var(1)
+                          for c in np.unique(labels)]).mean(0)
+    assert (total > 5 * within).all()
+    assert torch.allclose(norm.running_var.double(), total, rtol=0.35)
+
+
 def test_the_saved_row_is_eval_json_and_every_row_reads_the_same_checkpoint(tmp_path):
     cfg = tiny_config(**{"train.epochs": 2})
     train_run(config_from_dict(cfg), tmp_path / "run", arrays=tiny_arrays())
