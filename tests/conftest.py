@@ -10,6 +10,16 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def benchmark_script(name: str):
+    """benchmarks/NAME.py loaded as a module (the benchmark scripts are no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 SHARED = Path(os.environ.get("LONGTAIL_SHARED", REPO.parent / "shared"))
 CIFAR10_JPEG = SHARED / "data" / "cifar10-jpeg.tar.gz"
 

@@ -4,12 +4,11 @@ against the run's own eval.json."""
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import torch
 
-from conftest import REPO, tiny_arrays, tiny_config
+from conftest import benchmark_script, tiny_arrays, tiny_config
 from longtail.config import config_from_dict
 from longtail.data.augment import BatchAugment
 from longtail.data.build import build_data
@@ -18,10 +17,7 @@ from longtail.runs import train_run
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bn_recalibration", REPO / "benchmarks" / "bn_recalibration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("bn_recalibration")
 
 
 def test_one_batch_gives_the_batch_mean_and_unbiased_variance():

@@ -10,14 +10,13 @@ script (`--device cuda`, from benchmarks/cuda_check.sh; docs/speed.md, "CUDA gra
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_recipe
+from conftest import benchmark_script, tiny_recipe
 from longtail.engine import graphs
 from longtail.engine.graphs import GraphedForward, unsupported_reason
 from longtail.engine.loop import Trainer, TrainForward
@@ -26,10 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _check_script():
-    spec = importlib.util.spec_from_file_location("cuda_graph_check", REPO / "benchmarks" / "cuda_graph_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("cuda_graph_check")
 
 
 CHECK = _check_script()

@@ -10,12 +10,12 @@ removed or declared with its reason.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import benchmark_script
 from longtail.engine.host_sync import HostSyncError, HostSyncs, host_tensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,10 +23,7 @@ CONFIGS = [p for p in sorted((REPO / "configs" / "cifar10_lt").glob("*.yaml")) i
 
 
 def _audit_script():
-    spec = importlib.util.spec_from_file_location("host_sync_audit", REPO / "benchmarks" / "host_sync_audit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("host_sync_audit")
 
 
 def test_detector_records_each_kind_and_restores_torch():

@@ -3,21 +3,19 @@ docs state (docs/speed.md, docs/methods.md). Counts only; nothing is timed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from conftest import benchmark_script
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "cifar10_lt"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("method_costs", REPO / "benchmarks" / "method_costs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("method_costs")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ member-0 gradients) - the gradient is discontinuous there, so float32 equality i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import benchmark_script
 from longtail.errors import ConfigError
 from longtail.models.cifar_resnet import CifarResNet
 from longtail.models.packed import MODES, members, pack, unpack
@@ -214,9 +214,7 @@ def test_bad_inputs_are_one_line_errors():
 
 def test_benchmark_script_quick_path(tmp_path):
     """benchmarks/packed_seeds.py runs end to end (one timed step, tiny sizes; numbers unchecked)."""
-    spec = importlib.util.spec_from_file_location("packed_seeds", REPO / "benchmarks" / "packed_seeds.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("packed_seeds")
     out = tmp_path / "packed.json"
     script.main(["--quick", "--depth", "8", "--batch-size", "4", "--image-size", "8", "--steps", "1",
                  "--warmup", "1", "--members", "1,2", "--out", str(out)])

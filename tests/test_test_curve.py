@@ -5,13 +5,12 @@ must be the last epoch's test top-1 that eval.json reports."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from conftest import REPO, tiny_arrays, tiny_config
+from conftest import benchmark_script, tiny_arrays, tiny_config
 from longtail.config import config_from_dict
 from longtail.errors import ConfigError
 from longtail.rundir import RunDir
@@ -52,10 +51,7 @@ def test_the_curve_changes_no_number_and_ends_at_eval_json(tmp_path):
 
 
 def _gap_script():
-    spec = importlib.util.spec_from_file_location("best_on_test_gap", REPO / "benchmarks" / "best_on_test_gap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("best_on_test_gap")
 
 
 def test_a_resumed_run_may_turn_it_on_for_its_session(tmp_path):

@@ -1,7 +1,6 @@
 """Speed options (train.precision, train.compile validation, device-resident batches) and the
 throughput benchmark script (one real subprocess call; no timed asserts)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, full_and_resumed, tiny_arrays, tiny_config
+from conftest import REPO, benchmark_script, full_and_resumed, tiny_arrays, tiny_config
 from longtail.config import config_from_dict
 from longtail.data.build import build_data
 from longtail.errors import ConfigError
@@ -122,9 +121,7 @@ def test_graph_pipelines_are_cuda_only():
 
 
 def test_costs_mode_refuses_a_folder_without_metrics(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("throughput_script", REPO / "benchmarks" / "throughput.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("throughput")
     assert script.main(["--costs", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"throughput: error: {tmp_path} is not a trained run folder (no metrics.jsonl)"
