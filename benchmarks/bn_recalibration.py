@@ -4,8 +4,8 @@ A network trained with mixup keeps BatchNorm running statistics of *mixed* image
 tested on clean ones. This prints, per run, the test top-1 (and many / medium / few) of its
 checkpoint as saved, then again after the running mean and variance of every BatchNorm layer
 are re-estimated on the run's own clean training images (a cumulative average over one pass in
-a random order, `momentum=None`; no weight changes, no gradient), in two ways: with the run's train-time crop
-and flip (`aug`: what a CE run's statistics see) and without augmentation (`plain`). A run
+a random order, `momentum=None`; no weight changes, no gradient), in two ways: with the run's
+train-time crop and flip (`aug`: what a CE run's statistics see) and without augmentation (`plain`). A run
 whose top-1 rises here has statistics that do not fit its test images; a plain CE run should
 move by noise only. Nothing is selected on the test set: all rows are printed.
 
@@ -104,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", metavar="RUN")
     p.add_argument("--checkpoint", choices=("last", "best_val"), default="last")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         rows = [r for run in args.runs for r in rows_of(run, args.checkpoint)]
     except LongtailError as err:

@@ -4,7 +4,6 @@ against the run's own eval.json."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
