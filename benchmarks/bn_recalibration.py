@@ -18,7 +18,6 @@ It prints the CPU and the torch version with the table; the checkpoints are read
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 
 import numpy as np
@@ -26,21 +25,12 @@ import torch
 
 from longtail.data.augment import BatchAugment
 from longtail.data.build import build_data
+from longtail.dist import cpu_model
 from longtail.errors import LongtailError
 from longtail.eval.metrics import compute_metrics
 from longtail.eval.predict import predict
 from longtail.rundir import RunDir
 from longtail.runmodel import load_run_model
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _test_row(model, data, cfg) -> dict:
@@ -109,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except LongtailError as err:
         print(f"bn_recalibration: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"# {_cpu()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), checkpoint {args.checkpoint}")
+    print(f"# {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), checkpoint {args.checkpoint}")
     print("| run | epoch | BatchNorm statistics | test top-1 | many | medium | few |")
     print("|---|---:|---|---:|---:|---:|---:|")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
